@@ -1,0 +1,96 @@
+"""The one table of quant types: GGML type -> block layout + Numba kernels.
+
+Every weight the model multiplies goes through `matmul` below; the transformer never learns which quant
+type it holds. A quant family lives in its own module and registers its types here by importing
+`register` (gguf-py's `quants.py` habit: one class of facts per type, one table keyed by the GGML id).
+
+Kernel contract (all arrays C-contiguous):
+  dequantize(w, out)   w: uint8[rows, row_bytes] raw blocks; out: float32[rows, cols]
+  matvec(w, x, out)    w: uint8[rows, row_bytes]; x: float32[cols]; out: float32[rows]
+                       (the decode hot path: x is quantized once to the type's activation format and
+                        multiplied with integer dot products, as llama.cpp's vec_dot does)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from qcpu.errors import QcpuError
+
+
+@dataclass(frozen=True)
+class QuantKernel:
+    ggml_type: GGMLQuantizationType
+    dequantize: Callable[[np.ndarray, np.ndarray], None]
+    matvec: Callable[[np.ndarray, np.ndarray, np.ndarray], None]
+
+    @property
+    def block_size(self) -> int:
+        """Weights per block."""
+        return GGML_QUANT_SIZES[self.ggml_type][0]
+
+    @property
+    def type_size(self) -> int:
+        """Bytes per block."""
+        return GGML_QUANT_SIZES[self.ggml_type][1]
+
+
+REGISTRY: dict[GGMLQuantizationType, QuantKernel] = {}
+
+
+def register(ggml_type: GGMLQuantizationType, dequantize, matvec) -> QuantKernel:
+    kernel = QuantKernel(ggml_type, dequantize, matvec)
+    REGISTRY[ggml_type] = kernel
+    return kernel
+
+
+def kernel_for(ggml_type: int) -> QuantKernel:
+    try:
+        return REGISTRY[GGMLQuantizationType(ggml_type)]
+    except (KeyError, ValueError):
+        name = getattr(GGMLQuantizationType, "_value2member_map_", {}).get(ggml_type)
+        label = name.name if name is not None else f"type id {ggml_type}"
+        supported = ", ".join(sorted(t.name for t in REGISTRY))
+        raise QcpuError(f"unsupported tensor type {label} (supported: {supported})") from None
+
+
+def dequantize(w: np.ndarray, ggml_type: int, cols: int) -> np.ndarray:
+    """uint8[rows, row_bytes] raw blocks -> float32[rows, cols]."""
+    out = np.empty((w.shape[0], cols), dtype=np.float32)
+    kernel_for(ggml_type).dequantize(w, out)
+    return out
+
+
+# Rows dequantized at a time for batched products: a tile of ~1-4 MB stays in cache while BLAS reuses
+# it for every token of the batch.
+_TILE_ROWS = 512
+
+
+def matmul(w: np.ndarray, ggml_type: int, x: np.ndarray) -> np.ndarray:
+    """y = x @ W.T for raw weight blocks W (uint8[rows, row_bytes]) and float32 x[n, cols] -> [n, rows].
+
+    One token: the type's fused dequant-dot matvec. Several tokens (prefill): dequantize a tile of rows
+    once and hand it to BLAS with the whole batch, so the weights are read once per batch, not per token.
+    """
+    kernel = kernel_for(ggml_type)
+    n, cols = x.shape
+    rows = w.shape[0]
+    out = np.empty((n, rows), dtype=np.float32)
+    if n == 1:
+        kernel.matvec(w, np.ascontiguousarray(x[0], dtype=np.float32), out[0])
+        return out
+    tile = np.empty((min(_TILE_ROWS, rows), cols), dtype=np.float32)
+    for r0 in range(0, rows, _TILE_ROWS):
+        r1 = min(r0 + _TILE_ROWS, rows)
+        t = tile[: r1 - r0]
+        kernel.dequantize(w[r0:r1], t)
+        np.matmul(x, t.T, out=out[:, r0:r1])
+    return out
+
+
+# Importing a family module registers its types.
+from qcpu.kernels import floats, legacy, k_quants  # noqa: E402,F401
