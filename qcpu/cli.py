@@ -1,0 +1,264 @@
+"""The `qcpu` command (Typer + Rich). What the model writes goes to stdout; everything else to stderr.
+
+Bad input is one line on stderr and a non-zero exit (2 for bad arguments, 1 for bad files), never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from qcpu.errors import QcpuError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Run GGUF Qwen2-family chat models on the CPU.")
+err = Console(stderr=True, highlight=False)
+
+MODEL_HELP = "Path to a .gguf file (qwen2 architecture). Omitted: the default model, fetched once."
+
+
+def _say_error(message: str) -> None:
+    err.print(f"qcpu: {message}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    _say_error(message)
+    raise typer.Exit(code)
+
+
+def _model_and(first: Optional[str], second: Optional[str]) -> tuple[Optional[str], Optional[str]]:
+    """`MODEL X` or just `X` (the default model): llama.cpp users name the model first."""
+    return (first, second) if second is not None else (None, first)
+
+
+def _positive(name: str, value: int) -> int:
+    if value <= 0:
+        raise typer.BadParameter(f"{name} must be positive, got {value}")
+    return value
+
+
+def _set_threads(threads: Optional[int]) -> None:
+    import numba
+
+    if threads is not None:
+        _positive("--threads", threads)
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+
+
+def _load_engine(model: Optional[str], ctx: int, threads: Optional[int], chat_template: Optional[str] = None):
+    from qcpu.generate import Engine
+    from qcpu.models import resolve_model
+
+    _positive("--ctx", ctx)
+    _set_threads(threads)
+    path = resolve_model(model, err)
+    with err.status(f"loading {path.name}", spinner="dots"):
+        return Engine.load(path, ctx=ctx, chat_template=chat_template)
+
+
+def _sampling(temp, top_k, top_p, min_p, repeat_penalty, seed):
+    from qcpu.sampling import SamplingParams
+
+    params = SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
+                            repeat_penalty=repeat_penalty, seed=seed)
+    try:
+        params.validate()
+    except QcpuError as e:
+        raise typer.BadParameter(str(e)) from None
+    return params
+
+
+# Shared options, llama.cpp's names.
+ModelArg = typer.Argument(None, help=MODEL_HELP, show_default=False)
+Temp = typer.Option(0.7, "--temp", help="Temperature; 0 = greedy.")
+TopK = typer.Option(20, "--top-k", help="Keep the k most likely tokens (0 = off).")
+TopP = typer.Option(0.8, "--top-p", help="Keep the smallest set with this much probability.")
+MinP = typer.Option(0.0, "--min-p", help="Drop tokens below this fraction of the top probability.")
+RepeatPenalty = typer.Option(1.1, "--repeat-penalty", help="Penalty on the last 64 tokens (1 = off).")
+Seed = typer.Option(None, "--seed", help="Random seed: same seed, same text.")
+MaxTokens = typer.Option(512, "--max-tokens", "-n", help="Most tokens to generate.")
+Ctx = typer.Option(4096, "--ctx", "-c", help="Context size in tokens (the KV cache, allocated once).")
+Threads = typer.Option(None, "--threads", "-t", help="CPU threads (default: all cores).")
+System = typer.Option(None, "--system", "-s", help="System prompt.")
+ChatTemplateOpt = typer.Option(None, "--chat-template", help="'chatml' to ignore the file's template.")
+
+
+def _stream_reply(engine, prompt_tokens, params, max_tokens, show_stats: bool) -> str:
+    from qcpu.generate import Stats
+
+    stats = Stats()
+    parts = []
+    try:
+        for piece in engine.stream(prompt_tokens, params, max_tokens, stats):
+            sys.stdout.write(piece.text)
+            sys.stdout.flush()
+            parts.append(piece.text)
+    finally:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        if show_stats:
+            err.print(f"[dim]prompt {stats.prompt_tokens} tok, {stats.prompt_tps:.1f} tok/s | "
+                      f"generated {stats.generated_tokens} tok, {stats.generate_tps:.1f} tok/s[/dim]")
+    return "".join(parts)
+
+
+@app.command()
+def generate(
+    first: str = typer.Argument(..., metavar="[MODEL] MESSAGE", help="Model path (optional), then the user message."),
+    second: Optional[str] = typer.Argument(None, hidden=True),
+    system: Optional[str] = System,
+    temp: float = Temp, top_k: int = TopK, top_p: float = TopP, min_p: float = MinP,
+    repeat_penalty: float = RepeatPenalty, seed: Optional[int] = Seed, max_tokens: int = MaxTokens,
+    ctx: int = Ctx, threads: Optional[int] = Threads, chat_template: Optional[str] = ChatTemplateOpt,
+    stats: bool = typer.Option(False, "--stats", help="Print speed on stderr at the end."),
+):
+    """Render one chat turn through the model's template and stream the reply to stdout."""
+    model, message = _model_and(first, second)
+    params = _sampling(temp, top_k, top_p, min_p, repeat_penalty, seed)
+    _positive("--max-tokens", max_tokens)
+    engine = _load_engine(model, ctx, threads, chat_template)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": message}]
+    prompt = engine.chat_prompt_tokens(messages)
+    _stream_reply(engine, prompt, params, max_tokens, stats)
+
+
+@app.command()
+def chat(
+    model: Optional[str] = ModelArg,
+    system: Optional[str] = System,
+    temp: float = Temp, top_k: int = TopK, top_p: float = TopP, min_p: float = MinP,
+    repeat_penalty: float = RepeatPenalty, seed: Optional[int] = Seed, max_tokens: int = MaxTokens,
+    ctx: int = Ctx, threads: Optional[int] = Threads, chat_template: Optional[str] = ChatTemplateOpt,
+):
+    """Multi-turn chat in the terminal. Ctrl-C stops a reply; Ctrl-D or /exit leaves."""
+    from qcpu.repl import run_repl
+
+    params = _sampling(temp, top_k, top_p, min_p, repeat_penalty, seed)
+    _positive("--max-tokens", max_tokens)
+    engine = _load_engine(model, ctx, threads, chat_template)
+    run_repl(engine, params, max_tokens, system)
+
+
+@app.command()
+def info(model: Optional[str] = ModelArg):
+    """Architecture, sizes, quant types and tokenizer facts of a model file."""
+    from collections import Counter
+
+    from gguf import GGMLQuantizationType
+
+    from qcpu.config import ModelConfig
+    from qcpu.gguf_file import GGUFFile
+    from qcpu.models import resolve_model
+
+    f = GGUFFile(resolve_model(model, err))
+    cfg = ModelConfig.from_gguf(f)
+    types = Counter(GGMLQuantizationType(t.ggml_type).name for t in f.tensors.values())
+    n_params = sum(int(__import__("numpy").prod(t.shape)) for t in f.tensors.values())
+    tokens = f.get("tokenizer.ggml.tokens") or []
+    lines = {
+        "file": str(f.path), "size": f"{f.size / 2**20:.1f} MiB", "name": cfg.name,
+        "architecture": f.get("general.architecture"), "parameters": f"{n_params / 1e9:.3f} B",
+        "layers": cfg.n_layers, "dim": cfg.dim, "ffn_dim": cfg.ffn_dim, "heads": cfg.n_heads,
+        "kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "context_length": cfg.context_length,
+        "rope_theta": cfg.rope_theta, "rms_eps": cfg.rms_eps,
+        "tied_embeddings": "output.weight" not in f.tensors,
+        "tensor_types": ", ".join(f"{k} x{v}" for k, v in types.most_common()),
+        "tokenizer": f"{f.get('tokenizer.ggml.model')} / pre {f.get('tokenizer.ggml.pre')}, {len(tokens)} tokens",
+        "bos / eos": f"{f.get('tokenizer.ggml.bos_token_id')} / {f.get('tokenizer.ggml.eos_token_id')}",
+        "chat_template": "yes" if f.get("tokenizer.chat_template") else "no (ChatML fallback)",
+    }
+    for k, v in lines.items():
+        print(f"{k:>16}: {v}")
+
+
+@app.command()
+def tokenize(
+    first: Optional[str] = typer.Argument(None, metavar="[MODEL] [TEXT]", help="Model path (optional), then the text."),
+    second: Optional[str] = typer.Argument(None, hidden=True),
+    file: Optional[Path] = typer.Option(None, "--file", "-f", help="Read the text from a file."),
+    no_special: bool = typer.Option(False, "--no-special", help="Treat special tokens in text as plain text."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list of ids."),
+    ids_only: bool = typer.Option(False, "--ids", help="Print ids only, one line."),
+):
+    """Print the token ids of a text, like llama.cpp's llama-tokenize."""
+    from qcpu.gguf_file import GGUFFile
+    from qcpu.models import resolve_model
+    from qcpu.tokenizer import Tokenizer
+
+    model, text = _model_and(first, second)
+    if file is not None and second is None:
+        model, text = first, None
+    if (text is None) == (file is None):
+        raise typer.BadParameter("give TEXT or --file, not both")
+    if file is not None:
+        if not file.is_file():
+            _fail(f"{file}: no such file", 2)
+        text = file.read_text(encoding="utf-8")
+    tok = Tokenizer.from_metadata(GGUFFile(resolve_model(model, err)).metadata)
+    ids = tok.encode(text, parse_special=not no_special)
+    if as_json:
+        print(json.dumps(ids))
+    elif ids_only:
+        print(" ".join(map(str, ids)))
+    else:
+        for i in ids:
+            print(f"{i:>6} -> {tok.token_bytes(i).decode('utf-8', errors='backslashreplace')!r}")
+
+
+@app.command()
+def perplexity(
+    first: str = typer.Argument(..., metavar="[MODEL] FILE", help="Model path (optional), then a UTF-8 text file."),
+    second: Optional[str] = typer.Argument(None, hidden=True),
+    ctx: int = typer.Option(512, "--ctx", "-c", help="Chunk size; each chunk is scored on its second half."),
+    threads: Optional[int] = Threads,
+    as_json: bool = typer.Option(False, "--json", help='Print {"perplexity": ...}.'),
+):
+    """Perplexity of a text, by llama-perplexity's method."""
+    from qcpu.perplexity import perplexity as compute
+
+    model, file_name = _model_and(first, second)
+    file = Path(file_name)
+    _positive("--ctx", ctx)
+    if not file.is_file():
+        _fail(f"{file}: no such file", 2)
+    engine = _load_engine(model, ctx, threads)
+    text = file.read_text(encoding="utf-8")
+    result = compute(engine, text, ctx, progress=None if as_json else err)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        print(f"perplexity: {result['perplexity']:.4f} over {result['scored_tokens']} tokens "
+              f"({result['chunks']} chunks of {ctx})")
+
+
+def main() -> None:
+    try:
+        rc = app(standalone_mode=False)
+        sys.exit(rc if isinstance(rc, int) else 0)
+    except QcpuError as e:
+        _say_error(str(e))
+        sys.exit(1)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err.print("qcpu: interrupted")
+        sys.exit(130)
+    except Exception as e:  # click's usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            _say_error(e.format_message().replace("\n", " "))  # one line, exit 2 for bad arguments
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""The Qwen2 transformer: config, weights and forward(), readable top to bottom.
+
+    x = embed(tokens)
+    for each layer:
+        h = rms_norm(x);  q, k, v = h @ Wq + bq, h @ Wk + bk, h @ Wv + bv;  rope(q, k)
+        x = x + attention(q, cache(k), cache(v)) @ Wo
+        h = rms_norm(x);  x = x + (silu(h @ Wgate) * (h @ Wup)) @ Wdown
+    logits = rms_norm(x) @ Woutput
+
+Every `W @ h` goes through the quant-type registry: this file never knows how a weight is stored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from qcpu.cache import RingKVCache
+from qcpu.config import ModelConfig
+from qcpu.gguf_file import GGUFFile
+from qcpu.ops import apply_rope, attention, rms_norm, rope_cos_sin, silu
+from qcpu.weights import ModelWeights
+
+
+class Qwen2Model:
+    def __init__(self, gguf: GGUFFile):
+        self.file = gguf
+        self.config = ModelConfig.from_gguf(gguf)
+        self.weights = ModelWeights.from_gguf(gguf, self.config)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Qwen2Model":
+        return cls(GGUFFile(path))
+
+    def new_cache(self, capacity: int, keep: int = 0) -> RingKVCache:
+        c = self.config
+        return RingKVCache(c.n_layers, capacity, c.n_kv_heads, c.head_dim, c.rope_theta,
+                           max_position=c.context_length, keep=keep)
+
+    def forward(self, tokens, cache: RingKVCache, all_logits: bool = False) -> np.ndarray:
+        """Run tokens[n] after what the cache holds; logits float32[n or 1, vocab] (last position only
+        unless all_logits)."""
+        c, w = self.config, self.weights
+        tokens = np.asarray(tokens, dtype=np.int64)
+        n = len(tokens)
+        slots, positions, seqs = cache.reserve(n)
+        try:
+            return self._layers(tokens, cache, slots, positions, seqs, all_logits)
+        except BaseException:  # Ctrl-C mid-pass: the cache must not claim tokens it half-holds
+            cache.unreserve(slots)
+            raise
+
+    def _layers(self, tokens, cache, slots, positions, seqs, all_logits):
+        c, w = self.config, self.weights
+        n = len(tokens)
+        cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta)
+
+        x = w.token_embd.take_rows(tokens)  # [n, dim]
+        for layer, lw in enumerate(w.layers):
+            h = rms_norm(x, lw.attn_norm, c.rms_eps)
+            q = (lw.wq @ h + lw.bq).reshape(n, c.n_heads, c.head_dim)
+            k = (lw.wk @ h + lw.bk).reshape(n, c.n_kv_heads, c.head_dim)
+            v = (lw.wv @ h + lw.bv).reshape(n, c.n_kv_heads, c.head_dim)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            cache.write(layer, slots, k, v)
+            a = attention(q, cache.k[layer], cache.v[layer], cache.slot_seq, seqs)  # [n, n_heads, hd]
+            x = x + lw.wo @ a.reshape(n, c.n_heads * c.head_dim)
+
+            h = rms_norm(x, lw.ffn_norm, c.rms_eps)
+            x = x + lw.w_down @ (silu(lw.w_gate @ h) * (lw.w_up @ h))
+
+        if not all_logits:
+            x = x[-1:]
+        return w.output @ rms_norm(x, w.output_norm, c.rms_eps)

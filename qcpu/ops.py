@@ -1,0 +1,104 @@
+"""Dense operations of the transformer: RMSNorm, RoPE (NEOX order), SiLU, attention over the KV cache.
+
+Arithmetic follows llama.cpp's CPU backend where it is cheap to do so (float64 sum in RMSNorm, float32
+iterated RoPE angles), so that our logits track the reference closely.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """x[n, dim] / rms(x) * weight[dim] (sum of squares in float64, as ggml does)."""
+    mean_sq = np.einsum("ij,ij->i", x, x, dtype=np.float64) / x.shape[1]
+    scale = (1.0 / np.sqrt(mean_sq + eps)).astype(np.float32)
+    return (x * scale[:, None]) * weight
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+def rope_cos_sin(positions: np.ndarray, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin tables float32[n, head_dim // 2] for integer positions (may be negative: a shift).
+
+    The angle of pair i is pos * theta^(-2i/head_dim), built as llama.cpp does (float32 running product
+    of `theta_scale`), so that rotated keys match its bit-for-bit closely even at large positions.
+    """
+    half = head_dim // 2
+    theta_scale = np.float32(theta ** (-2.0 / head_dim))
+    angles = np.empty((len(positions), half), dtype=np.float32)
+    angles[:, 0] = np.asarray(positions, dtype=np.float32)
+    for i in range(1, half):
+        angles[:, i] = angles[:, i - 1] * theta_scale
+    a = angles.astype(np.float64)
+    return np.cos(a).astype(np.float32), np.sin(a).astype(np.float32)
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate x[n, heads, head_dim] in NEOX order: pairs are (i, i + head_dim/2), not adjacent."""
+    half = x.shape[-1] // 2
+    x0, x1 = x[..., :half], x[..., half:]
+    c, s = cos[:, None, :], sin[:, None, :]
+    return np.concatenate((x0 * c - x1 * s, x0 * s + x1 * c), axis=-1)
+
+
+# The KV cache holds float16 (half the memory of float32, as llama.cpp's default). Numba has no float16,
+# so kernels read the raw bits through this 256 KiB table, which stays in L2.
+F16_TO_F32 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _attention(q, k_bits, v_bits, slot_seq, query_seq, scale, lut, out):
+    # q[nq, n_heads, hd]; k_bits, v_bits uint16[slots, n_kv, hd]; slot_seq[slots] (-1 = empty);
+    # query i sees slot s iff 0 <= slot_seq[s] <= query_seq[i] (causal, order-free over the ring).
+    nq, n_heads, hd = q.shape
+    n_slots, n_kv = k_bits.shape[0], k_bits.shape[1]
+    group = n_heads // n_kv
+    for task in prange(nq * n_heads):
+        i = task // n_heads
+        h = task % n_heads
+        kvh = h // group
+        scores = np.empty(n_slots, dtype=np.float32)
+        best = -np.inf
+        for s in range(n_slots):
+            seq = slot_seq[s]
+            if seq < 0 or seq > query_seq[i]:
+                scores[s] = -np.inf
+                continue
+            acc = np.float32(0.0)
+            for d in range(hd):
+                acc += q[i, h, d] * lut[k_bits[s, kvh, d]]
+            acc *= scale
+            scores[s] = acc
+            if acc > best:
+                best = acc
+        total = np.float32(0.0)
+        for s in range(n_slots):
+            if scores[s] != -np.inf:
+                e = np.float32(math.exp(scores[s] - best))
+                scores[s] = e
+                total += e
+            else:
+                scores[s] = 0.0
+        for d in range(hd):
+            out[i, h, d] = 0.0
+        for s in range(n_slots):
+            p = scores[s]
+            if p != 0.0:
+                p = p / total
+                for d in range(hd):
+                    out[i, h, d] += p * lut[v_bits[s, kvh, d]]
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, slot_seq: np.ndarray, query_seq: np.ndarray) -> np.ndarray:
+    """Scaled dot-product attention of q[n, n_heads, hd] over float16 k, v[slots, n_kv_heads, hd]."""
+    out = np.empty(q.shape, dtype=np.float32)
+    scale = np.float32(1.0 / math.sqrt(q.shape[-1]))
+    _attention(np.ascontiguousarray(q, dtype=np.float32), k.view(np.uint16), v.view(np.uint16),
+               slot_seq, query_seq, scale, F16_TO_F32, out)
+    return out

@@ -1,0 +1,99 @@
+"""Sampling: a factory returning a closure of small pure filters (MLX-LM's `sample_utils` shape).
+
+Order as llama.cpp's default chain: repetition penalty -> top-k -> top-p -> min-p -> temperature -> draw.
+Temperature 0 means greedy (argmax after the penalty).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from qcpu.errors import QcpuError
+
+
+@dataclass
+class SamplingParams:
+    # Defaults: Qwen's chat generation config (top_p 0.8, repetition_penalty 1.1, temperature 0.7, top_k 20).
+    temperature: float = 0.7
+    top_k: int = 20
+    top_p: float = 0.8
+    min_p: float = 0.0
+    repeat_penalty: float = 1.1
+    repeat_last_n: int = 64  # llama.cpp's window for the penalty
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if not self.temperature >= 0:
+            raise QcpuError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise QcpuError(f"top-k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise QcpuError(f"top-p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p < 1:
+            raise QcpuError(f"min-p must be in [0, 1), got {self.min_p}")
+        if not self.repeat_penalty > 0:
+            raise QcpuError(f"repeat penalty must be > 0, got {self.repeat_penalty}")
+
+
+def apply_repeat_penalty(logits: np.ndarray, recent: Sequence[int], penalty: float) -> np.ndarray:
+    """CTRL-style penalty on tokens seen recently: positive logits divided, negative multiplied."""
+    if penalty == 1.0 or not len(recent):
+        return logits
+    ids = np.unique(np.asarray(recent, dtype=np.int64))
+    logits = logits.copy()
+    seen = logits[ids]
+    logits[ids] = np.where(seen > 0, seen / penalty, seen * penalty)
+    return logits
+
+
+def _keep_top_k(ids: np.ndarray, logits: np.ndarray, k: int):
+    if 0 < k < len(ids):
+        top = np.argpartition(-logits, k - 1)[:k]
+        ids, logits = ids[top], logits[top]
+    return ids, logits
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max())
+    return e / e.sum()
+
+
+def _keep_top_p(ids, logits, p: float):
+    if p >= 1.0:
+        return ids, logits
+    order = np.argsort(-logits, kind="stable")
+    ids, logits = ids[order], logits[order]
+    cum = np.cumsum(_softmax(logits))
+    n = int(np.searchsorted(cum, p) + 1)  # smallest prefix whose mass reaches p
+    return ids[:n], logits[:n]
+
+
+def _keep_min_p(ids, logits, p: float):
+    if p <= 0.0:
+        return ids, logits
+    probs = _softmax(logits)
+    keep = probs >= p * probs.max()
+    return ids[keep], logits[keep]
+
+
+def make_sampler(params: SamplingParams) -> Callable[[np.ndarray, Sequence[int]], int]:
+    """sampler(logits[vocab], recent_tokens) -> token id. Same seed, same tokens."""
+    params.validate()
+    rng = np.random.default_rng(params.seed)
+
+    def sample(logits: np.ndarray, recent: Sequence[int] = ()) -> int:
+        logits = apply_repeat_penalty(np.asarray(logits, dtype=np.float32),
+                                      list(recent)[-params.repeat_last_n:], params.repeat_penalty)
+        if params.temperature == 0:
+            return int(np.argmax(logits))
+        ids = np.arange(len(logits))
+        ids, logits = _keep_top_k(ids, logits, params.top_k)
+        ids, logits = _keep_top_p(ids, logits, params.top_p)
+        ids, logits = _keep_min_p(ids, logits, params.min_p)
+        probs = _softmax(logits.astype(np.float64) / params.temperature)
+        return int(ids[rng.choice(len(ids), p=probs)])
+
+    return sample

@@ -1,0 +1,99 @@
+"""The model's named weights: quantized tensors as views of the mapped file (no copies), norms and biases
+as small float32 arrays. Checks every tensor's presence and shape against the config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from qcpu import kernels
+from qcpu.config import ModelConfig
+from qcpu.errors import QcpuError
+from qcpu.gguf_file import GGUFFile
+
+
+@dataclass(frozen=True)
+class QTensor:
+    """A 2-D weight W[rows, cols] kept in its GGML block format: raw is uint8[rows, row_bytes]."""
+
+    name: str
+    raw: np.ndarray
+    ggml_type: int
+    cols: int
+
+    @property
+    def rows(self) -> int:
+        return self.raw.shape[0]
+
+    def __matmul__(self, x: np.ndarray) -> np.ndarray:
+        """x[n, cols] -> x @ W.T, float32[n, rows]."""
+        return kernels.matmul(self.raw, self.ggml_type, x)
+
+    def take_rows(self, ids: np.ndarray) -> np.ndarray:
+        """Dequantize the rows `ids` (embedding lookup): float32[len(ids), cols]."""
+        return kernels.dequantize(np.ascontiguousarray(self.raw[ids]), self.ggml_type, self.cols)
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    attn_norm: np.ndarray  # [dim]
+    wq: QTensor  # [n_heads * head_dim, dim]
+    bq: np.ndarray  # [n_heads * head_dim]
+    wk: QTensor  # [kv_dim, dim]
+    bk: np.ndarray  # [kv_dim]
+    wv: QTensor  # [kv_dim, dim]
+    bv: np.ndarray  # [kv_dim]
+    wo: QTensor  # [dim, n_heads * head_dim]
+    ffn_norm: np.ndarray  # [dim]
+    w_gate: QTensor  # [ffn_dim, dim]
+    w_up: QTensor  # [ffn_dim, dim]
+    w_down: QTensor  # [dim, ffn_dim]
+
+
+@dataclass(frozen=True)
+class ModelWeights:
+    token_embd: QTensor  # [vocab, dim]
+    layers: list[LayerWeights]
+    output_norm: np.ndarray  # [dim]
+    output: QTensor  # [vocab, dim]; the embedding itself when the file ties them
+
+    @classmethod
+    def from_gguf(cls, f: GGUFFile, cfg: ModelConfig) -> "ModelWeights":
+        def shape_of(name: str, *expected: int) -> None:
+            info = f.tensors.get(name)
+            if info is None:
+                raise QcpuError(f"{f.path}: tensor {name} is missing")
+            if tuple(info.shape) != expected:
+                raise QcpuError(f"{f.path}: tensor {name} has shape {list(info.shape)}, expected {list(expected)}")
+
+        def matrix(name: str, rows: int, cols: int) -> QTensor:
+            shape_of(name, cols, rows)
+            info = f.tensors[name]
+            kernels.kernel_for(info.ggml_type)  # unsupported types fail here, at load, with one line
+            return QTensor(name, f.raw(name), info.ggml_type, cols)
+
+        def vector(name: str, n: int) -> np.ndarray:
+            shape_of(name, n)
+            info = f.tensors[name]
+            kernels.kernel_for(info.ggml_type)
+            return kernels.dequantize(f.raw(name).reshape(1, -1), info.ggml_type, n)[0]
+
+        d, q, kv, ff = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.kv_dim, cfg.ffn_dim
+        layers = []
+        for i in range(cfg.n_layers):
+            p = f"blk.{i}."
+            layers.append(LayerWeights(
+                attn_norm=vector(p + "attn_norm.weight", d),
+                wq=matrix(p + "attn_q.weight", q, d), bq=vector(p + "attn_q.bias", q),
+                wk=matrix(p + "attn_k.weight", kv, d), bk=vector(p + "attn_k.bias", kv),
+                wv=matrix(p + "attn_v.weight", kv, d), bv=vector(p + "attn_v.bias", kv),
+                wo=matrix(p + "attn_output.weight", d, q),
+                ffn_norm=vector(p + "ffn_norm.weight", d),
+                w_gate=matrix(p + "ffn_gate.weight", ff, d),
+                w_up=matrix(p + "ffn_up.weight", ff, d),
+                w_down=matrix(p + "ffn_down.weight", d, ff),
+            ))
+        token_embd = matrix("token_embd.weight", cfg.vocab_size, d)
+        output = matrix("output.weight", cfg.vocab_size, d) if "output.weight" in f.tensors else token_embd
+        return cls(token_embd, layers, vector("output_norm.weight", d), output)
