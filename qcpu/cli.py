@@ -249,16 +249,14 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("qcpu: interrupted")
         sys.exit(130)
-    except Exception as e:  # click's usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            _say_error(e.format_message().replace("\n", " "))  # one line, exit 2 for bad arguments
+    except Exception as e:
+        # Usage errors from Typer's click (vendored in recent Typer, so matched by shape): one line, exit 2.
+        if hasattr(e, "format_message") and hasattr(e, "exit_code"):
+            _say_error(e.format_message().replace("\n", " "))
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+        if type(e).__name__ == "Abort":
             sys.exit(130)
         raise
-
 
 if __name__ == "__main__":
     main()

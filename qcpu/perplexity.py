@@ -12,6 +12,8 @@ from qcpu.errors import QcpuError
 
 
 def perplexity(engine, text: str, ctx: int, progress=None) -> dict:
+    if text.endswith("\n"):  # llama-perplexity -f drops one trailing newline
+        text = text[:-1]
     tokens = engine.tokenizer.encode(text, parse_special=False)
     if engine.tokenizer.add_bos and engine.tokenizer.bos_id is not None:
         tokens = [engine.tokenizer.bos_id] + tokens
