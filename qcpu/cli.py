@@ -237,6 +237,12 @@ def perplexity(
               f"({result['chunks']} chunks of {ctx})")
 
 
+# The quantization tool's commands (convert, quantize) live with it, in quant/.
+from quant.cli import register as _register_quant_commands  # noqa: E402
+
+_register_quant_commands(app)
+
+
 def main() -> None:
     try:
         rc = app(standalone_mode=False)

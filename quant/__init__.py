@@ -1,0 +1,1 @@
+"""The quantization tool: HF safetensors checkpoint -> GGUF, and GGUF -> GGUF requantization."""
