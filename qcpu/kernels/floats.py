@@ -1,1 +1,158 @@
-"""(being written)"""
+"""Unquantized weights: F32, F16, BF16 (raw little-endian bytes in, one uint8 row per weight row).
+
+The matvecs follow llama.cpp's CPU backend (type_traits_cpu in ggml-cpu.c): the activation is first
+converted to the weight's own format (vec_dot_type F32/F16/BF16 -- so x is rounded to fp16 or bf16
+before the dot, like llama.cpp), then products are summed in float32.
+
+The binary16 helpers here are also the scale decoders of every block-quantized family (legacy.py,
+k_quants.py may import them): Numba has no float16 type on the CPU, so conversions are bit arithmetic.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType
+from numba import njit, prange
+
+from qcpu.kernels import register
+
+# 2**112 rebiases a binary16 exponent (bias 15) shifted into binary32's field (bias 127).
+_REBIAS = np.float32(2.0**112)
+
+
+@njit(cache=True, inline="always")
+def f16_to_f32(h):
+    """Exact binary16 bits (any int type) -> float32, including subnormals, inf and NaN.
+
+    half:   s eeeee mmmmmmmmmm
+    single: s eeeeeeee mmmmmmmmmm0000000000000
+    Shifting |h| left by 13 lands e and m in place with the wrong bias; multiplying by 2**112 fixes the
+    bias and, for half subnormals (e == 0), normalises them exactly. e == 31 (inf/NaN) would come out
+    finite, so those get the all-ones exponent ORed back in. Branch-free, so loops over it vectorize.
+    """
+    h32 = np.uint32(h) & np.uint32(0xFFFF)
+    em = h32 & np.uint32(0x7FFF)
+    mag = np.uint32(em << np.uint32(13)).view(np.float32) * _REBIAS
+    special = np.uint32(0x7F800000) * np.uint32(em >= np.uint32(0x7C00))
+    sign = (h32 & np.uint32(0x8000)) << np.uint32(16)
+    return np.uint32(np.float32(mag).view(np.uint32) | sign | special).view(np.float32)
+
+
+@njit(cache=True)
+def f32_to_f16(f):
+    """float32 -> binary16 bits (uint16), round-to-nearest-even: what F16C's vcvtps2ph and numpy do."""
+    bits = np.float32(f).view(np.uint32)
+    sign = np.uint32((bits >> np.uint32(16)) & np.uint32(0x8000))
+    a = bits & np.uint32(0x7FFFFFFF)
+    if a > np.uint32(0x7F800000):  # NaN: keep it quiet
+        return np.uint16(sign | np.uint32(0x7E00))
+    if a >= np.uint32(0x477FF000):  # >= 65520 rounds past the largest half (65504)
+        return np.uint16(sign | np.uint32(0x7C00))
+    if a < np.uint32(0x38800000):  # below 2**-14: half subnormal, a multiple of 2**-24
+        # |f| * 2**24 is exact (power of two); rint is round-half-even. 1024 is the smallest normal,
+        # whose encoding 0x0400 is the same integer, so rounding up into the normals needs no case.
+        m = np.rint(np.float32(np.abs(np.float32(f))) * np.float32(16777216.0))
+        return np.uint16(sign | np.uint32(m))
+    # Normal: drop 13 mantissa bits with round-half-even, then rebias the exponent 127 -> 15.
+    r = (a + np.uint32(0xFFF) + ((a >> np.uint32(13)) & np.uint32(1))) >> np.uint32(13)
+    return np.uint16(sign | (r - np.uint32(112 << 10)))
+
+
+@njit(cache=True)
+def f32_to_bf16(f):
+    """float32 -> bfloat16 bits, as ggml_compute_fp32_to_bf16: round-half-even, NaN forced quiet."""
+    u = np.float32(f).view(np.uint32)
+    if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+        return np.uint16((u >> np.uint32(16)) | np.uint32(64))
+    return np.uint16((np.uint64(u) + np.uint64(0x7FFF) + np.uint64((u >> np.uint32(16)) & np.uint32(1))) >> np.uint64(16))
+
+
+@njit(cache=True, inline="always")
+def bf16_to_f32(h):
+    return np.uint32(np.uint32(h) << np.uint32(16)).view(np.float32)
+
+
+# ---- F32 --------------------------------------------------------------------------------------------
+
+@njit(cache=True, parallel=True)
+def dequantize_f32(w, out):
+    wf = w.view(np.float32)
+    for r in prange(w.shape[0]):
+        out[r, :] = wf[r, :]
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def matvec_f32(w, x, out):
+    wf = w.view(np.float32)
+    n = x.shape[0]
+    for r in prange(w.shape[0]):
+        acc = np.float32(0.0)
+        for i in range(n):
+            acc += wf[r, i] * x[i]
+        out[r] = acc
+
+
+# ---- F16 --------------------------------------------------------------------------------------------
+
+@njit(cache=True, parallel=True)
+def dequantize_f16(w, out):
+    wh = w.view(np.uint16)
+    for r in prange(w.shape[0]):
+        for i in range(wh.shape[1]):
+            out[r, i] = f16_to_f32(wh[r, i])
+
+
+@njit(cache=True)
+def round_to_f16(x):
+    """x rounded to binary16 and widened back: llama.cpp converts the activation to F16 first."""
+    y = np.empty_like(x)
+    for i in range(x.shape[0]):
+        y[i] = f16_to_f32(f32_to_f16(x[i]))
+    return y
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def matvec_f16(w, x, out):
+    wh = w.view(np.uint16)
+    xh = round_to_f16(x)
+    n = x.shape[0]
+    for r in prange(w.shape[0]):
+        acc = np.float32(0.0)
+        for i in range(n):
+            acc += f16_to_f32(wh[r, i]) * xh[i]
+        out[r] = acc
+
+
+# ---- BF16 -------------------------------------------------------------------------------------------
+
+@njit(cache=True, parallel=True)
+def dequantize_bf16(w, out):
+    wh = w.view(np.uint16)
+    for r in prange(w.shape[0]):
+        for i in range(wh.shape[1]):
+            out[r, i] = bf16_to_f32(wh[r, i])
+
+
+@njit(cache=True)
+def round_to_bf16(x):
+    y = np.empty_like(x)
+    for i in range(x.shape[0]):
+        y[i] = bf16_to_f32(f32_to_bf16(x[i]))
+    return y
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def matvec_bf16(w, x, out):
+    wh = w.view(np.uint16)
+    xb = round_to_bf16(x)
+    n = x.shape[0]
+    for r in prange(w.shape[0]):
+        acc = np.float32(0.0)
+        for i in range(n):
+            acc += bf16_to_f32(wh[r, i]) * xb[i]
+        out[r] = acc
+
+
+register(GGMLQuantizationType.F32, dequantize_f32, matvec_f32)
+register(GGMLQuantizationType.F16, dequantize_f16, matvec_f16)
+register(GGMLQuantizationType.BF16, dequantize_bf16, matvec_bf16)
