@@ -103,18 +103,9 @@ def _put_f16(y, o, h):
 def nearest_int(fval):
     """ggml's nearest_int: the low 23 bits of (fval + 1.5*2^23) as float32, minus 2^22.
 
-    For |fval| <= 2^22 that is round-half-to-even; outside it, those same mantissa bits (what llama.cpp
-    computes there, before clamping).
+    Round half to even for |fval| <= 2^22; outside that, the same mantissa bits llama.cpp gets.
     """
-    val = fval + F(12582912.0)
-    if val >= F(8388608.0) and val < F(16777216.0):  # exponent 2^23: mantissa = val - 2^23
-        return np.int64(val) - 12582912
-    if val != val or val == 0 or abs(val) == np.inf:
-        mant = 0x400000 if val != val else 0
-    else:
-        m, _ = math.frexp(np.float64(val))  # |val| = |m| * 2^e, |m| in [0.5, 1)
-        mant = np.int64((abs(m) * 2.0 - 1.0) * 8388608.0)
-    return mant - 0x400000
+    return np.int64(_f32_bits(fval + F(12582912.0)) & 0x7FFFFF) - 0x400000
 
 
 @njit(cache=True)
