@@ -1,1 +1,655 @@
-"""(being written)"""
+"""K-quants: Q2_K, Q3_K, Q4_K, Q5_K, Q6_K -- 256-weight super-blocks with 8 or 16 sub-block scales.
+
+Arithmetic follows llama.cpp's CPU backend, so our logits track it closely:
+
+  dequantize  dequantize_row_q*_K (ggml-quants.c) in gguf-py's float32 operation order, so the result is
+              bit-identical to `gguf.quants.dequantize` (no fastmath: no FMA contraction).
+  matvec      x is quantized once per call to Q8_K (quantize_row_q8_K_ref: 256-value blocks, float32 d,
+              int8 qs, int16 bsums = sums of 16 qs), then every weight block contributes
+                  d_w*d_x * sum_s scale_s * sum_{i in s} q_i*qx_i   -  dmin_w*d_x * sum_s min_s * bsums_s
+              with an exact int32 inner sum, as ggml_vec_dot_q*_K_q8_K.
+
+The block dot is written in LLVM IR through Numba intrinsics (see PERF_NOTES: Numba's auto-vectorizer
+handles neither the nibble unpacking nor the int8 products well). One builder serves all five types: a
+type only says how to unpack its 256 quants as eight <32 x i8> vectors of *unsigned* values u (Q3_K and
+Q6_K store q = u - 4 and u - 32) and where its scales, mins and fp16 fields are. Then per 32 values
+    pmaddubsw(u, qx)            -> 16 int16 pair sums (pairs never straddle a 16-value sub-block)
+    pmaddwd(., scale per lane)  -> 8 int32, accumulated
+and the offset and min terms come from the activation's bsums, as llama.cpp's AVX2 kernels do. With
+AVX2 the two steps are the x86 instructions themselves; elsewhere the same lane arithmetic is emitted
+as target-independent vector IR (about half as fast on x86; LLVM lowers it for NEON etc.).
+Saturation never happens: |u*qx| pair sums <= 2*63*127 = 16002 < 32767.
+"""
+
+from __future__ import annotations
+
+import llvmlite.binding as llvm
+import numpy as np
+from gguf import GGMLQuantizationType
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from qcpu.kernels import register
+
+QK_K = 256
+
+# Bytes per super-block and the fields inside (ggml-common.h block_q*_K):
+Q2_K_BYTES = 84  # scales[16] @0 (lo nibble scale, hi nibble min), qs[64] @16, d @80, dmin @82
+Q3_K_BYTES = 110  # hmask[32] @0, qs[64] @32, scales[12] @96 (6-bit), d @108
+Q4_K_BYTES = 144  # d @0, dmin @2, scales[12] @4 (6-bit scales + mins), qs[128] @16
+Q5_K_BYTES = 176  # d @0, dmin @2, scales[12] @4 (as Q4_K), qh[32] @16, qs[128] @48
+Q6_K_BYTES = 210  # ql[128] @0, qh[64] @128, scales[16] (int8) @192, d @208
+
+# The x86 instructions are used when the host has them (Numba's cache is keyed on the CPU, so cached
+# code never runs on a CPU without them).
+_FEATURES = llvm.get_host_cpu_features()
+HAS_AVX2 = bool(_FEATURES.get("avx2", False) and _FEATURES.get("f16c", False))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Small loads shared by the dequantizers and the matvecs
+
+
+# 2^(e - 25) for each 5-bit half exponent e (e = 0, subnormal, shares e = 1's step).
+_HALF_STEP = np.array([2.0 ** (max(e, 1) - 25) for e in range(32)], dtype=np.float32)
+
+
+@njit(cache=True, inline="always")
+def _f16(row, o):
+    """The IEEE half at row[o:o+2] (little-endian) as float32, exactly.
+
+    Bit layout: row[o+1] = [ sign | e4..e0 | m9 m8 ],  row[o] = [ m7..m0 ];
+    value = (m + 1024 * (e > 0)) * 2^(max(e, 1) - 25), or inf/nan when e = 31.
+    """
+    h = np.int32(row[o]) | (np.int32(row[o + 1]) << 8)
+    e = (h >> 10) & 0x1F
+    m = h & 0x3FF
+    if e == 31:
+        v = np.float32(np.inf) if m == 0 else np.float32(np.nan)
+    else:
+        v = np.float32(m + (1024 if e > 0 else 0)) * _HALF_STEP[e]
+    return -v if h & 0x8000 else v
+
+
+@intrinsic
+def _u32(typingctx, row, o):
+    """The little-endian uint32 at row[o:o+4] (unaligned), as int64."""
+    sig = types.int64(row, o)
+
+    def codegen(context, b, signature, args):
+        base = context.make_array(signature.args[0])(context, b, args[0]).data
+        return b.zext(_load(b, base, args[1], _I32), _I64)
+
+    return sig, codegen
+
+
+@njit(cache=True, inline="always")
+def _scale_min_k4(row, o):
+    """Q4_K / Q5_K: the 8 six-bit scales and 8 six-bit mins packed in the 12 bytes row[o:o+12].
+
+    Bit layout (capitals = scales, small = mins, A..H = sub-blocks 0..7; as gguf-py's get_scale_min):
+        byte  0 EEAAAAAA    4 eeaaaaaa    8 eeeeEEEE
+              1 FFBBBBBB    5 ffbbbbbb    9 ffffFFFF
+              2 GGCCCCCC    6 ggcccccc   10 ggggGGGG
+              3 HHDDDDDD    7 hhdddddd   11 hhhhHHHH
+    Sub-blocks 0-3 keep 6 bits in bytes 0-7; 4-7 keep their low 4 bits in bytes 8-11 and their top
+    2 bits in the spare top bits of bytes 0-7. Worked on as three 32-bit words (llama.cpp's kmask trick).
+
+    Returns (scales, mins): int64 words whose byte j is sub-block j's value.
+    """
+    a = _u32(row, o)
+    b = _u32(row, o + 4)
+    c = _u32(row, o + 8)
+    sc = (a & 0x3F3F3F3F) | (((c & 0x0F0F0F0F) | (((a >> 6) & 0x03030303) << 4)) << 32)
+    mn = (b & 0x3F3F3F3F) | ((((c >> 4) & 0x0F0F0F0F) | (((b >> 6) & 0x03030303) << 4)) << 32)
+    return sc, mn
+
+
+@njit(cache=True, inline="always")
+def _scales_q3_K(row, o):
+    """Q3_K: the 16 six-bit scales (stored + 32) packed in the 12 bytes row[o:o+12].
+
+    Bit layout (A..P = sub-blocks 0..15; as gguf-py's Q3_K):
+        byte  0 IIIIAAAA    4 MMMMEEEE    8 MMIIEEAA
+              1 JJJJBBBB    5 NNNNFFFF    9 NNJJFFBB
+              2 KKKKCCCC    6 OOOOGGGG   10 OOKKGGCC
+              3 LLLLDDDD    7 PPPPHHHH   11 PPLLHHDD
+    Low 4 bits of scale s: byte s % 8, nibble s // 8; top 2 bits: byte 8 + s % 4, bit pair s // 4.
+
+    Returns (lo, hi): int64 words whose byte j is the stored (unsigned) scale j, resp. j + 8.
+    """
+    a = _u32(row, o)
+    b = _u32(row, o + 4)
+    c = _u32(row, o + 8)
+    s0 = (a & 0x0F0F0F0F) | ((c & 0x03030303) << 4)
+    s4 = (b & 0x0F0F0F0F) | (((c >> 2) & 0x03030303) << 4)
+    s8 = ((a >> 4) & 0x0F0F0F0F) | (((c >> 4) & 0x03030303) << 4)
+    s12 = ((b >> 4) & 0x0F0F0F0F) | (((c >> 6) & 0x03030303) << 4)
+    return s0 | (s4 << 32), s8 | (s12 << 32)
+
+
+@njit(cache=True, inline="always")
+def _byte(word, j):
+    return np.int32((word >> (8 * j)) & 0xFF)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dequantization: out[r, 256b + v] = weight v of block b of row r, in gguf-py's float32 operation order
+# ((d * scale) * q - dmin * min). The bit layouts are drawn where they are unpacked.
+
+
+@njit(cache=True, inline="always")
+def _check_dequantize(w, out, size):
+    if out.shape[0] != w.shape[0] or out.shape[1] % QK_K or w.shape[1] != out.shape[1] // QK_K * size:
+        raise ValueError("dequantize: weight row bytes do not match the output shape")
+    if w.shape[0] and w.strides[1] != 1:
+        raise ValueError("dequantize: weight rows must be contiguous")
+
+
+@njit(parallel=True, cache=True)
+def dequantize_q2_K(w, out):
+    # qs[64] @16 in two halves of 32 bytes; byte l of half n holds the 2-bit quants of values
+    #   v = 128n + 32j + l   in bits 2j+1..2j   (j = 0..3):  [ j=3 | j=2 | j=1 | j=0 ]
+    # Sub-block s = v // 16 has scale = scales[s] & 15 and min = scales[s] >> 4.
+    _check_dequantize(w, out, Q2_K_BYTES)
+    for r in prange(w.shape[0]):
+        row, y = w[r], out[r]
+        for blk in range(out.shape[1] // QK_K):
+            o = blk * Q2_K_BYTES
+            d = _f16(row, o + 80)
+            dmin = _f16(row, o + 82)
+            for n in range(2):
+                for half in range(2):  # l in [16 half, 16 half + 16) lies in sub-block 8n + 2j + half
+                    s0, s1, s2, s3 = row[o + 8 * n + half], row[o + 8 * n + half + 2], row[o + 8 * n + half + 4], row[o + 8 * n + half + 6]
+                    d0, m0 = d * np.float32(s0 & 0xF), dmin * np.float32(s0 >> 4)
+                    d1, m1 = d * np.float32(s1 & 0xF), dmin * np.float32(s1 >> 4)
+                    d2, m2 = d * np.float32(s2 & 0xF), dmin * np.float32(s2 >> 4)
+                    d3, m3 = d * np.float32(s3 & 0xF), dmin * np.float32(s3 >> 4)
+                    v = blk * QK_K + 128 * n
+                    for l in range(16 * half, 16 * half + 16):
+                        q = row[o + 16 + 32 * n + l]
+                        y[v + l] = d0 * np.float32(q & 3) - m0
+                        y[v + 32 + l] = d1 * np.float32((q >> 2) & 3) - m1
+                        y[v + 64 + l] = d2 * np.float32((q >> 4) & 3) - m2
+                        y[v + 96 + l] = d3 * np.float32(q >> 6) - m3
+
+
+@njit(parallel=True, cache=True)
+def dequantize_q3_K(w, out):
+    # Low 2 bits: qs[64] @32, laid out as Q2_K's. Third bit: hmask[32] @0, byte l, bit 4n + j, for
+    # value v = 128n + 32j + l. The quant is low2 - 4 when that bit is CLEAR, else low2 (-4..3).
+    _check_dequantize(w, out, Q3_K_BYTES)
+    for r in prange(w.shape[0]):
+        row, y = w[r], out[r]
+        for blk in range(out.shape[1] // QK_K):
+            o = blk * Q3_K_BYTES
+            d = _f16(row, o + 108)
+            lo, hi = _scales_q3_K(row, o + 96)
+            for n in range(2):
+                sw = hi if n else lo  # scales 8n .. 8n + 7
+                for half in range(2):  # l in [16 half, 16 half + 16) lies in sub-block 8n + 2j + half
+                    d0 = d * np.float32(_byte(sw, half) - 32)
+                    d1 = d * np.float32(_byte(sw, half + 2) - 32)
+                    d2 = d * np.float32(_byte(sw, half + 4) - 32)
+                    d3 = d * np.float32(_byte(sw, half + 6) - 32)
+                    v = blk * QK_K + 128 * n
+                    for l in range(16 * half, 16 * half + 16):
+                        q = np.int32(row[o + 32 + 32 * n + l])
+                        h = np.int32(row[o + l]) >> (4 * n)
+                        y[v + l] = d0 * np.float32((q & 3) - 4 + 4 * (h & 1))
+                        y[v + 32 + l] = d1 * np.float32(((q >> 2) & 3) - 4 + 2 * (h & 2))
+                        y[v + 64 + l] = d2 * np.float32(((q >> 4) & 3) - 4 + (h & 4))
+                        y[v + 96 + l] = d3 * np.float32((q >> 6) - 4 + ((h & 8) >> 1))
+
+
+@njit(parallel=True, cache=True)
+def dequantize_q4_K(w, out):
+    # qs[128] @16 in four groups of 32 bytes; byte l of group j holds
+    #   [ value 64j + 32 + l (sub-block 2j+1) | value 64j + l (sub-block 2j) ]   4 bits each, 0..15
+    _check_dequantize(w, out, Q4_K_BYTES)
+    for r in prange(w.shape[0]):
+        row = w[r]
+        for blk in range(out.shape[1] // QK_K):
+            o = blk * Q4_K_BYTES
+            d = _f16(row, o)
+            dmin = _f16(row, o + 2)
+            sc, mn = _scale_min_k4(row, o + 4)
+            for j in range(4):
+                d1 = d * np.float32(_byte(sc, 2 * j))
+                m1 = dmin * np.float32(_byte(mn, 2 * j))
+                d2 = d * np.float32(_byte(sc, 2 * j + 1))
+                m2 = dmin * np.float32(_byte(mn, 2 * j + 1))
+                y = blk * QK_K + 64 * j
+                for l in range(32):
+                    q = row[o + 16 + 32 * j + l]
+                    out[r, y + l] = d1 * np.float32(q & 0xF) - m1
+                    out[r, y + 32 + l] = d2 * np.float32(q >> 4) - m2
+
+
+@njit(parallel=True, cache=True)
+def dequantize_q5_K(w, out):
+    # Low 4 bits: qs[128] @48, laid out as Q4_K's. Fifth bit (+16): qh[32] @16, byte l, bit s, for
+    # value v = 32s + l (s = sub-block 0..7). Quants 0..31.
+    _check_dequantize(w, out, Q5_K_BYTES)
+    for r in prange(w.shape[0]):
+        row = w[r]
+        for blk in range(out.shape[1] // QK_K):
+            o = blk * Q5_K_BYTES
+            d = _f16(row, o)
+            dmin = _f16(row, o + 2)
+            sc, mn = _scale_min_k4(row, o + 4)
+            for j in range(4):
+                d1 = d * np.float32(_byte(sc, 2 * j))
+                m1 = dmin * np.float32(_byte(mn, 2 * j))
+                d2 = d * np.float32(_byte(sc, 2 * j + 1))
+                m2 = dmin * np.float32(_byte(mn, 2 * j + 1))
+                y = blk * QK_K + 64 * j
+                for l in range(32):
+                    q = row[o + 48 + 32 * j + l]
+                    h = row[o + 16 + l]
+                    out[r, y + l] = d1 * np.float32((q & 0xF) | (((h >> (2 * j)) & 1) << 4)) - m1
+                    out[r, y + 32 + l] = d2 * np.float32((q >> 4) | (((h >> (2 * j + 1)) & 1) << 4)) - m2
+
+
+@njit(parallel=True, cache=True)
+def dequantize_q6_K(w, out):
+    # Two halves of 128 values; half n has ql = 64 bytes @64n and qh = 32 bytes @128 + 32n. Value
+    # v = 128n + 32k + l (k = 0..3, l = 0..31) is stored unsigned (0..63) as
+    #   low 4 bits:  ql[32 * (k & 1) + l], nibble k >> 1    ql byte: [ k=2|3 | k=0|1 ]
+    #   high 2 bits: qh[l], bits 2k+1..2k                    qh byte: [ k=3 | k=2 | k=1 | k=0 ]
+    # and the quant is stored - 32. Sub-block v // 16 has the int8 scale scales[v // 16] (@192).
+    _check_dequantize(w, out, Q6_K_BYTES)
+    for r in prange(w.shape[0]):
+        row, y = w[r], out[r]
+        for blk in range(out.shape[1] // QK_K):
+            o = blk * Q6_K_BYTES
+            d = _f16(row, o + 208)
+            for n in range(2):
+                for half in range(2):  # l in [16 half, 16 half + 16) lies in sub-block 8n + 2k + half
+                    d0 = d * np.float32(np.int8(row[o + 192 + 8 * n + half]))
+                    d1 = d * np.float32(np.int8(row[o + 194 + 8 * n + half]))
+                    d2 = d * np.float32(np.int8(row[o + 196 + 8 * n + half]))
+                    d3 = d * np.float32(np.int8(row[o + 198 + 8 * n + half]))
+                    v = blk * QK_K + 128 * n
+                    for l in range(16 * half, 16 * half + 16):
+                        a = np.int32(row[o + 64 * n + l])
+                        c = np.int32(row[o + 64 * n + 32 + l])
+                        h = np.int32(row[o + 128 + 32 * n + l])
+                        y[v + l] = d0 * np.float32(((a & 0xF) | ((h & 3) << 4)) - 32)
+                        y[v + 32 + l] = d1 * np.float32(((c & 0xF) | (((h >> 2) & 3) << 4)) - 32)
+                        y[v + 64 + l] = d2 * np.float32(((a >> 4) | (((h >> 4) & 3) << 4)) - 32)
+                        y[v + 96 + l] = d3 * np.float32(((c >> 4) | ((h >> 6) << 4)) - 32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Q8_K: the activation format of every K-quant dot product (quantize_row_q8_K_ref).
+
+
+@njit(cache=True)
+def quantize_q8_K(x, qs, d, bsums):
+    """x float32[n*256] -> qs int8[n*256], d float32[n], bsums int16[n*16] (sums of 16 qs).
+
+    Per block the value of largest magnitude (the first, on ties) maps to -127: iscale = -127/max,
+    q = round-half-even(iscale * x) in float32 (llama.cpp's nearest_int), d = 1/iscale. No fastmath, so
+    the division and the rounding are llama.cpp's exactly.
+    """
+    for i in range(x.shape[0] // QK_K):
+        base = i * QK_K
+        amax = np.float32(0.0)
+        mx = np.float32(0.0)
+        for j in range(QK_K):
+            ax = abs(x[base + j])
+            if ax > amax:
+                amax = ax
+                mx = x[base + j]
+        if amax == 0:
+            d[i] = 0
+            qs[base : base + QK_K] = 0
+            bsums[16 * i : 16 * i + 16] = 0
+            continue
+        iscale = np.float32(-127.0) / mx
+        for j in range(QK_K):
+            qs[base + j] = np.int8(min(np.rint(iscale * x[base + j]), np.float32(127.0)))
+        for j in range(16):
+            s = 0
+            for l in range(16):
+                s += qs[base + 16 * j + l]
+            bsums[16 * i + j] = s
+        d[i] = np.float32(1.0) / iscale
+
+
+@njit(cache=True)
+def _prepare(w, x, out, size):
+    """Shape checks, then x -> Q8_K (qs, d, bsums)."""
+    if x.shape[0] % QK_K or w.shape[1] != x.shape[0] // QK_K * size or out.shape[0] != w.shape[0]:
+        raise ValueError("matvec: weight row bytes do not match the activation length")
+    if w.shape[0] and w.strides[1] != 1:
+        raise ValueError("matvec: weight rows must be contiguous")
+    nb = x.shape[0] // QK_K
+    qs = np.empty(nb * QK_K, np.int8)
+    d = np.empty(nb, np.float32)
+    bsums = np.empty(nb * 16, np.int16)
+    quantize_q8_K(np.ascontiguousarray(x), qs, d, bsums)
+    return qs, d, bsums
+
+
+# ----------------------------------------------------------------------------------------------------
+# The block dot in LLVM IR
+
+_I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+_F32, _F64 = ir.FloatType(), ir.DoubleType()
+
+
+def _vec(n, t):
+    return ir.VectorType(t, n)
+
+
+def _splat(t, n, v):
+    return ir.Constant(_vec(n, t), [v] * n)
+
+
+def _lanes(idx):
+    idx = list(idx)
+    return ir.Constant(_vec(len(idx), _I32), idx)
+
+
+def _shuffle(b, v, idx):
+    return b.shuffle_vector(v, v, _lanes(idx))
+
+
+def _load(b, base, offset, ty):
+    """Unaligned load of `ty` at byte pointer base + offset (blocks are 84..210 bytes, unaligned)."""
+    p = b.gep(base, [offset if isinstance(offset, ir.Value) else ir.Constant(_I64, offset)])
+    return b.load(b.bitcast(p, ty.as_pointer()), align=1)
+
+
+def _x86(b, name, ret, args, vals):
+    return b.call(cgutils.get_or_insert_function(b.module, ir.FunctionType(ret, args), name), vals)
+
+
+def _maddubs(b, u, y, simd):
+    """pmaddubsw: <32 x u8> u, <32 x i8> y -> <16 x i16>, lane k = u[2k]*y[2k] + u[2k+1]*y[2k+1]."""
+    if simd:
+        return _x86(b, "llvm.x86.avx2.pmadd.ub.sw", _vec(16, _I16), [_vec(32, _I8)] * 2, [u, y])
+    p = b.mul(b.zext(u, _vec(32, _I16)), b.sext(y, _vec(32, _I16)))  # cannot overflow: see top
+    return b.add(_shuffle(b, p, range(0, 32, 2)), _shuffle(b, p, range(1, 32, 2)))
+
+
+def _madd(b, p, s, simd):
+    """pmaddwd: <16 x i16> p, s -> <8 x i32>, lane k = p[2k]*s[2k] + p[2k+1]*s[2k+1]."""
+    if simd:
+        return _x86(b, "llvm.x86.avx2.pmadd.wd", _vec(8, _I32), [_vec(16, _I16)] * 2, [p, s])
+    e = b.mul(b.sext(_shuffle(b, p, range(0, 16, 2)), _vec(8, _I32)), b.sext(_shuffle(b, s, range(0, 16, 2)), _vec(8, _I32)))
+    o = b.mul(b.sext(_shuffle(b, p, range(1, 16, 2)), _vec(8, _I32)), b.sext(_shuffle(b, s, range(1, 16, 2)), _vec(8, _I32)))
+    return b.add(e, o)
+
+
+def _hsum(b, v):
+    return b.call(cgutils.get_or_insert_function(
+        b.module, ir.FunctionType(_I32, [_vec(8, _I32)]), "llvm.vector.reduce.add.v8i32"), [v])
+
+
+def _half(b, blk, offset, simd):
+    """The fp16 at blk + offset as float32: vcvtph2ps with F16C, else exact integer bit work."""
+    h = _load(b, blk, offset, _I16)
+    if simd:
+        return b.fpext(b.bitcast(h, ir.HalfType()), _F32)
+    h = b.zext(h, _I32)
+    em = b.and_(h, ir.Constant(_I32, 0x7FFF))
+    # exponent/mantissa moved into float32 position, rescaled by 2^(127-15): exact, also for subnormals
+    mag = b.fmul(b.bitcast(b.shl(em, ir.Constant(_I32, 13)), _F32), ir.Constant(_F32, 2.0**112))
+    special = b.select(b.icmp_unsigned(">=", em, ir.Constant(_I32, 0x7C00)),
+                       ir.Constant(_I32, 0x7F800000), ir.Constant(_I32, 0))  # inf / nan
+    sign = b.shl(b.and_(h, ir.Constant(_I32, 0x8000)), ir.Constant(_I32, 16))
+    return b.bitcast(b.or_(b.or_(b.bitcast(mag, _I32), sign), special), _F32)
+
+
+def _word_bytes(b, w0, w1):
+    """Two int64 words of packed byte values (see _scale_min_k4) -> <16 x i16>, zero-extended."""
+    v = b.insert_element(ir.Constant(_vec(2, _I64), None), w0, ir.Constant(_I32, 0))
+    v = b.insert_element(v, w1, ir.Constant(_I32, 1))
+    return b.zext(b.bitcast(v, _vec(16, _I8)), _vec(16, _I16))
+
+
+# Per type: how to get its quants (eight <32 x i8> of unsigned u, values 32g..32g+31 in order), its
+# per-16-values scales and mins as <16 x i16>, its offset (q = u - offset) and fp16 fields.
+# w0, w1: the int64 scale words the Numba caller passes (from _scale_min_k4 / _scales_q3_K).
+
+
+def _quants_q2_K(b, blk):
+    # as dequantize_q2_K: value 128n + 32j + l in bits 2j+1..2j of qs byte 32n + l
+    out = []
+    for n in range(2):
+        qs = _load(b, blk, 16 + 32 * n, _vec(32, _I8))
+        out += [b.and_(b.lshr(qs, _splat(_I8, 32, 2 * j)), _splat(_I8, 32, 3)) for j in range(4)]
+    return out
+
+
+def _quants_q3_K(b, blk):
+    # as dequantize_q3_K, with u = low2 + 4 * hbit (0..7) and q = u - 4
+    hm = _load(b, blk, 0, _vec(32, _I8))
+    out = []
+    for n in range(2):
+        qs = _load(b, blk, 32 + 32 * n, _vec(32, _I8))
+        for j in range(4):
+            low = b.and_(b.lshr(qs, _splat(_I8, 32, 2 * j)), _splat(_I8, 32, 3))
+            hb = b.and_(b.lshr(hm, _splat(_I8, 32, 4 * n + j)), _splat(_I8, 32, 1))
+            out.append(b.or_(low, b.shl(hb, _splat(_I8, 32, 2))))
+    return out
+
+
+def _quants_q4_K(b, blk):
+    # as dequantize_q4_K: group j's 32 bytes hold values 64j.. (low nibbles) and 64j+32.. (high)
+    out = []
+    for j in range(4):
+        qs = _load(b, blk, 16 + 32 * j, _vec(32, _I8))
+        out += [b.and_(qs, _splat(_I8, 32, 0xF)), b.lshr(qs, _splat(_I8, 32, 4))]
+    return out
+
+
+def _quants_q5_K(b, blk):
+    # as dequantize_q5_K: Q4_K's nibbles (@48) plus bit g of qh byte l (@16) as +16, g = v // 32
+    qh = _load(b, blk, 16, _vec(32, _I8))
+    out = []
+    for j in range(4):
+        qs = _load(b, blk, 48 + 32 * j, _vec(32, _I8))
+        for g, nib in ((2 * j, b.and_(qs, _splat(_I8, 32, 0xF))), (2 * j + 1, b.lshr(qs, _splat(_I8, 32, 4)))):
+            hb = b.and_(b.lshr(qh, _splat(_I8, 32, g)), _splat(_I8, 32, 1))
+            out.append(b.or_(nib, b.shl(hb, _splat(_I8, 32, 4))))
+    return out
+
+
+def _quants_q6_K(b, blk):
+    # as dequantize_q6_K: u = nibble (k >> 1) of ql[32(k & 1) + l] | bits 2k+1..2k of qh[l] << 4
+    out = []
+    for n in range(2):
+        ql = [_load(b, blk, 64 * n + 32 * i, _vec(32, _I8)) for i in range(2)]
+        qh = _load(b, blk, 128 + 32 * n, _vec(32, _I8))
+        for k in range(4):
+            lo = ql[k & 1]
+            lo = b.lshr(lo, _splat(_I8, 32, 4)) if k >> 1 else b.and_(lo, _splat(_I8, 32, 0xF))
+            hi = b.and_(b.lshr(qh, _splat(_I8, 32, 2 * k)), _splat(_I8, 32, 3))
+            out.append(b.or_(lo, b.shl(hi, _splat(_I8, 32, 4))))
+    return out
+
+
+def _scales_16(b, blk, w0, w1, kind):
+    """-> (scale, min or None) per 16-value sub-block, <16 x i16> each."""
+    if kind == "q2_K":
+        s = _load(b, blk, 0, _vec(16, _I8))
+        return (b.zext(b.and_(s, _splat(_I8, 16, 0xF)), _vec(16, _I16)),
+                b.zext(b.lshr(s, _splat(_I8, 16, 4)), _vec(16, _I16)))
+    if kind == "q3_K":
+        return b.sub(_word_bytes(b, w0, w1), _splat(_I16, 16, 32)), None
+    if kind == "q6_K":
+        return b.sext(_load(b, blk, 192, _vec(16, _I8)), _vec(16, _I16)), None
+    # q4_K, q5_K: 8 sub-blocks of 32; w0 = scales, w1 = mins; each covers two sixteens
+    both = _word_bytes(b, w0, w1)
+    return _shuffle(b, both, [i // 2 for i in range(16)]), _shuffle(b, both, [8 + i // 2 for i in range(16)])
+
+
+_TYPES = {  # kind: (quant emitter, offset, d field, dmin field or None)
+    "q2_K": (_quants_q2_K, 0, 80, 82),
+    "q3_K": (_quants_q3_K, 4, 108, None),
+    "q4_K": (_quants_q4_K, 0, 0, 2),
+    "q5_K": (_quants_q5_K, 0, 0, 2),
+    "q6_K": (_quants_q6_K, 32, 208, None),
+}
+
+
+def _make_block_dot(kind, simd):
+    """Intrinsic dot(row u8[], o, qx i8[], dx f32[], bsums i16[], blk, w0, w1) -> float64: the
+    contribution of the weight block at row[o:] times Q8_K activation block blk."""
+    quants, offset, d_at, dmin_at = _TYPES[kind]
+    simd = simd and HAS_AVX2
+
+    @intrinsic
+    def block_dot(typingctx, row, o, qx, dx, bsums, blk, w0, w1):
+        sig = types.float64(row, o, qx, dx, bsums, blk, w0, w1)
+
+        def codegen(context, b, signature, args):
+            row_, o_, qx_, dx_, bs_, blk_, w0_, w1_ = args
+            data = [context.make_array(signature.args[i])(context, b, args[i]).data for i in (0, 2, 3, 4)]
+            wb = b.gep(data[0], [o_])  # this weight block
+            xb = b.gep(data[1], [b.mul(blk_, ir.Constant(_I64, QK_K))])  # its activations
+            bs = _load(b, b.bitcast(data[3], _I8.as_pointer()), b.mul(blk_, ir.Constant(_I64, 32)), _vec(16, _I16))
+            sc, mn = _scales_16(b, wb, w0_, w1_, kind)
+            acc = ir.Constant(_vec(8, _I32), [0] * 8)
+            for g, u in enumerate(quants(b, wb)):
+                y = _load(b, xb, 32 * g, _vec(32, _I8))
+                # pair sums k < 8 lie in sixteen 2g, k >= 8 in sixteen 2g + 1
+                acc = b.add(acc, _madd(b, _maddubs(b, u, y, simd), _shuffle(b, sc, [2 * g] * 8 + [2 * g + 1] * 8), simd))
+            if offset:  # q = u - offset: subtract offset * sum_s scale_s * bsums_s
+                acc = b.sub(acc, b.mul(_madd(b, sc, bs, simd), _splat(_I32, 8, offset)))
+            dxv = b.load(b.gep(data[2], [blk_]))
+            res = b.fmul(b.fpext(b.fmul(_half(b, wb, d_at, simd), dxv), _F64), b.sitofp(_hsum(b, acc), _F64))
+            if dmin_at is not None:
+                msum = _hsum(b, _madd(b, mn, bs, simd))
+                mterm = b.fmul(b.fpext(b.fmul(_half(b, wb, dmin_at, simd), dxv), _F64), b.sitofp(msum, _F64))
+                res = b.fsub(res, mterm)
+            return res
+
+        return sig, codegen
+
+    return block_dot
+
+
+_dot_q2_K, _dot_q2_K_ir = _make_block_dot("q2_K", True), _make_block_dot("q2_K", False)
+_dot_q3_K, _dot_q3_K_ir = _make_block_dot("q3_K", True), _make_block_dot("q3_K", False)
+_dot_q4_K, _dot_q4_K_ir = _make_block_dot("q4_K", True), _make_block_dot("q4_K", False)
+_dot_q5_K, _dot_q5_K_ir = _make_block_dot("q5_K", True), _make_block_dot("q5_K", False)
+_dot_q6_K, _dot_q6_K_ir = _make_block_dot("q6_K", True), _make_block_dot("q6_K", False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Matvecs: rows in parallel; each row sums its block dots in float64. simd=False selects the
+# target-independent IR (for tests on AVX2 hosts; on other hosts both paths are that IR). Numba needs
+# each intrinsic named at its call site, hence one body per type. No fastmath: nothing here gains.
+
+
+@njit(parallel=True, cache=True)
+def _matvec_q2_K(w, x, out, simd):
+    qx, dx, bsums = _prepare(w, x, out, Q2_K_BYTES)
+    for r in prange(w.shape[0]):
+        row, acc = w[r], 0.0
+        for blk in range(dx.shape[0]):
+            if simd:
+                acc += _dot_q2_K(row, blk * Q2_K_BYTES, qx, dx, bsums, blk, 0, 0)
+            else:
+                acc += _dot_q2_K_ir(row, blk * Q2_K_BYTES, qx, dx, bsums, blk, 0, 0)
+        out[r] = acc
+
+
+@njit(parallel=True, cache=True)
+def _matvec_q3_K(w, x, out, simd):
+    qx, dx, bsums = _prepare(w, x, out, Q3_K_BYTES)
+    for r in prange(w.shape[0]):
+        row, acc = w[r], 0.0
+        for blk in range(dx.shape[0]):
+            o = blk * Q3_K_BYTES
+            lo, hi = _scales_q3_K(row, o + 96)
+            if simd:
+                acc += _dot_q3_K(row, o, qx, dx, bsums, blk, lo, hi)
+            else:
+                acc += _dot_q3_K_ir(row, o, qx, dx, bsums, blk, lo, hi)
+        out[r] = acc
+
+
+@njit(parallel=True, cache=True)
+def _matvec_q4_K(w, x, out, simd):
+    qx, dx, bsums = _prepare(w, x, out, Q4_K_BYTES)
+    for r in prange(w.shape[0]):
+        row, acc = w[r], 0.0
+        for blk in range(dx.shape[0]):
+            o = blk * Q4_K_BYTES
+            sc, mn = _scale_min_k4(row, o + 4)
+            if simd:
+                acc += _dot_q4_K(row, o, qx, dx, bsums, blk, sc, mn)
+            else:
+                acc += _dot_q4_K_ir(row, o, qx, dx, bsums, blk, sc, mn)
+        out[r] = acc
+
+
+@njit(parallel=True, cache=True)
+def _matvec_q5_K(w, x, out, simd):
+    qx, dx, bsums = _prepare(w, x, out, Q5_K_BYTES)
+    for r in prange(w.shape[0]):
+        row, acc = w[r], 0.0
+        for blk in range(dx.shape[0]):
+            o = blk * Q5_K_BYTES
+            sc, mn = _scale_min_k4(row, o + 4)
+            if simd:
+                acc += _dot_q5_K(row, o, qx, dx, bsums, blk, sc, mn)
+            else:
+                acc += _dot_q5_K_ir(row, o, qx, dx, bsums, blk, sc, mn)
+        out[r] = acc
+
+
+@njit(parallel=True, cache=True)
+def _matvec_q6_K(w, x, out, simd):
+    qx, dx, bsums = _prepare(w, x, out, Q6_K_BYTES)
+    for r in prange(w.shape[0]):
+        row, acc = w[r], 0.0
+        for blk in range(dx.shape[0]):
+            if simd:
+                acc += _dot_q6_K(row, blk * Q6_K_BYTES, qx, dx, bsums, blk, 0, 0)
+            else:
+                acc += _dot_q6_K_ir(row, blk * Q6_K_BYTES, qx, dx, bsums, blk, 0, 0)
+        out[r] = acc
+
+
+# The registered kernels: the registry's (w, x, out) contract, best path for this CPU.
+
+
+@njit(cache=True)
+def matvec_q2_K(w, x, out):
+    _matvec_q2_K(w, x, out, True)
+
+
+@njit(cache=True)
+def matvec_q3_K(w, x, out):
+    _matvec_q3_K(w, x, out, True)
+
+
+@njit(cache=True)
+def matvec_q4_K(w, x, out):
+    _matvec_q4_K(w, x, out, True)
+
+
+@njit(cache=True)
+def matvec_q5_K(w, x, out):
+    _matvec_q5_K(w, x, out, True)
+
+
+@njit(cache=True)
+def matvec_q6_K(w, x, out):
+    _matvec_q6_K(w, x, out, True)
+
+
+register(GGMLQuantizationType.Q2_K, dequantize_q2_K, matvec_q2_K)
+register(GGMLQuantizationType.Q3_K, dequantize_q3_K, matvec_q3_K)
+register(GGMLQuantizationType.Q4_K, dequantize_q4_K, matvec_q4_K)
+register(GGMLQuantizationType.Q5_K, dequantize_q5_K, matvec_q5_K)
+register(GGMLQuantizationType.Q6_K, dequantize_q6_K, matvec_q6_K)
