@@ -13,6 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numba
+from numba import types
+from numba.extending import intrinsic
 import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
@@ -173,9 +175,30 @@ def _decode_all_halves(bits):
     return out
 
 
-def test_f16_decode_every_half():
+def _half_ir(simd):
+    @intrinsic
+    def half_at(typingctx, row, o):
+        def codegen(context, b, signature, args):
+            base = context.make_array(signature.args[0])(context, b, args[0]).data
+            return kq._half(b, b.gep(base, [args[1]]), 0, simd and kq.HAS_AVX2)
+
+        return types.float32(row, o), codegen
+
+    @numba.njit
+    def decode(bits):
+        out = np.empty(bits.shape[0] // 2, np.float32)
+        for i in range(out.shape[0]):
+            out[i] = half_at(bits, 2 * i)
+        return out
+
+    return decode
+
+
+@pytest.mark.parametrize("decode", [_decode_all_halves, _half_ir(True), _half_ir(False)],
+                         ids=["numba", "ir-native", "ir-portable"])
+def test_f16_decode_every_half(decode):
     halves = np.arange(1 << 16, dtype=np.uint16)
-    ours = _decode_all_halves(halves.view(np.uint8))
+    ours = decode(halves.view(np.uint8))
     ref = halves.view(np.float16).astype(np.float32)
     finite = np.isfinite(ref)
     assert np.array_equal(ours[finite].view(np.uint32), ref[finite].view(np.uint32))  # incl. -0, subnormals

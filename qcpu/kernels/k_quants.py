@@ -398,12 +398,15 @@ def _half(b, blk, offset, simd):
         return b.fpext(b.bitcast(h, ir.HalfType()), _F32)
     h = b.zext(h, _I32)
     em = b.and_(h, ir.Constant(_I32, 0x7FFF))
-    # exponent/mantissa moved into float32 position, rescaled by 2^(127-15): exact, also for subnormals
-    mag = b.fmul(b.bitcast(b.shl(em, ir.Constant(_I32, 13)), _F32), ir.Constant(_F32, 2.0**112))
-    special = b.select(b.icmp_unsigned(">=", em, ir.Constant(_I32, 0x7C00)),
-                       ir.Constant(_I32, 0x7F800000), ir.Constant(_I32, 0))  # inf / nan
+    # normal: exponent/mantissa moved into float32 position, exponent rebiased by 127 - 15;
+    # subnormal: mantissa * 2^-24 (exact; no denormal float32 operand, so safe under DAZ)
+    normal = b.bitcast(b.add(b.shl(em, ir.Constant(_I32, 13)), ir.Constant(_I32, (127 - 15) << 23)), _F32)
+    sub = b.fmul(b.sitofp(em, _F32), ir.Constant(_F32, 2.0**-24))
+    mag = b.select(b.icmp_unsigned("<", em, ir.Constant(_I32, 0x0400)), sub, normal)
+    mag = b.select(b.icmp_unsigned(">=", em, ir.Constant(_I32, 0x7C00)),  # inf / nan, payload kept
+                   b.bitcast(b.or_(b.shl(em, ir.Constant(_I32, 13)), ir.Constant(_I32, 0x7F800000)), _F32), mag)
     sign = b.shl(b.and_(h, ir.Constant(_I32, 0x8000)), ir.Constant(_I32, 16))
-    return b.bitcast(b.or_(b.or_(b.bitcast(mag, _I32), sign), special), _F32)
+    return b.bitcast(b.or_(b.bitcast(mag, _I32), sign), _F32)
 
 
 def _word_bytes(b, w0, w1):
