@@ -300,6 +300,27 @@ def test_dequantize_random_float_bits(qtype):
     assert np.array_equal(kernel_dequantize(qtype, w, 160).view(np.uint32), want.view(np.uint32))
 
 
+def test_dequantize_portable_half_decode_all_scales():
+    """Dequantize built without F16C (integer half decode in IR), over every non-NaN fp16 scale."""
+    deq = legacy._make_row_dequantize(*legacy.LAYOUTS[T.Q8_0], f16c=False)
+
+    @numba.njit
+    def run(w, out):
+        for r in range(w.shape[0]):
+            deq(w[r], out[r])
+
+    h = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    h = h[~np.isnan(h.view(np.float16))]
+    w = np.zeros((h.size, 34), np.uint8)
+    w[:, 0:2] = h.view(np.uint8).reshape(-1, 2)
+    w[:, 2:] = np.arange(-16, 16, dtype=np.int8).view(np.uint8)
+    out = np.empty((h.size, QK), np.float32)
+    run(w, out)
+    with np.errstate(invalid="ignore"):  # inf scale * 0 = NaN, on both sides
+        want = gq.dequantize(w, T.Q8_0)
+    assert np.array_equal(out, want, equal_nan=True)
+
+
 def test_dequantize_through_registry_helpers():
     from qcpu.kernels import dequantize
 
@@ -366,10 +387,47 @@ def test_matvec_zero_activation_and_threads(qtype, real_floats):
     assert np.array_equal(one, kernel_matvec(qtype, w, x))  # rows are independent: no thread effect
 
 
-def test_matvec_rejects_mismatched_shapes():
-    w = random_blocks(T.Q4_0, rows=2, nb=2, seed=1)
+def generic_matvec(qtype):
+    """The target-independent IR path (what CPUs without AVX2 and F16C run), built here so it is tested
+    on every machine, whichever path the registry picked."""
+    dot = legacy._make_row_dot(*legacy.LAYOUTS[qtype], avx2=False, f16c=False)
+    if qtype in ACT_Q8_1:
+        @numba.njit
+        def mv(w, x, out):
+            xq, xd, xs = legacy.quantize_q8_1(x)
+            for r in range(w.shape[0]):
+                out[r] = dot(w[r], xq, xd, xs, xs)
+    else:
+        @numba.njit
+        def mv(w, x, out):
+            xq, xd = legacy.quantize_q8_0(x)
+            for r in range(w.shape[0]):
+                out[r] = dot(w[r], xq, xd, xd, xd)
+    return mv
+
+
+@pytest.mark.parametrize("qtype", LEGACY, ids=lambda t: t.name)
+def test_matvec_generic_ir_path(qtype, real_floats):
+    mv = generic_matvec(qtype)
+    for w, x in [(random_blocks(qtype, rows=57, nb=28, seed=3), activation(28 * QK, seed=4)),
+                 (as_rows(qtype, gq.quantize(real_floats[0], qtype)), activation(real_floats[0].shape[1], seed=5))]:
+        got = np.full(w.shape[0], np.nan, np.float32)
+        mv(w, x, got)
+        emu, scale = np_llama_matvec(qtype, w, x)
+        assert (np.abs(got - emu) <= TOL_EMU * scale + 1e-30).all()
+        # Same integers, same scales: only the float summation order may differ from the registry's.
+        assert np.allclose(got, kernel_matvec(qtype, w, x), rtol=0, atol=TOL_EMU * scale.max())
+
+
+@pytest.mark.parametrize("qtype", LEGACY, ids=lambda t: t.name)
+def test_rejects_mismatched_shapes(qtype):
+    w = random_blocks(qtype, rows=2, nb=2, seed=1)
     with pytest.raises(ValueError):
-        REGISTRY[T.Q4_0].matvec(w, np.zeros(96, np.float32), np.empty(2, np.float32))
+        REGISTRY[qtype].matvec(w, np.zeros(96, np.float32), np.empty(2, np.float32))
+    with pytest.raises(ValueError):
+        REGISTRY[qtype].matvec(w, np.zeros(64, np.float32), np.empty(3, np.float32))
+    with pytest.raises(ValueError):
+        REGISTRY[qtype].dequantize(w, np.empty((2, 96), np.float32))
 
 
 @pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0, T.F16], ids=lambda t: t.name)

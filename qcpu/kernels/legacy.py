@@ -18,18 +18,20 @@ Dequantize reproduces ggml's dequantize_row_* (and gguf-py's numpy port) bit for
 
 Matvec follows llama.cpp's CPU backend: x is quantized once per call to its vec_dot_type -- Q8_0 for
 Q4_0/Q5_0/Q8_0, Q8_1 for Q4_1/Q5_1 (type_traits_cpu in ggml-cpu.c) -- then every block contributes
-    d_w * d_x * sum_k(q_k * xq_k)   (exact int32 dot)   [+ m_w * s_x for the *_1 types]
+    (d_w * d_x) * sum_k(q_k * xq_k)   (exact int32 dot)   [+ m_w * s_x for the *_1 types]
 The activation quantizer is the one llama.cpp runs on x86 (AVX/AVX2 quantize_row_q8_0/q8_1):
 d = amax/127, q = round-half-even(x * (127/amax)), d stored as fp16; Q8_1's s = fp16(d * sum(q)).
 (The scalar reference differs only in using 1/d and round-half-away; the two disagree on a handful
 of ties.)
 
-The per-row dot is written in LLVM IR through a Numba intrinsic, because Numba's auto-vectorizer
-could not be coaxed into keeping 32-weight blocks in vector registers (see PERF_NOTES): per block it
-unpacks the weights into a <32 x i8>, multiplies with the int8 activations, pairs the products down to
-<8 x i32>, converts and fused-multiply-adds with the broadcast block scale into an <8 x float>
-accumulator -- the structure of llama.cpp's AVX2 kernel, expressed in target-independent vector IR so
-LLVM lowers it for whatever CPU Numba compiles for.
+Both per-row loops are written in LLVM IR through Numba intrinsics, because Numba's auto-vectorizer
+would not keep a 32-weight block in vector registers (short per-block loops stay scalar; long loops
+over a row need the scales spread out per weight, which cost more than they saved). One builder,
+parameterised by the layout, unpacks a block into a <32 x i8> (`_emit_weights`); dequantize converts
+and scales it, matvec dots it with the int8 activations into <8 x i32> partial sums, converts, and
+fused-multiply-adds with the broadcast block scale into <8 x float> accumulators -- the structure of
+llama.cpp's AVX2 kernel. On x86 with AVX2 the dot uses pmaddubsw/pmaddwd as ggml does; elsewhere it is
+target-independent vector IR that LLVM lowers for whatever CPU Numba compiles for.
 """
 
 from __future__ import annotations
@@ -45,6 +47,25 @@ from qcpu.kernels import register
 from qcpu.kernels.floats import f16_to_f32, f32_to_f16
 
 QK = 32  # weights per block, all five types
+
+
+def _target_features() -> set[str]:
+    """CPU features Numba compiles for (NUMBA_CPU_NAME/FEATURES override the host, e.g. for caches
+    shared between machines)."""
+    import llvmlite.binding as llb
+    import numba
+
+    if numba.config.CPU_NAME:
+        flags = numba.config.CPU_FEATURES or ""
+    else:
+        flags = llb.get_host_cpu_features().flatten()
+    return {f[1:] for f in flags.split(",") if f.startswith("+")}
+
+
+_FEATURES = _target_features()
+# x86 with AVX2: use pmaddubsw/pmaddwd as llama.cpp's AVX2 kernels do; F16C for the scale decode.
+X86_AVX2 = "avx2" in _FEATURES
+_F16C = "f16c" in _FEATURES
 
 # ---- activation quantizers (x float32[cols] -> int8 quants + per-block scales) -------------------
 
@@ -96,76 +117,17 @@ def quantize_q8_1(x):
     return qs, d, s
 
 
-# ---- dequantize: one generic row routine, specialised by the layout constants ----------------------
-
-
-@njit(cache=True, inline="always")
-def _half_at(wr, o):
-    return f16_to_f32(np.uint16(wr[o]) | np.uint16(np.uint16(wr[o + 1]) << np.uint16(8)))
-
-
-@njit(cache=True, parallel=True)
-def _dequantize_rows(w, out, type_size, has_m, has_qh, offset):
-    """Shared by the four nibble types. No fastmath: (d*q)+m must round twice, like ggml, not fuse."""
-    nb = w.shape[1] // type_size
-    qh_at = 4 if has_m else 2
-    qs_at = qh_at + 4 if has_qh else qh_at
-    for r in prange(w.shape[0]):
-        wr = w[r]
-        orow = out[r]
-        for b in range(nb):
-            o = b * type_size
-            d = _half_at(wr, o)
-            m = _half_at(wr, o + 2) if has_m else np.float32(0.0)
-            qh = np.uint32(0)
-            if has_qh:
-                qh = (np.uint32(wr[o + qh_at]) | (np.uint32(wr[o + qh_at + 1]) << np.uint32(8))
-                      | (np.uint32(wr[o + qh_at + 2]) << np.uint32(16)) | (np.uint32(wr[o + qh_at + 3]) << np.uint32(24)))
-            for j in range(QK // 2):
-                q = wr[o + qs_at + j]
-                v0 = np.int32(q & 15) | np.int32(((qh >> np.uint32(j)) & np.uint32(1)) << np.uint32(4))
-                v1 = np.int32(q >> 4) | np.int32(((qh >> np.uint32(j + 16)) & np.uint32(1)) << np.uint32(4))
-                y0 = np.float32(v0 - offset) * d
-                y1 = np.float32(v1 - offset) * d
-                if has_m:
-                    y0 = y0 + m
-                    y1 = y1 + m
-                orow[b * QK + j] = y0
-                orow[b * QK + QK // 2 + j] = y1
-
-
 @njit(cache=True)
-def dequantize_q4_0(w, out):
-    _dequantize_rows(w, out, 18, False, False, 8)
+def offset_sums(xq, offset):
+    """offset * (sum of each 4 consecutive activation quants): the lane layout of pmaddwd's output, so
+    the AVX2 dot can apply a weight offset (q - 8, q - 16) as one vector subtraction per block."""
+    out = np.empty(xq.shape[0] // 4, np.int32)
+    for k in range(out.shape[0]):
+        out[k] = offset * (np.int32(xq[4 * k]) + np.int32(xq[4 * k + 1]) + np.int32(xq[4 * k + 2]) + np.int32(xq[4 * k + 3]))
+    return out
 
 
-@njit(cache=True)
-def dequantize_q4_1(w, out):
-    _dequantize_rows(w, out, 20, True, False, 0)
-
-
-@njit(cache=True)
-def dequantize_q5_0(w, out):
-    _dequantize_rows(w, out, 22, False, True, 16)
-
-
-@njit(cache=True)
-def dequantize_q5_1(w, out):
-    _dequantize_rows(w, out, 24, True, True, 0)
-
-
-@njit(cache=True, parallel=True)
-def dequantize_q8_0(w, out):
-    nb = w.shape[1] // 34
-    for r in prange(w.shape[0]):
-        wr = w[r]
-        for b in range(nb):
-            d = _half_at(wr, b * 34)
-            for j in range(QK):
-                out[r, b * QK + j] = np.float32(np.int8(wr[b * 34 + 2 + j])) * d
-
-
-# ---- matvec: the per-row block dot in LLVM vector IR ----------------------------------------------
+# ---- LLVM IR building blocks (shared by dequantize and matvec) ------------------------------------
 
 _I8, _I16, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
 
@@ -201,13 +163,16 @@ def _ir_half_to_float(b, h16):
 
 
 def _load(b, base, offset, ty):
-    """Unaligned load of `ty` at byte pointer base + offset (blocks are 18/20/22/24/34 bytes)."""
+    """Unaligned load of `ty` at byte pointer base + offset (blocks are 18/20/22/24/34 bytes).
+    Multi-byte fields are read as little-endian, as GGUF stores them, so this assumes a little-endian
+    CPU (x86, ARM in its usual mode)."""
     p = b.gep(base, [offset if isinstance(offset, ir.Value) else ir.Constant(_I64, offset)])
     return b.load(b.bitcast(p, ty.as_pointer()), align=1)
 
 
 def _emit_weights(b, blk, has_m, has_qh, nibbles, offset):
-    """One block's 32 weight quants as <32 x i8>, in the activation's order (q_k pairs with xq_k)."""
+    """One block's 32 weight quants as <32 x i8>, in the activation's order (q_k pairs with xq_k),
+    minus `offset` (pass 0 to keep nibble quants unsigned)."""
     if not nibbles:  # Q8_0: 32 int8 right after d
         return _load(b, blk, 2, _vec(32, _I8))
     qh_at = 4 if has_m else 2
@@ -227,15 +192,91 @@ def _emit_weights(b, blk, has_m, has_qh, nibbles, offset):
     return v
 
 
-def _make_row_dot(type_size, has_m, has_qh, nibbles, offset):
-    """Intrinsic dot(wrow uint8[row_bytes], xq int8[cols], xd f32[nb], xs f32[nb]) -> float32.
+def _call(b, name, ret, *args):
+    fn = cgutils.get_or_insert_function(b.module, ir.FunctionType(ret, [a.type for a in args]), name)
+    return b.call(fn, args)
 
-    xs (Q8_1's d*sum term) is read only by the types with a min (has_m)."""
-    signed = offset != 0 or not nibbles  # Q4_1/Q5_1 quants are 0..31, unsigned
+
+def _dot8_generic(b, wq, xv, signed):
+    """Exact int32 dot of two <32 x i8>, kept as 8 partial sums of 4 products each: products of even
+    and odd lanes added pairwise, then the two halves. LLVM picks the
+    instructions for the target (pmullw/phaddw on x86, smull/addp on ARM...)."""
+    wx = (b.sext if signed else b.zext)(wq, _vec(32, _I32))
+    prod = b.mul(wx, b.sext(xv, _vec(32, _I32)))
+    s16 = b.add(b.shuffle_vector(prod, prod, _lanes(range(0, 32, 2))),
+                b.shuffle_vector(prod, prod, _lanes(range(1, 32, 2))))
+    return b.add(b.shuffle_vector(s16, s16, _lanes(range(8))), b.shuffle_vector(s16, s16, _lanes(range(8, 16))))
+
+
+def _dot8_avx2(b, wq, xv, signed):
+    """The same 8 partial sums with llama.cpp's AVX2 instructions: pmaddubsw (u8 x s8 -> pairs summed
+    to i16) then pmaddwd by ones (pairs -> i32), so lane k is exactly terms 4k..4k+3. pmaddubsw wants
+    an unsigned operand: signed weights go in as |w| with x given w's sign, as ggml's mul_sum_i8_pairs.
+    No i16 saturation: |pair| <= 2*128*127 = 32512."""
+    if signed:
+        neg = b.icmp_signed("<", wq, _splat(_I8, 32, 0))
+        xv = b.select(neg, b.sub(_splat(_I8, 32, 0), xv), xv)
+        wq = b.select(neg, b.sub(_splat(_I8, 32, 0), wq), wq)  # -(-128) wraps to 0x80 = 128 unsigned
+    pairs = _call(b, "llvm.x86.avx2.pmadd.ub.sw", _vec(16, _I16), wq, xv)
+    return _call(b, "llvm.x86.avx2.pmadd.wd", _vec(8, _I32), pairs, _splat(_I16, 16, 1))
+
+
+def _splat_f32(b, v, n=QK):
+    undef = ir.Constant(_vec(n, _F32), None)
+    return b.shuffle_vector(b.insert_element(undef, v, ir.Constant(_I32, 0)), undef, _lanes([0] * n))
+
+
+def _half(b, blk, at, f16c):
+    h = _load(b, blk, at, _I16)
+    if f16c:  # one vcvtph2ps
+        return b.fpext(b.bitcast(h, ir.HalfType()), _F32)
+    return _ir_half_to_float(b, h)
+
+
+def _make_row_dequantize(type_size, has_m, has_qh, nibbles, offset, f16c=_F16C):
+    """Intrinsic dequantize(wrow uint8[row_bytes], orow float32[cols]) -> None, ggml's arithmetic:
+    float(q - offset) * d, or (float(q) * d) + m rounded twice -- the callers are not fastmath, so no
+    flag allows fusing that into an FMA."""
+    signed = offset != 0 or not nibbles
 
     @intrinsic
-    def row_dot(typingctx, wrow, xq, xd, xs):
-        sig = types.float32(wrow, xq, xd, xs)
+    def row_dequantize(typingctx, wrow, orow):
+        sig = types.void(wrow, orow)
+
+        def codegen(context, b, signature, args):
+            aw, ao = [context.make_array(t)(context, b, a) for t, a in zip(signature.args, args)]
+            wp = b.bitcast(aw.data, _I8.as_pointer())
+            op = b.bitcast(ao.data, _vec(QK, _F32).as_pointer())
+            nb = b.udiv(b.extract_value(ao.shape, 0), ir.Constant(_I64, QK))
+            with cgutils.for_range(b, nb) as loop:
+                blk = b.gep(wp, [b.mul(loop.index, ir.Constant(_I64, type_size))])
+                q = _emit_weights(b, blk, has_m, has_qh, nibbles, offset)
+                d = _splat_f32(b, _half(b, blk, 0, f16c))
+                y = b.fmul((b.sitofp if signed else b.uitofp)(q, _vec(QK, _F32)), d)
+                if has_m:
+                    y = b.fadd(y, _splat_f32(b, _half(b, blk, 2, f16c)))
+                b.store(y, b.gep(op, [loop.index]), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return row_dequantize
+
+
+def _make_row_dot(type_size, has_m, has_qh, nibbles, offset, avx2=X86_AVX2, f16c=_F16C):
+    """Intrinsic dot(wrow uint8[row_bytes], xq int8[cols], xd f32[nb], xs f32[nb], xc i32[cols/4])
+    -> float32.
+
+    xs (Q8_1's d*sum term) is read only by the types with a min (has_m); xc (offset_sums(xq, offset))
+    only by the AVX2 path of the types with an offset, which dots the unsigned quants and subtracts
+    offset * sum(x) per lane instead of unpacking to signed values."""
+    signed = not nibbles or (offset != 0 and not avx2)
+    sub_offset = offset if avx2 else 0  # the generic path subtracts it from the weights instead
+    dot8 = _dot8_avx2 if avx2 else _dot8_generic
+
+    @intrinsic
+    def row_dot(typingctx, wrow, xq, xd, xs, xc):
+        sig = types.float32(wrow, xq, xd, xs, xc)
 
         def codegen(context, b, signature, args):
             arrs = [context.make_array(t)(context, b, a) for t, a in zip(signature.args, args)]
@@ -243,34 +284,36 @@ def _make_row_dot(type_size, has_m, has_qh, nibbles, offset):
             xp = b.bitcast(arrs[1].data, _I8.as_pointer())
             dp = b.bitcast(arrs[2].data, _F32.as_pointer())
             sp = b.bitcast(arrs[3].data, _F32.as_pointer())
+            cp = b.bitcast(arrs[4].data, _I8.as_pointer())
             nb = b.extract_value(arrs[2].shape, 0)
-            acc = cgutils.alloca_once_value(b, ir.Constant(_vec(8, _F32), [0.0] * 8))
+            zero8 = ir.Constant(_vec(8, _F32), [0.0] * 8)
+            accs = [cgutils.alloca_once_value(b, zero8), cgutils.alloca_once_value(b, zero8)]
             macc = cgutils.alloca_once_value(b, ir.Constant(_F32, 0.0))
-            with cgutils.for_range(b, nb) as loop:
-                i = loop.index
+
+            def block(i, acc):
                 blk = b.gep(wp, [b.mul(i, ir.Constant(_I64, type_size))])
-                wq = _emit_weights(b, blk, has_m, has_qh, nibbles, offset)
+                wq = _emit_weights(b, blk, has_m, has_qh, nibbles, offset - sub_offset)
                 xv = _load(b, xp, b.mul(i, ir.Constant(_I64, QK)), _vec(32, _I8))
-                # Exact int32 dot, kept as 8 partial sums: products of even and odd lanes added
-                # pairwise (16 lanes), then the two halves (8 lanes). LLVM picks pmaddwd/phaddw etc.
-                wx = (b.sext if signed else b.zext)(wq, _vec(32, _I32))
-                xx = b.sext(xv, _vec(32, _I32))
-                prod = b.mul(wx, xx)
-                s16 = b.add(b.shuffle_vector(prod, prod, _lanes(range(0, 32, 2))),
-                            b.shuffle_vector(prod, prod, _lanes(range(1, 32, 2))))
-                s8 = b.add(b.shuffle_vector(s16, s16, _lanes(range(8))),
-                           b.shuffle_vector(s16, s16, _lanes(range(8, 16))))
-                dw = _ir_half_to_float(b, _load(b, blk, 0, _I16))
-                scale = b.fmul(dw, b.load(b.gep(dp, [i])))  # d_w * d_x, then times the ints: as ggml
-                sv = b.shuffle_vector(b.insert_element(ir.Constant(_vec(8, _F32), None), scale, ir.Constant(_I32, 0)),
-                                      ir.Constant(_vec(8, _F32), None), _lanes([0] * 8))
-                term = _contract(b.fmul(b.sitofp(s8, _vec(8, _F32)), sv))
+                s8 = dot8(b, wq, xv, signed)
+                if sub_offset:  # sum (q - off) x = sum q x - off * sum x, per lane
+                    s8 = b.sub(s8, _load(b, cp, b.mul(i, ir.Constant(_I64, 32)), _vec(8, _I32)))
+                scale = b.fmul(_half(b, blk, 0, f16c), b.load(b.gep(dp, [i])))  # d_w * d_x first, as ggml
+                term = _contract(b.fmul(b.sitofp(s8, _vec(8, _F32)), _splat_f32(b, scale, 8)))
                 b.store(_contract(b.fadd(b.load(acc), term)), acc)
                 if has_m:
-                    mw = _ir_half_to_float(b, _load(b, blk, 2, _I16))
-                    mterm = _contract(b.fmul(mw, b.load(b.gep(sp, [i]))))
+                    mterm = _contract(b.fmul(_half(b, blk, 2, f16c), b.load(b.gep(sp, [i]))))
                     b.store(_contract(b.fadd(b.load(macc), mterm)), macc)
-            a = b.load(acc)
+
+            # Two blocks per iteration into two accumulators: two independent FMA chains, so the
+            # loop does not wait on the FMA latency.
+            one = ir.Constant(_I64, 1)
+            with cgutils.for_range(b, b.lshr(nb, one)) as loop:
+                i = b.shl(loop.index, one)
+                block(i, accs[0])
+                block(b.add(i, one), accs[1])
+            with b.if_then(b.trunc(nb, ir.IntType(1))):
+                block(b.sub(nb, one), accs[0])
+            a = b.fadd(b.load(accs[0]), b.load(accs[1]))
             for n in (4, 2, 1):  # horizontal sum of the 8 lanes
                 a = b.fadd(b.shuffle_vector(a, a, _lanes(range(n))), b.shuffle_vector(a, a, _lanes(range(n, 2 * n))))
             result = b.extract_element(a, ir.Constant(_I32, 0))
@@ -283,58 +326,119 @@ def _make_row_dot(type_size, has_m, has_qh, nibbles, offset):
     return row_dot
 
 
-_dot_q4_0 = _make_row_dot(18, False, False, True, 8)
-_dot_q4_1 = _make_row_dot(20, True, False, True, 0)
-_dot_q5_0 = _make_row_dot(22, False, True, True, 16)
-_dot_q5_1 = _make_row_dot(24, True, True, True, 0)
-_dot_q8_0 = _make_row_dot(34, False, False, False, 0)
+# (type_size, has_m, has_qh, nibbles, offset) -- the block layouts drawn at the top of this file.
+LAYOUTS = {
+    GGMLQuantizationType.Q4_0: (18, False, False, True, 8),
+    GGMLQuantizationType.Q4_1: (20, True, False, True, 0),
+    GGMLQuantizationType.Q5_0: (22, False, True, True, 16),
+    GGMLQuantizationType.Q5_1: (24, True, True, True, 0),
+    GGMLQuantizationType.Q8_0: (34, False, False, False, 0),
+}
+_Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0 = (LAYOUTS[t] for t in LAYOUTS)
+
+# ---- entry points. Numba needs each intrinsic named at its call site, hence ten small bodies. ----
+
+_deq_q4_0 = _make_row_dequantize(*_Q4_0)
+_deq_q4_1 = _make_row_dequantize(*_Q4_1)
+_deq_q5_0 = _make_row_dequantize(*_Q5_0)
+_deq_q5_1 = _make_row_dequantize(*_Q5_1)
+_deq_q8_0 = _make_row_dequantize(*_Q8_0)
 
 
 @njit(cache=True, inline="always")
-def _check(w, x, type_size):
-    if x.shape[0] % QK != 0 or w.shape[1] != (x.shape[0] // QK) * type_size:
+def _check_dequantize(w, out, type_size):
+    if out.shape[1] % QK != 0 or w.shape[1] != (out.shape[1] // QK) * type_size or w.shape[0] != out.shape[0]:
+        raise ValueError("dequantize: weight row bytes do not match the output shape")
+
+
+@njit(cache=True, parallel=True)
+def dequantize_q4_0(w, out):
+    _check_dequantize(w, out, _Q4_0[0])
+    for r in prange(w.shape[0]):
+        _deq_q4_0(w[r], out[r])
+
+
+@njit(cache=True, parallel=True)
+def dequantize_q4_1(w, out):
+    _check_dequantize(w, out, _Q4_1[0])
+    for r in prange(w.shape[0]):
+        _deq_q4_1(w[r], out[r])
+
+
+@njit(cache=True, parallel=True)
+def dequantize_q5_0(w, out):
+    _check_dequantize(w, out, _Q5_0[0])
+    for r in prange(w.shape[0]):
+        _deq_q5_0(w[r], out[r])
+
+
+@njit(cache=True, parallel=True)
+def dequantize_q5_1(w, out):
+    _check_dequantize(w, out, _Q5_1[0])
+    for r in prange(w.shape[0]):
+        _deq_q5_1(w[r], out[r])
+
+
+@njit(cache=True, parallel=True)
+def dequantize_q8_0(w, out):
+    _check_dequantize(w, out, _Q8_0[0])
+    for r in prange(w.shape[0]):
+        _deq_q8_0(w[r], out[r])
+
+
+_dot_q4_0 = _make_row_dot(*_Q4_0)
+_dot_q4_1 = _make_row_dot(*_Q4_1)
+_dot_q5_0 = _make_row_dot(*_Q5_0)
+_dot_q5_1 = _make_row_dot(*_Q5_1)
+_dot_q8_0 = _make_row_dot(*_Q8_0)
+
+
+@njit(cache=True, inline="always")
+def _check_matvec(w, x, out, type_size):
+    if x.shape[0] % QK != 0 or w.shape[1] != (x.shape[0] // QK) * type_size or w.shape[0] != out.shape[0]:
         raise ValueError("matvec: weight row bytes do not match the activation length")
 
 
-# Numba needs each intrinsic named at a call site, hence five three-line bodies.
 @njit(cache=True, parallel=True, fastmath=True)
 def matvec_q4_0(w, x, out):
-    _check(w, x, 18)
+    _check_matvec(w, x, out, _Q4_0[0])
     xq, xd = quantize_q8_0(x)
+    xc = offset_sums(xq, _Q4_0[4])
     for r in prange(w.shape[0]):
-        out[r] = _dot_q4_0(w[r], xq, xd, xd)
+        out[r] = _dot_q4_0(w[r], xq, xd, xd, xc)
 
 
 @njit(cache=True, parallel=True, fastmath=True)
 def matvec_q5_0(w, x, out):
-    _check(w, x, 22)
+    _check_matvec(w, x, out, _Q5_0[0])
     xq, xd = quantize_q8_0(x)
+    xc = offset_sums(xq, _Q5_0[4])
     for r in prange(w.shape[0]):
-        out[r] = _dot_q5_0(w[r], xq, xd, xd)
+        out[r] = _dot_q5_0(w[r], xq, xd, xd, xc)
 
 
 @njit(cache=True, parallel=True, fastmath=True)
 def matvec_q8_0(w, x, out):
-    _check(w, x, 34)
+    _check_matvec(w, x, out, _Q8_0[0])
     xq, xd = quantize_q8_0(x)
     for r in prange(w.shape[0]):
-        out[r] = _dot_q8_0(w[r], xq, xd, xd)
+        out[r] = _dot_q8_0(w[r], xq, xd, xd, xd)
 
 
 @njit(cache=True, parallel=True, fastmath=True)
 def matvec_q4_1(w, x, out):
-    _check(w, x, 20)
+    _check_matvec(w, x, out, _Q4_1[0])
     xq, xd, xs = quantize_q8_1(x)
     for r in prange(w.shape[0]):
-        out[r] = _dot_q4_1(w[r], xq, xd, xs)
+        out[r] = _dot_q4_1(w[r], xq, xd, xs, xs)
 
 
 @njit(cache=True, parallel=True, fastmath=True)
 def matvec_q5_1(w, x, out):
-    _check(w, x, 24)
+    _check_matvec(w, x, out, _Q5_1[0])
     xq, xd, xs = quantize_q8_1(x)
     for r in prange(w.shape[0]):
-        out[r] = _dot_q5_1(w[r], xq, xd, xs)
+        out[r] = _dot_q5_1(w[r], xq, xd, xs, xs)
 
 
 register(GGMLQuantizationType.Q4_0, dequantize_q4_0, matvec_q4_0)
