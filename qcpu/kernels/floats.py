@@ -16,26 +16,26 @@ from numba import njit, prange
 
 from qcpu.kernels import register
 
-# 2**112 rebiases a binary16 exponent (bias 15) shifted into binary32's field (bias 127).
-_REBIAS = np.float32(2.0**112)
-
-
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def f16_to_f32(h):
     """Exact binary16 bits (any int type) -> float32, including subnormals, inf and NaN.
 
     half:   s eeeee mmmmmmmmmm
     single: s eeeeeeee mmmmmmmmmm0000000000000
-    Shifting |h| left by 13 lands e and m in place with the wrong bias; multiplying by 2**112 fixes the
-    bias and, for half subnormals (e == 0), normalises them exactly. e == 31 (inf/NaN) would come out
-    finite, so those get the all-ones exponent ORed back in. Branch-free, so loops over it vectorize.
+    Normal: shift e and m into place and rebias the exponent (+127-15). Subnormal (e == 0): the value
+    is m * 2**-24, computed from the integer so no denormal float32 is ever an operand (a CPU in
+    flush-to-zero/denormals-are-zero mode would zero it). Inf/NaN (e == 31): all-ones exponent.
     """
     h32 = np.uint32(h) & np.uint32(0xFFFF)
     em = h32 & np.uint32(0x7FFF)
-    mag = np.uint32(em << np.uint32(13)).view(np.float32) * _REBIAS
-    special = np.uint32(0x7F800000) * np.uint32(em >= np.uint32(0x7C00))
     sign = (h32 & np.uint32(0x8000)) << np.uint32(16)
-    return np.uint32(np.float32(mag).view(np.uint32) | sign | special).view(np.float32)
+    if em < np.uint32(0x0400):
+        mag = np.float32(np.float32(em) * np.float32(2.0**-24)).view(np.uint32)
+    elif em >= np.uint32(0x7C00):
+        mag = np.uint32((em << np.uint32(13)) | np.uint32(0x7F800000))
+    else:
+        mag = np.uint32((em << np.uint32(13)) + np.uint32(112 << 23))
+    return np.uint32(mag | sign).view(np.float32)
 
 
 @njit(cache=True)

@@ -152,14 +152,17 @@ def _contract(instr):
 
 
 def _ir_half_to_float(b, h16):
-    """f16_to_f32 (floats.py) in IR: exact, branch-free."""
+    """f16_to_f32 (floats.py) in branch-free IR: exact, and no denormal float32 operands."""
     h = b.zext(h16, _I32)
     em = b.and_(h, ir.Constant(_I32, 0x7FFF))
-    mag = b.fmul(b.bitcast(b.shl(em, ir.Constant(_I32, 13)), _F32), ir.Constant(_F32, 2.0**112))
-    special = b.select(b.icmp_unsigned(">=", em, ir.Constant(_I32, 0x7C00)),
-                       ir.Constant(_I32, 0x7F800000), ir.Constant(_I32, 0))
+    shifted = b.shl(em, ir.Constant(_I32, 13))
+    normal = b.add(shifted, ir.Constant(_I32, 112 << 23))
+    special = b.or_(shifted, ir.Constant(_I32, 0x7F800000))
+    sub = b.bitcast(b.fmul(b.sitofp(em, _F32), ir.Constant(_F32, 2.0**-24)), _I32)
+    mag = b.select(b.icmp_unsigned("<", em, ir.Constant(_I32, 0x0400)), sub,
+                   b.select(b.icmp_unsigned(">=", em, ir.Constant(_I32, 0x7C00)), special, normal))
     sign = b.shl(b.and_(h, ir.Constant(_I32, 0x8000)), ir.Constant(_I32, 16))
-    return b.bitcast(b.or_(b.or_(b.bitcast(mag, _I32), sign), special), _F32)
+    return b.bitcast(b.or_(mag, sign), _F32)
 
 
 def _load(b, base, offset, ty):
