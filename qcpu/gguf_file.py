@@ -85,6 +85,7 @@ _FLOATS = frozenset({V.FLOAT32, V.FLOAT64})
 # allowed for an array). A mistyped known key would otherwise surface later as a confusing error (or
 # none at all: a bool where a count belongs is an int to Python).
 _SCALAR_RULE = {"int": _INTS, "uint": _UINTS, "float": _FLOATS, "str": {V.STRING}, "bool": {V.BOOL}}
+_RULE_TEXT = {"int": "integer", "uint": "unsigned integer", "float": "float", "str": "string", "bool": "bool"}
 _KNOWN: dict[str, tuple[str | None, str | None]] = {
     "general.architecture": ("str", None), "general.name": ("str", None),
     "general.alignment": ("uint", None), "general.file_type": ("uint", None),
@@ -95,6 +96,7 @@ _KNOWN: dict[str, tuple[str | None, str | None]] = {
     "tokenizer.ggml.add_bos_token": ("bool", None), "tokenizer.ggml.add_eos_token": ("bool", None),
     "tokenizer.ggml.add_space_prefix": ("bool", None), "tokenizer.chat_template": ("str", None),
 }
+_SHORT_NAMES = {"general.architecture", "tokenizer.ggml.model", "tokenizer.ggml.pre"}  # identifiers
 _KNOWN_ARCH = {  # "<general.architecture>.<suffix>"
     "block_count": ("uint", None), "context_length": ("uint", None), "embedding_length": ("uint", None),
     "feed_forward_length": ("uint", "uint"), "attention.head_count": ("uint", "uint"),
@@ -394,14 +396,17 @@ class GGUFFile:
             vtype, etype = self.value_types[key]
             if vtype == V.ARRAY:
                 ok = element is not None and etype in _SCALAR_RULE[element]
-                kind = f"an array of {etype.name}"
+                kind = f"ARRAY of {etype.name}"
             else:
                 ok = scalar is not None and vtype in _SCALAR_RULE[scalar]
                 kind = vtype.name
             if not ok:
-                want = " or ".join(w for w in (scalar and f"a {scalar}", element and f"an array of {element}") if w)
+                want = " or ".join(w for w in (scalar and f"a {_RULE_TEXT[scalar]}",
+                                               element and f"an array of {_RULE_TEXT[element]}s") if w)
                 raise QcpuError(f"metadata {_show(key)} has type {kind}, expected {want}")
             value = self.metadata[key]
+            if key in _SHORT_NAMES and not (len(value) <= 128 and value.isprintable()):
+                raise QcpuError(f"metadata {key} is not a sane name ({_show(value, 40)})")
             if scalar == "float" and vtype in _FLOATS and not math.isfinite(value):
                 raise QcpuError(f"metadata {_show(key)} is {value}, not a finite number")
 
