@@ -20,7 +20,7 @@ import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from gguf import quants as gq
 
-from qcpu.kernels import REGISTRY, kernel_for, matmul
+from qcpu.kernels import REGISTRY, kernel_for
 from qcpu.kernels import k_quants as kq
 
 MODEL = Path("/root/.cache/qcpu/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
@@ -260,13 +260,6 @@ def test_numpy_emulation_unpacks_like_gguf(qtype):
     if mn is not None:
         wt = wt - dmin[:, None] * mn.repeat(per, 1)
     np.testing.assert_allclose(wt.reshape(5, -1), gq.dequantize(w, qtype), rtol=1e-6, atol=1e-9)
-
-
-def test_matmul_prefill_path_uses_dequantize():
-    w = random_blocks(T.Q4_K, 40, 2, 11)
-    x = np.random.default_rng(11).standard_normal((3, 512)).astype(np.float32)
-    ref = x.astype(np.float64) @ gq.dequantize(w, T.Q4_K).astype(np.float64).T
-    np.testing.assert_allclose(matmul(w, T.Q4_K, x), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
 # --------------------------------------------------------------------------------------------------
