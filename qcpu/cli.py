@@ -20,7 +20,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Run GGUF Qwen2-family chat models on the CPU.")
 err = Console(stderr=True, highlight=False)
 
-MODEL_HELP = "Path to a .gguf file (qwen2 architecture). Omitted: the default model, fetched once."
+MODEL_HELP = ("Path to a .gguf file (qwen2 architecture), or REPO[:QUANT] on the Hugging Face hub. "
+              "Omitted: the default model, fetched once.")
 
 
 def _say_error(message: str) -> None:
@@ -135,14 +136,31 @@ def chat(
     temp: float = Temp, top_k: int = TopK, top_p: float = TopP, min_p: float = MinP,
     repeat_penalty: float = RepeatPenalty, seed: Optional[int] = Seed, max_tokens: int = MaxTokens,
     ctx: int = Ctx, threads: Optional[int] = Threads, chat_template: Optional[str] = ChatTemplateOpt,
+    markdown: bool = typer.Option(False, "--markdown", "-m", help="Render replies as Markdown (as they grow)."),
+    no_color: bool = typer.Option(False, "--no-color", help="No colours or styles (also: NO_COLOR=1)."),
 ):
-    """Multi-turn chat in the terminal. Ctrl-C stops a reply; Ctrl-D or /exit leaves."""
-    from qcpu.repl import run_repl
+    """Multi-turn chat in the terminal.
+
+    MODEL is a .gguf path, REPO[:QUANT] on the Hugging Face hub (fetched once, e.g. Qwen/Qwen2.5-0.5B-Instruct-GGUF:q4_k_m), or omitted for the default model.
+
+    Replies stream with a status line (tokens/s, context used). The KV cache is reused across turns: only the new message is processed. When the conversation outgrows --ctx, the oldest turns are dropped (a one-line notice says so) and the system prompt is kept.
+
+    Keys: Enter sends; Esc Enter starts a new line, or open and close a message with \"\"\". Up/Down walk the history (kept across sessions). Ctrl-C stops a reply and keeps what was written; Ctrl-C on an empty line or Ctrl-D leaves.
+
+    Commands: /help, /system TEXT, /reset, /undo (drop the last exchange), /retry (write the last reply again), /set temp|top_p|top_k|min_p|repeat_penalty|seed|max_tokens VALUE, /stats, /save FILE, /load FILE (JSON), /exit.
+
+    Piped (echo hi | qcpu chat): each line is a message (\"\"\" blocks span lines); only the replies are printed.
+    """  # noqa: E501
+    from qcpu.models import resolve_model
+    from qcpu.repl import run_chat
 
     params = _sampling(temp, top_k, top_p, min_p, repeat_penalty, seed)
     _positive("--max-tokens", max_tokens)
-    engine = _load_engine(model, ctx, threads, chat_template)
-    run_repl(engine, params, max_tokens, system)
+    _positive("--ctx", ctx)
+    _set_threads(threads)
+    path = resolve_model(model, err)
+    run_chat(path, params=params, max_tokens=max_tokens, system=system, ctx=ctx, chat_template=chat_template,
+             markdown=markdown, color=not no_color)
 
 
 @app.command()

@@ -1,121 +1,829 @@
-"""`qcpu chat`: the multi-turn terminal REPL (first version).
+"""`qcpu chat`: the multi-turn terminal chat program.
 
-Reads a line, renders the conversation through the chat template, feeds only the new tokens (the KV cache
-holds the earlier turns), and streams the reply. Ctrl-C during a reply stops it and keeps what was said;
-Ctrl-D, or Ctrl-C at the prompt, leaves.
+Two layers:
+
+* `Chat` holds the conversation and keeps the engine's KV cache in step with it. A turn renders the whole
+  conversation through the chat template but feeds the model only the tokens the cache lacks (the new user
+  message and the template's glue), so earlier turns are never processed twice. /undo, /retry and /reset
+  rewind the cache to the common prefix; /load and /system re-fill it. When the conversation outgrows the
+  context, the ring cache keeps the system prompt (the `keep` prefix) and drops the oldest tokens.
+* `Repl` is the terminal: prompt_toolkit input (line editing, persistent history, multi-line), slash
+  commands, and the reply streamed through a Rich `Live` region (plain text, or Markdown with --markdown)
+  with a status line (tokens/s, context used). Not a terminal (stdin piped): read messages, print only
+  the replies, nothing else.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
 
 from rich.console import Console
+from rich.markup import escape
+from rich.text import Text
 
 from qcpu.errors import QcpuError
+from qcpu.generate import PREFILL_CHUNK, Piece, Stats
 
-HELP = """commands:
-  /help            this text
-  /system TEXT     set the system prompt (starts a new conversation)
-  /reset           forget the conversation
-  /exit            leave (also Ctrl-D)
-Ctrl-C stops a reply in progress."""
+SAVE_FORMAT = "qcpu-chat"
+SAVE_VERSION = 1
+MULTILINE = '"""'
+
+HELP = """\
+[bold]commands[/bold]
+  /help                 this text
+  /system [TEXT]        show or set the system prompt (the conversation is kept, the cache re-filled)
+  /reset                forget the conversation (the system prompt stays)
+  /undo                 drop the last exchange (your message and the reply)
+  /retry                write the last reply again
+  /set [NAME VALUE]     show or change a setting: temp, top_p, top_k, min_p, repeat_penalty, seed, max_tokens
+  /stats                speed, context use and settings
+  /save FILE            write the conversation as JSON
+  /load FILE            read a conversation saved by /save (re-reads it into the cache)
+  /exit                 leave (also /quit, Ctrl-D, or Ctrl-C at an empty prompt)
+[bold]keys[/bold]
+  Enter sends; Esc Enter (or Alt-Enter) starts a new line; a message that starts with \"\"\" runs until a
+  line that ends with \"\"\". Up/Down walk the history (kept across sessions). Ctrl-C stops a reply and
+  keeps what was written; at the prompt it clears the line, on an empty line it leaves.
+  Start a message with // to send text that begins with /."""
+
+# /set NAME -> (SamplingParams field or "max_tokens", parser)
+def _seed(value: str) -> int | None:
+    return None if value.lower() in ("none", "random", "off", "-1") else int(value)
 
 
-def system_prefix_tokens(engine, messages: list[dict]) -> int:
-    """Tokens of the conversation's preamble (system prompt, default or given): what the ring keeps."""
-    head = [m for m in messages if m["role"] == "system"]
-    a = engine.template.render(head + [{"role": "user", "content": "a"}], add_generation_prompt=False)
-    b = engine.template.render(head + [{"role": "user", "content": "b"}], add_generation_prompt=False)
+SETTINGS: dict[str, tuple[str, Callable[[str], object]]] = {
+    "temp": ("temperature", float),
+    "top_p": ("top_p", float),
+    "top_k": ("top_k", int),
+    "min_p": ("min_p", float),
+    "repeat_penalty": ("repeat_penalty", float),
+    "seed": ("seed", _seed),
+    "max_tokens": ("max_tokens", int),
+}
+_ALIASES = {"temperature": "temp", "n": "max_tokens", "repeat-penalty": "repeat_penalty",
+            "top-p": "top_p", "top-k": "top_k", "min-p": "min_p", "max-tokens": "max_tokens"}
+
+
+def quant_name(engine) -> str:
+    """The file's quantization mix ("Q4_K_M"), else its most common matrix type."""
+    meta = engine.model.file.metadata
+    ft = meta.get("general.file_type")
+    try:
+        from gguf import LlamaFileType
+
+        if ft is not None:
+            return LlamaFileType(int(ft)).name.removeprefix("MOSTLY_")
+    except (ValueError, ImportError):
+        pass
+    try:
+        from collections import Counter
+
+        from gguf import GGMLQuantizationType
+
+        types = Counter(GGMLQuantizationType(t.ggml_type).name for t in engine.model.file.tensors.values()
+                        if len(t.shape) == 2)
+        return types.most_common(1)[0][0]
+    except Exception:
+        return "?"
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
+    for x, y in zip(a, b):
+        if x != y:
+            break
         n += 1
-    prefix = a[:n]
-    cut = prefix.rfind("\n")  # the common text ends inside the user header; keep whole lines
-    prefix = prefix[:cut + 1] if cut >= 0 else ""
-    return len(engine.tokenizer.encode(prefix)) if prefix else 0
+    return n
 
 
-def run_repl(engine, params, max_tokens: int, system: str | None) -> None:
-    interactive = sys.stdin.isatty() and sys.stdout.isatty()
-    err = Console(stderr=True, highlight=False, no_color=not interactive)
-    out = sys.stdout
-    messages: list[dict] = [{"role": "system", "content": system}] if system else []
+# -- the conversation and its cache ---------------------------------------------------------------------
 
-    def start_conversation() -> None:
-        engine.reset()
-        engine.cache.keep = system_prefix_tokens(engine, messages)
+@dataclass
+class Turn:
+    """One reply being written. Iterate for the text pieces; `finish()` records it in the conversation."""
 
-    start_conversation()
-    read = _line_reader(interactive)
-    if interactive:
-        err.print(f"[bold]{engine.model.config.name}[/bold] · context {engine.cache.capacity} · /help for commands")
-    while True:
-        try:
-            line = read()
-        except (EOFError, KeyboardInterrupt):
-            if interactive:
-                err.print()
+    chat: "Chat"
+    prompt: list[int]
+    start: int  # stream index where this exchange's new tokens begin
+    evicted_before: int
+    stats: Stats = field(default_factory=Stats)
+    parts: list[str] = field(default_factory=list)
+    stopped: bool = False  # Ctrl-C
+    finished: bool = False
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def __iter__(self) -> Iterator[Piece]:
+        chat = self.chat
+        for piece in chat.engine.stream(self.prompt, chat.params, chat.max_tokens, self.stats):
+            self.parts.append(piece.text)
+            yield piece
+
+    def finish(self) -> None:
+        """Keep the reply (even a partial one); a turn that wrote nothing leaves no trace."""
+        if self.finished:
             return
-        if line is None:
+        self.finished = True
+        chat = self.chat
+        chat.last = self.stats
+        chat.total_prompt += self.stats.prompt_tokens
+        chat.total_generated += self.stats.generated_tokens
+        if self.parts:
+            chat.messages.append({"role": "assistant", "content": self.text})
+            if len(chat.starts) < len(chat.messages) // 2:
+                chat.starts.append(self.start)
+        else:
+            chat.messages.pop()  # the user message: nothing was said to it
+
+    @property
+    def evicted(self) -> int:
+        return self.chat.engine.cache.n_evicted - self.evicted_before
+
+
+class Chat:
+    """The conversation (system prompt + alternating user/assistant messages) and the engine's cache."""
+
+    def __init__(self, engine, params, max_tokens: int, system: str | None = None):
+        self.engine = engine
+        self.params = params
+        self.max_tokens = max_tokens
+        self.system = system or None
+        self.messages: list[dict] = []  # user, assistant, user, assistant, ...
+        self.starts: list[int] = []  # stream index where each exchange's tokens begin (eviction notices)
+        self.last = Stats()
+        self.total_prompt = 0
+        self.total_generated = 0
+        self.dropped_exchanges = 0  # exchanges wholly evicted, as last announced
+        self._prefix_cache: tuple[str | None, list[int]] | None = None
+        self._needs_refill = False
+
+    # -- rendering ------------------------------------------------------------------------------------
+    def conversation(self, messages: list[dict] | None = None) -> list[dict]:
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + (self.messages if messages is None else messages)
+
+    def prefix_tokens(self) -> list[int]:
+        """Tokens of the preamble every rendering starts with (the system prompt, given or the template's
+        default): what the ring cache keeps when it evicts."""
+        if self._prefix_cache and self._prefix_cache[0] == self.system:
+            return self._prefix_cache[1]
+        tpl = self.engine.template
+        head = self.conversation([])
+        a = tpl.render(head + [{"role": "user", "content": "a"}], add_generation_prompt=False)
+        b = tpl.render(head + [{"role": "user", "content": "b"}], add_generation_prompt=False)
+        n = _common_prefix(a, b)
+        prefix = a[:n]
+        cut = prefix.rfind("\n")  # the common text ends inside the user header; keep whole lines
+        prefix = prefix[:cut + 1] if cut >= 0 else ""
+        tokens = self.engine.tokenizer.encode(prefix) if prefix else []
+        self._prefix_cache = (self.system, tokens)
+        return tokens
+
+    def held_target(self, messages: list[dict]) -> list[int]:
+        """The tokens a fresh run of `messages` (ending with a reply, or empty) leaves in the cache."""
+        if not messages:
+            return self.prefix_tokens()
+        text = self.engine.template.render(self.conversation(messages), add_generation_prompt=False)
+        return self.engine.tokenizer.encode(text)
+
+    # -- the cache ------------------------------------------------------------------------------------
+    @property
+    def context_used(self) -> int:
+        return self.engine.cache.length
+
+    @property
+    def capacity(self) -> int:
+        return self.engine.cache.capacity
+
+    def refill(self, progress: Callable[[int, int], None] | None = None, first_chunk: int | None = None) -> None:
+        """Empty the cache and feed it the conversation, so it holds what a fresh run would.
+
+        A trailing user message (a reply still to write) is left for the next turn. `progress(done, total)`
+        is called after each chunk; `first_chunk` makes the first pass that small (start-up: compile the
+        one-token path first)."""
+        eng = self.engine
+        self._needs_refill = True
+        eng.reset()
+        prefix = self.prefix_tokens()
+        eng.cache.keep = len(prefix)
+        msgs = self.messages[:-1] if self.messages and self.messages[-1]["role"] == "user" else self.messages
+        tokens = self.held_target(msgs)
+        self.starts = ([len(prefix)] + [len(self.held_target(msgs[:i])) for i in range(2, len(msgs), 2)]
+                       if msgs else [])
+        self.dropped_exchanges = 0
+        room = max(1, min(PREFILL_CHUNK, eng.cache.capacity - eng.cache.keep))
+        done = 0
+        if progress:
+            progress(0, len(tokens))
+        while done < len(tokens):
+            n = min(first_chunk, room) if (first_chunk and done == 0) else room
+            eng.prefill(tokens[done:done + n])
+            done += len(tokens[done:done + n])
+            if progress:
+                progress(done, len(tokens))
+        self._needs_refill = False
+        self._count_dropped()
+
+    def _rewind(self) -> None:
+        """After messages were removed: cut the cache back to what it shares with the conversation."""
+        eng = self.engine
+        if eng.cache.n_evicted or self._needs_refill:
+            self.refill()  # the ring cannot be rewound past what it has already dropped
             return
-        text = line.strip()
-        if not text:
-            continue
-        if text.startswith("/"):
-            cmd, _, arg = text.partition(" ")
-            if cmd in ("/exit", "/quit", "/bye"):
-                return
-            if cmd == "/help":
-                err.print(HELP)
-            elif cmd == "/reset":
-                messages = [m for m in messages if m["role"] == "system"]
-                start_conversation()
-                err.print("[dim]conversation cleared[/dim]")
-            elif cmd == "/system":
-                messages = [{"role": "system", "content": arg.strip()}] if arg.strip() else []
-                start_conversation()
-                err.print("[dim]system prompt set; new conversation[/dim]")
-            else:
-                err.print(f"unknown command {cmd}; /help lists them")
-            continue
-        messages.append({"role": "user", "content": text})
+        target = self.held_target(self.messages)
+        common = _common_prefix(target, eng.tokens)
+        if common < len(eng.tokens):
+            eng.cache.truncate(common)
+            del eng.tokens[common:]
+        del self.starts[len(self.messages) // 2:]
+
+    def _count_dropped(self) -> int:
+        """How many exchanges the ring has dropped entirely."""
+        cache = self.engine.cache
+        if not cache.n_evicted:
+            return 0
+        live = cache.slot_seq[cache.slot_seq >= cache.keep]
+        oldest = int(live.min()) if len(live) else cache.n_seen
+        ends = self.starts[1:] + [len(self.engine.tokens)]
+        return sum(1 for end in ends if end <= oldest)
+
+    def eviction_notice(self, turn: Turn) -> str | None:
+        """One line when this turn pushed (more of) the conversation out of the context."""
+        if not turn.evicted:
+            return None
+        n = self._count_dropped()
+        first = self.dropped_exchanges == 0 and turn.evicted == self.engine.cache.n_evicted
+        if n <= self.dropped_exchanges and not first:
+            return None
+        self.dropped_exchanges = max(n, self.dropped_exchanges)
+        what = (f"the oldest {n} exchange{'s' if n != 1 else ''} dropped" if n
+                else "the start of the first exchange dropped")
+        return f"context full ({self.capacity} tokens): {what}, system prompt kept"
+
+    # -- turns ----------------------------------------------------------------------------------------
+    def send(self, text: str) -> Turn:
+        self.messages.append({"role": "user", "content": text})
+        return self._turn()
+
+    def _turn(self) -> Turn:
+        eng = self.engine
         try:
-            prompt = engine.chat_prompt_tokens(messages)
+            if self._needs_refill:
+                self.refill()
+            evicted = eng.cache.n_evicted
+            prompt = eng.chat_prompt_tokens(self.conversation())
+            room = eng.cache.capacity - eng.cache.keep
+            if len(prompt) > room:
+                raise QcpuError(f"that message is {len(prompt)} tokens, more than the context holds "
+                                f"({eng.cache.capacity} with {eng.cache.keep} kept); shorten it or raise --ctx")
+        except BaseException:
+            self.messages.pop()
+            raise
+        return Turn(self, prompt, start=len(eng.tokens), evicted_before=evicted)
+
+    def retry(self) -> Turn:
+        if not self.messages or self.messages[-1]["role"] != "assistant":
+            raise QcpuError("no reply to retry yet")
+        self.messages.pop()
+        eng = self.engine
+        if eng.cache.n_evicted or self._needs_refill:
+            self.refill()
+        else:
+            # Keep the tokens up to the last one of the prompt: it is fed again for its logits.
+            full = eng.tokenizer.encode(eng.template.render(self.conversation(), add_generation_prompt=True))
+            common = min(_common_prefix(full, eng.tokens), len(full) - 1)
+            eng.cache.truncate(common)
+            del eng.tokens[common:]
+        del self.starts[len(self.messages) // 2:]
+        return self._turn()
+
+    def undo(self) -> None:
+        if len(self.messages) < 2:
+            raise QcpuError("nothing to undo")
+        del self.messages[-2:]
+        self._rewind()
+
+    def reset(self) -> None:
+        self.messages = []
+        self.starts = []
+        self.dropped_exchanges = 0
+        self._rewind()
+
+    def set_system(self, text: str | None, progress=None) -> None:
+        self.system = text or None
+        self.refill(progress)
+
+    # -- files ----------------------------------------------------------------------------------------
+    def to_json(self) -> dict:
+        return {"format": SAVE_FORMAT, "version": SAVE_VERSION, "model": self.engine.model.config.name,
+                "system": self.system, "messages": [dict(m) for m in self.messages]}
+
+    def save(self, path: str | Path) -> Path:
+        """Write the conversation as JSON, atomically (temp file in the same folder, then rename)."""
+        path = Path(path).expanduser()
+        if path.is_dir():
+            raise QcpuError(f"{path}: is a directory")
+        data = json.dumps(self.to_json(), ensure_ascii=False, indent=2) + "\n"
+        folder = path.parent if str(path.parent) else Path(".")
+        if not folder.is_dir():
+            raise QcpuError(f"{folder}: no such folder")
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        return path
+
+    @staticmethod
+    def read_file(path: str | Path) -> tuple[str | None, list[dict]]:
+        path = Path(path).expanduser()
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise QcpuError(f"{path}: no such file") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise QcpuError(f"{path}: not a saved conversation ({e})") from None
+        if not isinstance(data, dict) or data.get("format") != SAVE_FORMAT:
+            raise QcpuError(f"{path}: not a conversation saved by qcpu chat (/save)")
+        system, messages = data.get("system"), data.get("messages")
+        if system is not None and not isinstance(system, str):
+            raise QcpuError(f"{path}: 'system' must be a string")
+        if not isinstance(messages, list):
+            raise QcpuError(f"{path}: 'messages' must be a list")
+        out = []
+        for i, m in enumerate(messages):
+            want = "user" if i % 2 == 0 else "assistant"
+            if not (isinstance(m, dict) and m.get("role") == want and isinstance(m.get("content"), str)):
+                raise QcpuError(f"{path}: message {i + 1} must be {{'role': '{want}', 'content': TEXT}}")
+            out.append({"role": want, "content": m["content"]})
+        if out and out[-1]["role"] == "user":
+            raise QcpuError(f"{path}: the last message has no reply")
+        return system, out
+
+    def load(self, path: str | Path, progress=None) -> None:
+        system, messages = self.read_file(path)
+        self.system, self.messages = system, messages
+        self.refill(progress)
+
+
+# -- the terminal -----------------------------------------------------------------------------------------
+
+class _Tail:
+    """Live-region renderable: the end of the reply that fits the screen, then the status line."""
+
+    def __init__(self, body, status: Text):
+        self.body, self.status = body, status
+
+    def __rich_console__(self, console, options):
+        from rich.segment import Segment
+
+        keep = max(1, options.size.height - 3)
+        lines = console.render_lines(self.body, options.update(height=None), pad=False) if self.body else []
+        for line in lines[-keep:]:
+            yield from line
+            yield Segment.line()
+        yield self.status
+
+
+def _fmt_stats(stats: Stats, chat: Chat, stopped: bool = False, live: bool = False) -> str:
+    bits = []
+    if stats.generated_tokens or not live:
+        bits.append(f"{stats.generated_tokens} tok")
+        bits.append(f"{stats.generate_tps:.1f} tok/s" if stats.generate_seconds else "- tok/s")
+    if not live:
+        bits.append(f"prompt {stats.prompt_tokens} tok in {stats.prompt_seconds:.1f}s")
+    bits.append(f"context {chat.context_used}/{chat.capacity}")
+    if stopped:
+        bits.append("stopped")
+    elif not live and stats.stop_reason == "max tokens":
+        bits.append(f"cut at max_tokens {chat.max_tokens}")
+    return " · ".join(bits)
+
+
+class Repl:
+    def __init__(self, chat: Chat, *, interactive: bool, markdown: bool = False, color: bool = True,
+                 history: Path | None = None, model_label: str = ""):
+        self.chat = chat
+        self.interactive = interactive
+        self.markdown = markdown
+        self.color = color
+        self.history = history
+        self.model_label = model_label
+        if interactive:
+            self.out = Console(highlight=False, color_system="auto" if color else None, no_color=not color)
+        else:
+            self.out = None
+        self.err = Console(stderr=True, highlight=False, color_system="auto" if (color and interactive) else None)
+        self._session = None
+
+    # -- output ---------------------------------------------------------------------------------------
+    def note(self, message: str, style: str = "dim") -> None:
+        """A line for the user (never in piped mode's stdout)."""
+        if self.interactive:
+            self.out.print(Text(message, style=style if self.color else ""))
+        else:
+            self.err.print(message, markup=False, highlight=False)
+
+    def error(self, message: str) -> None:
+        if self.interactive:
+            self.out.print(Text(f"qcpu: {message}", style="red" if self.color else ""))
+        else:
+            self.err.print(f"qcpu: {message}", markup=False, highlight=False)
+
+    def _body(self, text: str):
+        if self.markdown:
+            from rich.markdown import Markdown
+
+            return Markdown(text)
+        return Text(text)
+
+    def _progress(self, label: str):
+        """A transient progress bar (interactive) for long cache fills; a no-op callback otherwise."""
+        if not self.interactive:
+            return _NullProgress()
+        return _BarProgress(self.out, label)
+
+    # -- a turn ---------------------------------------------------------------------------------------
+    def run_turn(self, make_turn: Callable[[], Turn]) -> None:
+        chat = self.chat
+        try:
+            with self._progress("catching up") if chat._needs_refill else _NullProgress() as bar:
+                if chat._needs_refill:
+                    chat.refill(bar)
+                turn = make_turn()
         except QcpuError as e:
-            err.print(f"qcpu: {e}")
-            messages.pop()
-            continue
-        evicted_before = engine.cache.n_evicted
-        reply = []
-        try:
-            for piece in engine.stream(prompt, params, max_tokens):
-                out.write(piece.text)
-                out.flush()
-                reply.append(piece.text)
+            self.error(str(e))
+            return
         except KeyboardInterrupt:
-            err.print("\n[dim][reply stopped][/dim]" if interactive else "")
+            self.note("[stopped]")
+            return
+        try:
+            if self.interactive:
+                self._stream_live(turn)
+            else:
+                self._stream_plain(turn)
+        except KeyboardInterrupt:
+            turn.stopped = True
         except QcpuError as e:
-            err.print(f"qcpu: {e}")
-            messages.pop()
-            continue
-        out.write("\n")
-        out.flush()
-        messages.append({"role": "assistant", "content": "".join(reply)})
-        if engine.cache.n_evicted > evicted_before and interactive:
-            err.print("[dim]context full: the oldest turns were dropped (system prompt kept)[/dim]")
+            self.error(str(e))
+        finally:
+            turn.finish()
+        if self.interactive:
+            if turn.parts:
+                self.out.print(self._body(turn.text))
+            elif turn.stopped:
+                self.note("[stopped before the reply began; your message was dropped: press Up to edit it]")
+            self.note(_fmt_stats(turn.stats, chat, stopped=turn.stopped))
+        elif turn.parts or turn.stopped:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        notice = chat.eviction_notice(turn)
+        if notice and self.interactive:
+            self.note(notice, style="yellow")
+
+    def _stream_plain(self, turn: Turn) -> None:
+        for piece in turn:
+            sys.stdout.write(piece.text)
+            sys.stdout.flush()
+
+    def _stream_live(self, turn: Turn) -> None:
+        from rich.live import Live
+
+        chat = self.chat
+        dim = "dim" if self.color else ""
+        status = Text(f"reading {len(turn.prompt)} new tokens…", style=dim)
+        with Live(_Tail(None, status), console=self.out, auto_refresh=False, transient=True,
+                  redirect_stdout=False, redirect_stderr=False) as live:
+            live.refresh()
+            last = 0.0
+            for _ in turn:
+                now = time.perf_counter()
+                if now - last >= 0.1:
+                    last = now
+                    status = Text("● " + _fmt_stats(turn.stats, chat, live=True), style=dim)
+                    live.update(_Tail(self._body(turn.text), status), refresh=True)
+
+    # -- input ----------------------------------------------------------------------------------------
+    def _make_session(self):
+        from prompt_toolkit import PromptSession
+        from prompt_toolkit.filters import Condition
+        from prompt_toolkit.history import FileHistory, InMemoryHistory
+        from prompt_toolkit.key_binding import KeyBindings
+        from prompt_toolkit.output.color_depth import ColorDepth
+
+        kb = KeyBindings()
+
+        def open_block(buf) -> bool:
+            t = buf.text.lstrip()
+            return t.startswith(MULTILINE) and not (len(t) >= 6 and t.rstrip().endswith(MULTILINE))
+
+        @kb.add("enter")
+        def _(event):
+            buf = event.current_buffer
+            if open_block(buf):
+                buf.newline(copy_margin=False)
+            else:
+                buf.validate_and_handle()
+
+        @kb.add("escape", "enter")
+        def _(event):
+            event.current_buffer.newline(copy_margin=False)
+
+        @kb.add("c-c")
+        def _(event):
+            buf = event.current_buffer
+            if buf.text:
+                buf.reset()
+            else:
+                event.app.exit(exception=KeyboardInterrupt)
+
+        history = InMemoryHistory()
+        if self.history is not None:
+            try:
+                self.history.parent.mkdir(parents=True, exist_ok=True)
+                self.history.touch()
+                history = FileHistory(str(self.history))
+            except OSError:
+                pass
+        return PromptSession(
+            history=history, key_bindings=kb, multiline=Condition(lambda: True),
+            prompt_continuation=lambda width, line, wrap: "... ".rjust(width),
+            color_depth=ColorDepth.DEPTH_24_BIT if self.color else ColorDepth.DEPTH_1_BIT,
+            enable_open_in_editor=False)
+
+    def read_interactive(self) -> str | None:
+        if self._session is None:
+            self._session = self._make_session()
+        from prompt_toolkit.formatted_text import FormattedText
+
+        msg = FormattedText([("bold ansigreen" if self.color else "", ">>> ")])
+        try:
+            text = self._session.prompt(msg)
+        except (EOFError, KeyboardInterrupt):
+            return None
+        return text
+
+    def read_piped(self) -> str | None:
+        line = sys.stdin.readline()
+        if not line:
+            return None
+        if line.lstrip().startswith(MULTILINE):
+            lines = [line]
+            while not (len("".join(lines).strip()) >= 6 and "".join(lines).rstrip().endswith(MULTILINE)):
+                more = sys.stdin.readline()
+                if not more:
+                    break
+                lines.append(more)
+            return "".join(lines)
+        return line
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def run(self) -> None:
+        read = self.read_interactive if self.interactive else self.read_piped
+        while True:
+            raw = read()
+            if raw is None:
+                if self.interactive:
+                    self.out.print()
+                return
+            text = raw.strip()
+            if text.startswith(MULTILINE):
+                text = text[len(MULTILINE):]
+                if text.rstrip().endswith(MULTILINE):
+                    text = text.rstrip()[:-len(MULTILINE)]
+                text = text.strip("\n").strip()
+            if not text:
+                continue
+            if text.startswith("//"):
+                text = text[1:]
+            elif text.startswith("/"):
+                try:
+                    if self.command(text) is False:
+                        return
+                except KeyboardInterrupt:
+                    self.note("[interrupted]")
+                continue
+            self.run_turn(lambda: self.chat.send(text))
+
+    def command(self, text: str) -> bool | None:
+        chat = self.chat
+        cmd, _, arg = text.partition(" ")
+        cmd, arg = cmd.lower(), arg.strip()
+        try:
+            if cmd in ("/exit", "/quit", "/bye", "/q"):
+                return False
+            elif cmd in ("/help", "/?", "/h"):
+                if self.interactive:
+                    self.out.print(HELP if self.color else Text.from_markup(HELP).plain)
+                else:
+                    self.err.print(Text.from_markup(HELP).plain, markup=False)
+            elif cmd == "/system":
+                if not arg:
+                    self.note(f"system prompt: {chat.system}" if chat.system
+                              else "no system prompt (the template's default applies)", style="")
+                    return None
+                with self._progress("re-reading the conversation") as bar:
+                    chat.set_system(arg, bar)
+                self.note(f"system prompt set; {len(chat.messages) // 2} exchanges kept, "
+                          f"context {chat.context_used}/{chat.capacity}")
+            elif cmd in ("/reset", "/clear"):
+                chat.reset()
+                self.note("conversation cleared")
+            elif cmd == "/undo":
+                chat.undo()
+                self.note(f"last exchange dropped; {len(chat.messages) // 2} left, "
+                          f"context {chat.context_used}/{chat.capacity}")
+            elif cmd == "/retry":
+                self.run_turn(chat.retry)
+            elif cmd == "/set":
+                self._set(arg)
+            elif cmd == "/stats":
+                self._stats()
+            elif cmd == "/save":
+                if not arg:
+                    raise QcpuError("usage: /save FILE")
+                path = chat.save(arg)
+                self.note(f"saved {len(chat.messages)} messages to {path}")
+            elif cmd == "/load":
+                if not arg:
+                    raise QcpuError("usage: /load FILE")
+                with self._progress("reading the conversation") as bar:
+                    chat.load(arg, bar)
+                self.note(f"loaded {len(chat.messages)} messages from {arg}; "
+                          f"context {chat.context_used}/{chat.capacity}")
+            else:
+                raise QcpuError(f"unknown command {cmd}; /help lists them (// sends a message starting with /)")
+        except QcpuError as e:
+            self.error(str(e))
+        return None
+
+    def _settings(self) -> dict:
+        p = self.chat.params
+        return {"temp": p.temperature, "top_p": p.top_p, "top_k": p.top_k, "min_p": p.min_p,
+                "repeat_penalty": p.repeat_penalty, "seed": p.seed, "max_tokens": self.chat.max_tokens}
+
+    def _set(self, arg: str) -> None:
+        from dataclasses import replace
+
+        parts = arg.split()
+        if not parts:
+            self.note("  ".join(f"{k} {v}" for k, v in self._settings().items()), style="")
+            return
+        name = _ALIASES.get(parts[0].lower(), parts[0].lower())
+        if name not in SETTINGS:
+            raise QcpuError(f"unknown setting {parts[0]}; one of: {', '.join(SETTINGS)}")
+        if len(parts) != 2:
+            raise QcpuError(f"usage: /set {name} VALUE")
+        attr, parse = SETTINGS[name]
+        try:
+            value = parse(parts[1])
+        except ValueError:
+            raise QcpuError(f"{name}: not a valid value: {parts[1]}") from None
+        if attr == "max_tokens":
+            if value <= 0:
+                raise QcpuError(f"max_tokens must be positive, got {value}")
+            self.chat.max_tokens = value
+        else:
+            params = replace(self.chat.params, **{attr: value})
+            params.validate()
+            self.chat.params = params
+        self.note(f"{name} = {value}")
+
+    def _stats(self) -> None:
+        chat, s = self.chat, self.chat.last
+        cache = chat.engine.cache
+        try:
+            import numba
+
+            threads = numba.get_num_threads()
+        except Exception:
+            threads = "?"
+        rows = [
+            ("model", f"{self.model_label}"),
+            ("context", f"{chat.context_used}/{chat.capacity} tokens held · {cache.keep} kept (system prompt) · "
+                        f"{cache.n_evicted} dropped so far"),
+            ("last turn", f"prompt {s.prompt_tokens} new tokens in {s.prompt_seconds:.2f}s ({s.prompt_tps:.1f} tok/s) · "
+                          f"reply {s.generated_tokens} tokens in {s.generate_seconds:.2f}s ({s.generate_tps:.1f} tok/s) · "
+                          f"first token after {s.first_token_seconds:.2f}s · {s.stop_reason or '-'}"),
+            ("session", f"{len(chat.messages) // 2} exchanges · {chat.total_prompt} prompt + "
+                        f"{chat.total_generated} generated tokens · {threads} threads"),
+            ("settings", "  ".join(f"{k} {v}" for k, v in self._settings().items())),
+        ]
+        for k, v in rows:
+            line = f"{k:>10}  {v}"
+            if self.interactive:
+                self.out.print(Text(line))
+            else:
+                self.err.print(line, markup=False)
 
 
-def _line_reader(interactive: bool):
-    if not interactive:
-        def read_piped():
-            line = sys.stdin.readline()
-            return line if line else None
-        return read_piped
-    from prompt_toolkit import PromptSession
-    from prompt_toolkit.history import FileHistory
+class _NullProgress:
+    def __enter__(self):
+        return None
 
+    def __exit__(self, *exc):
+        return False
+
+
+class _BarProgress:
+    def __init__(self, console, label: str):
+        self.console, self.label = console, label
+        self.progress = None
+
+    def __enter__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("tokens"), TimeElapsedColumn(), console=self.console, transient=True)
+        self.progress.start()
+        self.task = self.progress.add_task(self.label, total=None)
+        return self
+
+    def __call__(self, done: int, total: int) -> None:
+        self.progress.update(self.task, completed=done, total=total)
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+        return False
+
+
+# -- start-up ---------------------------------------------------------------------------------------------
+
+def history_path() -> Path:
     from qcpu.models import cache_dir
 
-    cache_dir().mkdir(parents=True, exist_ok=True)
-    session = PromptSession(history=FileHistory(str(cache_dir() / "chat_history")))
-    return lambda: session.prompt(">>> ")
+    return cache_dir() / "chat_history"
+
+
+def load_chat(path: Path, *, params, max_tokens: int, system: str | None, ctx: int,
+              chat_template: str | None, console: Console | None) -> Chat:
+    """Load the model, compile the kernels and read the system prompt into the cache, with a progress bar
+    on `console` (None: silently)."""
+    from qcpu.generate import Engine
+
+    if console is None:
+        chat = Chat(Engine.load(path, ctx=ctx, chat_template=chat_template), params, max_tokens, system)
+        chat.refill()
+        return chat
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=True) as progress:
+        task = progress.add_task(f"reading {path.name}", total=3)
+        engine = Engine.load(path, ctx=ctx, chat_template=chat_template)
+        chat = Chat(engine, params, max_tokens, system)
+        progress.update(task, advance=1, description="compiling kernels")
+
+        def step(done: int, total: int) -> None:
+            if done == 1:
+                progress.update(task, completed=2, description=f"reading the system prompt ({total} tokens)")
+            elif done == total and total:
+                progress.update(task, completed=3)
+
+        chat.refill(step, first_chunk=1)
+        progress.update(task, completed=3)
+    return chat
+
+
+def run_chat(path: Path, *, params, max_tokens: int, system: str | None, ctx: int, chat_template: str | None = None,
+             markdown: bool = False, color: bool = True) -> None:
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    if os.environ.get("NO_COLOR"):
+        color = False
+    status_console = Console(stderr=True, highlight=False, color_system="auto" if color else None) if interactive else None
+    t0 = time.perf_counter()
+    chat = load_chat(path, params=params, max_tokens=max_tokens, system=system, ctx=ctx,
+                     chat_template=chat_template, console=status_console)
+    cfg = chat.engine.model.config
+    label = f"{cfg.name} · {quant_name(chat.engine)}"
+    repl = Repl(chat, interactive=interactive, markdown=markdown, color=color,
+                history=history_path() if interactive else None, model_label=label)
+    if interactive:
+        try:
+            import numba
+
+            threads = f" · {numba.get_num_threads()} threads"
+        except Exception:
+            threads = ""
+        repl.out.print(Text.assemble((cfg.name, "bold" if color else ""),
+                                     f" · {quant_name(chat.engine)} · context {chat.capacity} tokens{threads}"
+                                     f" · ready in {time.perf_counter() - t0:.1f}s"))
+        repl.note('/help for commands · """ or Esc Enter for several lines · Ctrl-C stops a reply · Ctrl-D quits')
+    repl.run()
