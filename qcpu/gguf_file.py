@@ -54,9 +54,10 @@ MAX_KV = 1 << 16
 MAX_DIMS = 4
 MAX_KEY = 1 << 16          # bytes in a metadata key
 MAX_NAME = 64              # a tensor name must be shorter (llama.cpp's GGML_MAX_NAME)
-MAX_STRING = 1 << 26       # 64 MiB: chat templates are a few KiB, but be generous
-MAX_ARRAY = 1 << 22        # 4M elements in one array: vocabularies are ~150k-260k
-MAX_ARRAY_TOTAL = 1 << 23  # 8M elements over all arrays of one file (the default model has ~455k)
+MAX_STRING = 1 << 24       # 16 MiB in one string: chat templates are a few KiB, but be generous
+MAX_STRING_TOTAL = 1 << 26  # 64 MiB of string bytes over all metadata (the default model has ~5 MiB)
+MAX_ARRAY = 1 << 21        # 2M elements in one array: vocabularies are ~150k-260k
+MAX_ARRAY_TOTAL = 1 << 22  # 4M elements over all arrays of one file (the default model has ~455k)
 MAX_NESTED = 1 << 16       # inner arrays over all arrays of arrays of one file
 MAX_ELEMENTS = 1 << 40     # elements in one tensor
 MAX_ALIGNMENT = 1 << 16
@@ -136,6 +137,7 @@ class _Reader:
     def __init__(self, data: mmap.mmap, size: int):
         self.data, self.size, self.pos = data, size, 0
         self.array_budget = MAX_ARRAY_TOTAL
+        self.string_budget = MAX_STRING_TOTAL
         self.nested_budget = MAX_NESTED
 
     def take(self, n: int, what: str) -> int:
@@ -167,6 +169,7 @@ class _Reader:
         if n > MAX_STRING:
             raise QcpuError(f"{what}: string length {n} is not sane")
         start = self.take(n, what)
+        self._spend_string_bytes(n, what)
         return self.data[start:start + n].decode("utf-8", "replace")
 
     def value_type(self, what: str) -> GGUFValueType:
@@ -219,6 +222,11 @@ class _Reader:
             raise QcpuError(f"truncated file: {what} array runs past end of file")
         return [self.value(etype, what, nested=True)[0] for _ in range(count)], etype
 
+    def _spend_string_bytes(self, n: int, what: str) -> None:
+        self.string_budget -= n
+        if self.string_budget < 0:
+            raise QcpuError(f"{what}: more than {MAX_STRING_TOTAL >> 20} MiB of strings in the metadata, not sane")
+
     def _strings(self, count: int, what: str) -> list[str]:
         """An array of `count` strings: one tight loop, every length checked before its bytes are read.
         Strict UTF-8 decoding is the fast path; an element that is not valid UTF-8 is redone with
@@ -226,6 +234,10 @@ class _Reader:
         data, size, pos = self.data, self.size, self.pos
         if count * 8 > size - pos:  # each element needs at least its u64 length
             raise QcpuError(f"truncated file: {what} array runs past end of file")
+        # The array's string bytes count against the metadata's string budget: so no element may end
+        # past `limit`, whichever of the file's end and the budget comes first (one comparison each).
+        limit = min(size, pos + 8 * count + self.string_budget)
+        start_pos = pos
         unpack = _U64.unpack_from
         out: list[str] = [""] * count
         k = 0
@@ -234,10 +246,13 @@ class _Reader:
                 for k in range(k, count):
                     n = unpack(data, pos)[0]
                     end = pos + 8 + n
-                    if end > size:
-                        raise QcpuError(f"truncated file: {what} element #{k} runs past end of file")
+                    if end > limit:
+                        if end > size:
+                            raise QcpuError(f"truncated file: {what} element #{k} runs past end of file")
+                        self._spend_string_bytes(self.string_budget + 1, what)  # over budget: raises
                     out[k] = data[pos + 8:end].decode()
                     pos = end
+                self._spend_string_bytes(pos - start_pos - 8 * count, what)
                 self.pos = pos
                 return out
             except UnicodeDecodeError:

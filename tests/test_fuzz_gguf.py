@@ -212,6 +212,23 @@ def test_array_element_budget(tiny, tmp_path):
         GGUFFile(_write(tmp_path, doc))
 
 
+def test_string_bytes_budget(tiny, tmp_path):
+    """Found by the real-header corpus: zeroed bytes inside the merges array made one element's length
+    point ~400 MB into the (sparse) file; the loop decoded it: +607 MB peak RSS. Now every string byte
+    counts against a 64 MiB metadata budget, checked before the bytes are read."""
+    doc = tiny.doc.copy()
+    doc.kvs.append(KV(b"x.strings", V.ARRAY, struct.pack("<IQ", V.STRING, 2) + enc_str("a")
+                      + struct.pack("<Q", 100 << 20)))
+    doc.data_len = 200 << 20  # a sparse tail: the 100 MB "string" lies inside the file
+    with pytest.raises(QcpuError, match="MiB of strings in the metadata, not sane"):
+        GGUFFile(_write(tmp_path, doc))
+    doc = tiny.doc.copy()
+    for i in range(5):  # 5 x 15 MB scalar strings: each under the per-string limit, together over budget
+        doc.kvs.append(KV(f"x.s{i}".encode(), V.STRING, enc_str(b"x" * (15 << 20))))
+    with pytest.raises(QcpuError, match="MiB of strings in the metadata, not sane"):
+        GGUFFile(_write(tmp_path, doc))
+
+
 def test_utf8_names_strict_values_lenient(tiny, tmp_path):
     doc = tiny.doc.copy()
     tokens = doc.kv("tokenizer.ggml.tokens")

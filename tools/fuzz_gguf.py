@@ -12,6 +12,7 @@ per outcome and per operator, the slowest cases and every failure; exits 1 if an
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import sys
 import tempfile
@@ -28,10 +29,9 @@ from tests import gguf_mutations as gm  # noqa: E402
 
 
 def _op(case_name: str) -> str:
+    """The operator family of a case name ("tiny-F32#12:fill4096x00@77" -> "fill")."""
     tail = case_name.split("#", 1)[1].split(":", 1)[1]
-    for sep in ("@", "[", ":", "="):
-        tail = tail.split(sep)[0]
-    return tail
+    return re.match(r"[a-z_]*", tail).group(0) or tail[:12]
 
 
 def main() -> int:
