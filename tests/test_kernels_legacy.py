@@ -432,12 +432,13 @@ def test_rejects_mismatched_shapes(qtype):
 
 @pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0, T.F16], ids=lambda t: t.name)
 def test_matmul_batch_path(real_floats, qtype):
-    """The registry's batched path (dequantize tiles + BLAS) agrees with per-token matvec."""
+    """The registry's batched path (dequantize tiles + BLAS) runs on these kernels' dequantize and
+    agrees with float64 W @ x and with the per-token matvec, within the activation-rounding bound."""
     f = real_floats[1]
     w = as_rows(qtype, gq.quantize(f, qtype))
     xs = np.stack([activation(f.shape[1], seed=s) for s in range(3)])
-    batch = matmul(w, qtype, xs)
     ref = (gq.dequantize(w, qtype).astype(np.float64) @ xs.T.astype(np.float64)).T
-    assert np.allclose(batch, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    batch = matmul(w, qtype, xs)
     single = np.stack([matmul(w, qtype, xs[i:i + 1])[0] for i in range(3)])
-    assert np.linalg.norm(single - ref) <= TOL_REF[qtype] * np.linalg.norm(ref)
+    for got in (batch, single):
+        assert np.linalg.norm(got - ref) <= TOL_REF[qtype] * np.linalg.norm(ref)

@@ -21,8 +21,8 @@ Q4_0/Q5_0/Q8_0, Q8_1 for Q4_1/Q5_1 (type_traits_cpu in ggml-cpu.c) -- then every
     (d_w * d_x) * sum_k(q_k * xq_k)   (exact int32 dot)   [+ m_w * s_x for the *_1 types]
 The activation quantizer is the one llama.cpp runs on x86 (AVX/AVX2 quantize_row_q8_0/q8_1):
 d = amax/127, q = round-half-even(x * (127/amax)), d stored as fp16; Q8_1's s = fp16(d * sum(q)).
-(The scalar reference differs only in using 1/d and round-half-away; the two disagree on a handful
-of ties.)
+(The scalar reference multiplies by 1/d and rounds half away from zero; the two can differ by one
+step on rare near-ties.)
 
 Both per-row loops are written in LLVM IR through Numba intrinsics, because Numba's auto-vectorizer
 would not keep a 32-weight block in vector registers (short per-block loops stay scalar; long loops
@@ -55,7 +55,7 @@ def _target_features() -> set[str]:
     import llvmlite.binding as llb
     import numba
 
-    if numba.config.CPU_NAME:
+    if numba.config.CPU_NAME and numba.config.CPU_NAME != "host":
         flags = numba.config.CPU_FEATURES or ""
     else:
         flags = llb.get_host_cpu_features().flatten()
@@ -173,6 +173,13 @@ def _load(b, base, offset, ty):
     return b.load(b.bitcast(p, ty.as_pointer()), align=1)
 
 
+# Block unpack (layout as drawn at the top of the file):
+#
+#   qs byte j:   [ h3 h2 h1 h0 | l3 l2 l1 l0 ]      l -> weight j,  h -> weight j+16   (j = 0..15)
+#   qh (u32 LE): bit k = bit 4 of weight k                                           (k = 0..31)
+#
+#   lanes 0..15  = qs & 0x0F      | (qh bit k) << 4
+#   lanes 16..31 = qs >> 4        | (qh bit k) << 4
 def _emit_weights(b, blk, has_m, has_qh, nibbles, offset):
     """One block's 32 weight quants as <32 x i8>, in the activation's order (q_k pairs with xq_k),
     minus `offset` (pass 0 to keep nibble quants unsigned)."""
