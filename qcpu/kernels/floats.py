@@ -10,11 +10,32 @@ k_quants.py may import them): Numba has no float16 type on the CPU, so conversio
 
 from __future__ import annotations
 
+import llvmlite.binding as llb
+import numba
 import numpy as np
 from gguf import GGMLQuantizationType
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from qcpu.kernels import register
+
+
+
+def cpu_features() -> set[str]:
+    """CPU features Numba compiles for: the host's, unless NUMBA_CPU_NAME/NUMBA_CPU_FEATURES name
+    another target (e.g. for caches shared between machines)."""
+    if numba.config.CPU_NAME and numba.config.CPU_NAME != "host":
+        flags = numba.config.CPU_FEATURES or ""
+    else:
+        flags = llb.get_host_cpu_features().flatten()
+    return {f[1:] for f in flags.split(",") if f.startswith("+")}
+
+
+# F16C: x86's half<->float conversion instructions. Without them LLVM would lower a half conversion
+# to a runtime-library call Numba does not provide, so the IR paths that convert halves need it.
+F16C = "f16c" in cpu_features()
 
 @njit(cache=True)
 def f16_to_f32(h):
@@ -94,12 +115,45 @@ def matvec_f32(w, x, out):
 
 # ---- F16 --------------------------------------------------------------------------------------------
 
+
+@njit(cache=True)
+def _halves_to_f32_portable(src, dst):
+    for i in range(src.shape[0]):
+        dst[i] = f16_to_f32(src[i])
+
+
+@intrinsic
+def _halves_to_f32_f16c(typingctx, src, dst):
+    """dst[:] = src (binary16 bits) as float32, eight at a time with vcvtph2ps (LLVM's fpext from
+    half, which it only emits inline when the CPU has F16C)."""
+    sig = types.void(src, dst)
+
+    def codegen(context, b, signature, args):
+        s_, d_ = (context.make_array(t)(context, b, a) for t, a in zip(signature.args, args))
+        n = b.extract_value(s_.shape, 0)
+        half, f32 = ir.HalfType(), ir.FloatType()
+        sp, dp = b.bitcast(s_.data, half.as_pointer()), b.bitcast(d_.data, f32.as_pointer())
+        vs, vd = ir.VectorType(half, 8).as_pointer(), ir.VectorType(f32, 8).as_pointer()
+        n8 = b.lshr(n, ir.Constant(n.type, 3))
+        with cgutils.for_range(b, n8) as loop:
+            at = b.shl(loop.index, ir.Constant(n.type, 3))
+            v = b.load(b.bitcast(b.gep(sp, [at]), vs), align=2)
+            b.store(b.fpext(v, ir.VectorType(f32, 8)), b.bitcast(b.gep(dp, [at]), vd), align=4)
+        with cgutils.for_range(b, n, start=b.shl(n8, ir.Constant(n.type, 3))) as loop:
+            b.store(b.fpext(b.load(b.gep(sp, [loop.index])), f32), b.gep(dp, [loop.index]))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+_halves_to_f32 = _halves_to_f32_f16c if F16C else _halves_to_f32_portable
+
+
 @njit(cache=True, parallel=True)
 def dequantize_f16(w, out):
     wh = w.view(np.uint16)
     for r in prange(w.shape[0]):
-        for i in range(wh.shape[1]):
-            out[r, i] = f16_to_f32(wh[r, i])
+        _halves_to_f32(wh[r], out[r])
 
 
 @njit(cache=True)
@@ -111,16 +165,26 @@ def round_to_f16(x):
     return y
 
 
+_ROWS_PER_CHUNK = 16
+
+
 @njit(cache=True, parallel=True, fastmath=True)
 def matvec_f16(w, x, out):
+    """Each row is widened into a per-chunk float32 scratch row (preallocated, stays in L1/L2), then
+    dotted with x by a plain vectorized loop."""
     wh = w.view(np.uint16)
     xh = round_to_f16(x)
-    n = x.shape[0]
-    for r in prange(w.shape[0]):
-        acc = np.float32(0.0)
-        for i in range(n):
-            acc += f16_to_f32(wh[r, i]) * xh[i]
-        out[r] = acc
+    rows, n = wh.shape
+    chunks = (rows + _ROWS_PER_CHUNK - 1) // _ROWS_PER_CHUNK
+    scratch = np.empty((chunks, n), np.float32)
+    for c in prange(chunks):
+        buf = scratch[c]
+        for r in range(c * _ROWS_PER_CHUNK, min(rows, (c + 1) * _ROWS_PER_CHUNK)):
+            _halves_to_f32(wh[r], buf)
+            acc = np.float32(0.0)
+            for i in range(n):
+                acc += buf[i] * xh[i]
+            out[r] = acc
 
 
 # ---- BF16 -------------------------------------------------------------------------------------------

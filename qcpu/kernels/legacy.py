@@ -44,28 +44,15 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from qcpu.kernels import register
-from qcpu.kernels.floats import f16_to_f32, f32_to_f16
+from qcpu.kernels.floats import F16C, cpu_features, f16_to_f32, f32_to_f16
 
 QK = 32  # weights per block, all five types
 
 
-def _target_features() -> set[str]:
-    """CPU features Numba compiles for (NUMBA_CPU_NAME/FEATURES override the host, e.g. for caches
-    shared between machines)."""
-    import llvmlite.binding as llb
-    import numba
-
-    if numba.config.CPU_NAME and numba.config.CPU_NAME != "host":
-        flags = numba.config.CPU_FEATURES or ""
-    else:
-        flags = llb.get_host_cpu_features().flatten()
-    return {f[1:] for f in flags.split(",") if f.startswith("+")}
-
-
-_FEATURES = _target_features()
 # x86 with AVX2: use pmaddubsw/pmaddwd as llama.cpp's AVX2 kernels do; F16C for the scale decode.
-X86_AVX2 = "avx2" in _FEATURES
-_F16C = "f16c" in _FEATURES
+# (Numba's cache is keyed on the CPU, so cached code never meets a CPU without what it was built for.)
+X86_AVX2 = "avx2" in cpu_features()
+_F16C = F16C
 
 # ---- activation quantizers (x float32[cols] -> int8 quants + per-block scales) -------------------
 
