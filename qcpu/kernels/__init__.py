@@ -74,7 +74,8 @@ def matmul(w: np.ndarray, ggml_type: int, x: np.ndarray) -> np.ndarray:
     """y = x @ W.T for raw weight blocks W (uint8[rows, row_bytes]) and float32 x[n, cols] -> [n, rows].
 
     One token: the type's fused dequant-dot matvec. Several tokens (prefill): dequantize a tile of rows
-    once and hand it to BLAS with the whole batch, so the weights are read once per batch, not per token.
+    once and hand it to BLAS with the whole batch, so the weights are read once per batch, not per token;
+    the activations are first rounded as the matvec (and llama.cpp) would quantize them.
     """
     kernel = kernel_for(ggml_type)
     n, cols = x.shape
@@ -83,6 +84,9 @@ def matmul(w: np.ndarray, ggml_type: int, x: np.ndarray) -> np.ndarray:
     if n == 1:
         kernel.matvec(w, np.ascontiguousarray(x[0], dtype=np.float32), out[0])
         return out
+    round_activations = ACTIVATION_ROUNDING.get(kernel.ggml_type)
+    if round_activations is not None:
+        x = round_activations(x)
     tile = np.empty((min(_TILE_ROWS, rows), cols), dtype=np.float32)
     for r0 in range(0, rows, _TILE_ROWS):
         r1 = min(r0 + _TILE_ROWS, rows)
@@ -94,3 +98,4 @@ def matmul(w: np.ndarray, ggml_type: int, x: np.ndarray) -> np.ndarray:
 
 # Importing a family module registers its types.
 from qcpu.kernels import floats, legacy, k_quants  # noqa: E402,F401
+from qcpu.kernels.activations import ACTIVATION_ROUNDING  # noqa: E402
