@@ -1,0 +1,135 @@
+"""GGUF -> GGUF requantization (`qcpu quantize`), the way llama-quantize does it, streaming.
+
+For each tensor, in llama.cpp's order: if its target type (quant/recipes.py) is its current type the
+bytes are copied; otherwise slabs of rows are read with plain reads (no mmap, so resident memory stays
+at one slab however big the model), dequantized to float32 with qcpu's kernels, quantized with
+quant/quantizers.py and appended to the output. Metadata is copied with its value types;
+general.quantization_version and general.file_type are set as llama.cpp sets them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+from gguf import GGUFValueType
+
+from qcpu.errors import QcpuError
+from qcpu.gguf_file import GGUFFile
+from quant import recipes
+from quant.quantizers import quantizer_for
+from quant.writer import StreamingGGUFWriter, check_output_path
+
+# Values per slab: 16M float32 = 64 MiB of dequantized rows at a time.
+SLAB_VALUES = 1 << 24
+GGML_QNT_VERSION = 2
+_SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
+
+Progress = Callable[[str, int], None]  # (tensor name, bytes of input consumed since the last call)
+
+
+def dequantize_rows(raw: np.ndarray, ggml_type: int, cols: int) -> np.ndarray:
+    """uint8[rows, row_bytes] of any type qcpu reads -> float32[rows, cols]."""
+    if ggml_type == T.F32:
+        return raw.view(np.float32).reshape(raw.shape[0], cols)
+    from qcpu.kernels import dequantize
+
+    return dequantize(np.ascontiguousarray(raw), ggml_type, cols)
+
+
+class TensorReader:
+    """Rows of a tensor read into a fresh buffer (pread), never mapped."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def rows(self, info, first: int, count: int) -> np.ndarray:
+        row_bytes = info.nbytes // info.rows
+        buf = np.empty((count, row_bytes), dtype=np.uint8)
+        view = memoryview(buf).cast("B")
+        pos, want = info.offset + first * row_bytes, count * row_bytes
+        got = 0
+        while got < want:
+            n = os.preadv(self.fd, [view[got:]], pos + got)
+            if n <= 0:
+                raise QcpuError(f"{self.path}: file ended while reading {info.name}")
+            got += n
+        return buf
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def output_metadata(src: GGUFFile, ftype: int) -> list[tuple[str, object, GGUFValueType, Optional[GGUFValueType]]]:
+    """The input's metadata, in order, with llama-quantize's edits."""
+    items = [(k, v, *src.value_types[k]) for k, v in src.metadata.items()
+             if k not in _SPLIT_KEYS and k not in ("general.quantization_version", "general.file_type")]
+    items.append(("general.quantization_version", GGML_QNT_VERSION, GGUFValueType.UINT32, None))
+    items.append(("general.file_type", int(ftype), GGUFValueType.UINT32, None))
+    return items
+
+
+def requantize(src_path: str | os.PathLike, out_path: str | os.PathLike, type_name: str, force: bool = False,
+               pure: bool = False, progress: Optional[Callable[[list], Progress]] = None) -> dict:
+    """Write OUT with the tensors of SRC in the file type `type_name`. Returns a summary dict.
+
+    `progress`, if given, is called once with the plan [(name, input bytes, old type, new type)] and
+    returns a callback fed as input bytes are consumed."""
+    src_path, out_path = Path(src_path), Path(out_path)
+    ft = recipes.file_type(type_name)
+    check_output_path(out_path, force)
+    if out_path.exists() and out_path.resolve() == src_path.resolve():
+        raise QcpuError(f"{out_path}: output would overwrite the input")
+    src = GGUFFile(src_path)
+    arch = src.get("general.architecture")
+    if not isinstance(arch, str) or not arch:
+        raise QcpuError(f"{src_path}: metadata general.architecture is missing")
+    facts = recipes.ModelFacts.from_metadata(src.metadata)
+    tensors = {name: (info.shape, info.ggml_type) for name, info in src.tensors.items()}
+    plan = recipes.plan(tensors, facts, ft, pure=pure)
+    for name, new in plan:
+        cur = T(src.tensors[name].ggml_type)
+        if new != cur:
+            quantizer_for(new)
+            from qcpu.kernels import kernel_for
+
+            if cur != T.F32:
+                kernel_for(cur)  # can we read it? (one-line error before any work)
+
+    tick = progress([(n, src.tensors[n].nbytes, T(src.tensors[n].ggml_type), t) for n, t in plan]) \
+        if progress else (lambda name, n: None)
+    reader = TensorReader(src_path)
+    in_bytes = out_bytes = 0
+    try:
+        with StreamingGGUFWriter(out_path, arch, force) as w:
+            for key, value, vtype, etype in output_metadata(src, ft.ftype):
+                w.add_kv(key, value, vtype, etype)
+            for name, new in plan:
+                w.add_tensor(name, src.tensors[name].shape, new)
+            w.begin()
+            for name, new in plan:
+                info = src.tensors[name]
+                cur = T(info.ggml_type)
+                slab = max(1, SLAB_VALUES // info.cols)
+                for r0 in range(0, info.rows, slab):
+                    n = min(slab, info.rows - r0)
+                    raw = reader.rows(info, r0, n)
+                    if new == cur:
+                        w.write(raw)
+                        out_bytes += raw.nbytes
+                    else:
+                        q = quantizer_for(new).quantize_rows(dequantize_rows(raw, cur, info.cols))
+                        w.write(q)
+                        out_bytes += q.nbytes
+                    tick(name, raw.nbytes)
+                    in_bytes += raw.nbytes
+                w.end_tensor()
+    finally:
+        reader.close()
+        src.close()
+    return {"tensors": len(plan), "input_bytes": in_bytes, "output_bytes": out_bytes,
+            "types": {name: t.name for name, t in plan}, "file_type": ft.name}
