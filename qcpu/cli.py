@@ -255,6 +255,38 @@ def perplexity(
               f"({result['chunks']} chunks of {ctx})")
 
 
+@app.command()
+def pull(spec: str = typer.Argument(..., metavar="REPO[:QUANT]",
+                                    help="A GGUF repo on the Hugging Face hub, e.g. Qwen/Qwen2.5-0.5B-Instruct-GGUF:q4_k_m.")):
+    """Fetch a model from the Hugging Face hub into its cache (or update it) without chatting."""
+    from qcpu import hub
+
+    if not hub.looks_like_repo(spec):
+        raise typer.BadParameter(f"{spec}: expected REPO[:QUANT], e.g. Qwen/Qwen2.5-0.5B-Instruct-GGUF:q4_k_m")
+    path = hub.pull(spec, err)
+    print(f"{spec} -> {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+
+
+@app.command("list")
+def list_models():
+    """Show the models on this machine: the default one and those fetched from the hub."""
+    from qcpu import hub
+    from qcpu.models import DEFAULT_MODEL_SIZE, default_model_path
+
+    rows = []
+    default = default_model_path()
+    if default.exists() and default.stat().st_size == DEFAULT_MODEL_SIZE:
+        rows.append(("(default)", "Q4_K_M", default.stat().st_size, default))
+    rows += [(m.repo + (f":{m.quant}" if m.quant else ""), m.quant or "?", m.size, m.path)
+             for m in hub.cached_models()]
+    if not rows:
+        err.print("no models yet: `qcpu chat` fetches the default one, `qcpu pull REPO:QUANT` any GGUF repo")
+        return
+    width = max(len(r[0]) for r in rows)
+    for name, quant, size, path in rows:
+        print(f"{name:<{width}}  {size / 2**20:>8.1f} MiB  {path}")
+
+
 # The quantization tool's commands (convert, quantize) live with it, in quant/.
 from quant.cli import register as _register_quant_commands  # noqa: E402
 

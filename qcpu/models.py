@@ -90,11 +90,16 @@ def fetch_default_model(console=None) -> Path:
 
 
 def resolve_model(model: str | None, console=None) -> Path:
-    """A path to a local .gguf, or the default model when none is given."""
+    """A path to a local .gguf, `REPO[:QUANT]` on the Hugging Face hub (cached, see qcpu.hub), or the
+    default model when none is given."""
     if model is None:
         return fetch_default_model(console)
     path = Path(model).expanduser()
     if not path.exists():
+        from qcpu import hub
+
+        if hub.looks_like_repo(model):
+            return hub.resolve(model, console)
         raise QcpuError(f"{model}: no such file")
     if path.is_dir():
         raise QcpuError(f"{model}: is a directory, not a .gguf file")
