@@ -441,9 +441,9 @@ def test_matvec_generic_ir_path(qtype, real_floats):
         assert np.allclose(got, kernel_matvec(qtype, w, x), rtol=0, atol=TOL_EMU * scale.max())
 
 
-@pytest.mark.parametrize("qtype", LEGACY, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", LEGACY + FLOATS, ids=lambda t: t.name)
 def test_rejects_mismatched_shapes(qtype):
-    w = random_blocks(qtype, rows=2, nb=2, seed=1)
+    w = random_blocks(qtype, rows=2, nb=2, seed=1) if qtype in LEGACY else as_rows(qtype, random_float_rows(qtype, 2, 64, 1))
     with pytest.raises(ValueError):
         REGISTRY[qtype].matvec(w, np.zeros(96, np.float32), np.empty(2, np.float32))
     with pytest.raises(ValueError):

@@ -4,8 +4,9 @@ The matvecs follow llama.cpp's CPU backend (type_traits_cpu in ggml-cpu.c): the 
 converted to the weight's own format (vec_dot_type F32/F16/BF16 -- so x is rounded to fp16 or bf16
 before the dot, like llama.cpp), then products are summed in float32.
 
-The binary16 helpers here are also the scale decoders of every block-quantized family (legacy.py,
-k_quants.py may import them): Numba has no float16 type on the CPU, so conversions are bit arithmetic.
+The binary16 helpers here also decode the scales of the block-quantized families (legacy.py imports
+them): Numba has no float16 type on the CPU, so scalar conversions are bit arithmetic; whole F16 rows
+are widened with F16C's vcvtph2ps through a small LLVM IR intrinsic when the CPU has it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from numba.extending import intrinsic
 from qcpu.kernels import register
 
 
-
 def cpu_features() -> set[str]:
     """CPU features Numba compiles for: the host's, unless NUMBA_CPU_NAME/NUMBA_CPU_FEATURES name
     another target (e.g. for caches shared between machines)."""
@@ -36,6 +36,7 @@ def cpu_features() -> set[str]:
 # F16C: x86's half<->float conversion instructions. Without them LLVM would lower a half conversion
 # to a runtime-library call Numba does not provide, so the IR paths that convert halves need it.
 F16C = "f16c" in cpu_features()
+
 
 @njit(cache=True)
 def f16_to_f32(h):
@@ -93,10 +94,17 @@ def bf16_to_f32(h):
     return np.uint32(np.uint32(h) << np.uint32(16)).view(np.float32)
 
 
+@njit(cache=True, inline="always")
+def _check(w, n, rows, itemsize, what):
+    if w.shape[1] != n * itemsize or w.shape[0] != rows:
+        raise ValueError(what)
+
+
 # ---- F32 --------------------------------------------------------------------------------------------
 
 @njit(cache=True, parallel=True)
 def dequantize_f32(w, out):
+    _check(w, out.shape[1], out.shape[0], 4, "dequantize: weight row bytes do not match the output shape")
     wf = w.view(np.float32)
     for r in prange(w.shape[0]):
         out[r, :] = wf[r, :]
@@ -104,6 +112,7 @@ def dequantize_f32(w, out):
 
 @njit(cache=True, parallel=True, fastmath=True)
 def matvec_f32(w, x, out):
+    _check(w, x.shape[0], out.shape[0], 4, "matvec: weight row bytes do not match the activation length")
     wf = w.view(np.float32)
     n = x.shape[0]
     for r in prange(w.shape[0]):
@@ -151,6 +160,7 @@ _halves_to_f32 = _halves_to_f32_f16c if F16C else _halves_to_f32_portable
 
 @njit(cache=True, parallel=True)
 def dequantize_f16(w, out):
+    _check(w, out.shape[1], out.shape[0], 2, "dequantize: weight row bytes do not match the output shape")
     wh = w.view(np.uint16)
     for r in prange(w.shape[0]):
         _halves_to_f32(wh[r], out[r])
@@ -172,6 +182,7 @@ _ROWS_PER_CHUNK = 16
 def matvec_f16(w, x, out):
     """Each row is widened into a per-chunk float32 scratch row (preallocated, stays in L1/L2), then
     dotted with x by a plain vectorized loop."""
+    _check(w, x.shape[0], out.shape[0], 2, "matvec: weight row bytes do not match the activation length")
     wh = w.view(np.uint16)
     xh = round_to_f16(x)
     rows, n = wh.shape
@@ -191,6 +202,7 @@ def matvec_f16(w, x, out):
 
 @njit(cache=True, parallel=True)
 def dequantize_bf16(w, out):
+    _check(w, out.shape[1], out.shape[0], 2, "dequantize: weight row bytes do not match the output shape")
     wh = w.view(np.uint16)
     for r in prange(w.shape[0]):
         for i in range(wh.shape[1]):
@@ -207,6 +219,7 @@ def round_to_bf16(x):
 
 @njit(cache=True, parallel=True, fastmath=True)
 def matvec_bf16(w, x, out):
+    _check(w, x.shape[0], out.shape[0], 2, "matvec: weight row bytes do not match the activation length")
     wh = w.view(np.uint16)
     xb = round_to_bf16(x)
     n = x.shape[0]
