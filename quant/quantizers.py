@@ -27,6 +27,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 from llvmlite import ir
+import numba
 from numba import njit, prange, types
 from numba.core.extending import intrinsic
 
@@ -651,42 +652,48 @@ def _block_q2_K(x, xo, y, yo, s):
 # The one driver
 
 
-@njit(cache=True, parallel=True)
-def _quantize_rows(x, out, kind, block, type_size):
-    """x: float32[rows, cols] -> out: uint8[rows, cols/block*type_size]; rows in parallel.
+@njit(cache=True)
+def _quantize_block(kind, xr, xo, yr, yo, s):
+    L = s[0]
+    if kind == 2:
+        _block_q4_0(xr, xo, yr, yo, L)
+    elif kind == 3:
+        _block_q4_1(xr, xo, yr, yo, L)
+    elif kind == 6:
+        _block_q5_0(xr, xo, yr, yo, L)
+    elif kind == 7:
+        _block_q5_1(xr, xo, yr, yo, L)
+    elif kind == 8:
+        _block_q8_0(xr, xo, yr, yo, L)
+    elif kind == 10:
+        _block_q2_K(xr, xo, yr, yo, s)
+    elif kind == 11:
+        _block_q3_K(xr, xo, yr, yo, s)
+    elif kind == 12:
+        _block_q4_K(xr, xo, yr, yo, s)
+    elif kind == 13:
+        _block_q5_K(xr, xo, yr, yo, s)
+    elif kind == 14:
+        _block_q6_K(xr, xo, yr, yo, s)
 
-    kind is the GGML type id; each row gets its own scratch (levels and per-sub-block values)."""
+
+@njit(cache=True, parallel=True)
+def _quantize_rows(x, out, kind, block, type_size, n_tasks):
+    """x: float32[rows, cols] -> out: uint8[rows, cols/block*type_size].
+
+    kind is the GGML type id. Rows are split into n_tasks contiguous runs done in parallel; each run
+    allocates its scratch (levels and per-sub-block values) once."""
     rows, cols = x.shape
     nb = cols // block
-    for r in prange(rows):
-        xr = x[r]
-        yr = out[r]
-        L = np.zeros(256, np.int64)
-        s = (L, np.zeros(32, np.int64), np.zeros(32, np.float32), np.zeros(16, np.float32),
-             np.zeros(16, np.float32))
-        for b in range(nb):
-            xo = b * block
-            yo = b * type_size
-            if kind == 2:
-                _block_q4_0(xr, xo, yr, yo, L)
-            elif kind == 3:
-                _block_q4_1(xr, xo, yr, yo, L)
-            elif kind == 6:
-                _block_q5_0(xr, xo, yr, yo, L)
-            elif kind == 7:
-                _block_q5_1(xr, xo, yr, yo, L)
-            elif kind == 8:
-                _block_q8_0(xr, xo, yr, yo, L)
-            elif kind == 10:
-                _block_q2_K(xr, xo, yr, yo, s)
-            elif kind == 11:
-                _block_q3_K(xr, xo, yr, yo, s)
-            elif kind == 12:
-                _block_q4_K(xr, xo, yr, yo, s)
-            elif kind == 13:
-                _block_q5_K(xr, xo, yr, yo, s)
-            elif kind == 14:
-                _block_q6_K(xr, xo, yr, yo, s)
+    per = (rows + n_tasks - 1) // n_tasks
+    for task in prange(n_tasks):
+        s = (np.zeros(256, np.int64), np.zeros(32, np.int64), np.zeros(32, np.float32),
+             np.zeros(16, np.float32), np.zeros(16, np.float32))
+        for r in range(task * per, min(rows, (task + 1) * per)):
+            xr = x[r]
+            yr = out[r]
+            for b in range(nb):
+                _quantize_block(kind, xr, b * block, yr, b * type_size, s)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -747,7 +754,8 @@ def _block_quantizer(ggml_type: T) -> Callable[[np.ndarray], np.ndarray]:
     def quantize_rows(x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty((x.shape[0], x.shape[1] // block * type_size), dtype=np.uint8)
-        _quantize_rows(x, out, kind, block, type_size)
+        n_tasks = max(1, min(x.shape[0], 4 * numba.get_num_threads()))
+        _quantize_rows(x, out, kind, block, type_size, n_tasks)
         return out
 
     return quantize_rows
