@@ -1,12 +1,19 @@
-"""Record golden quantized blocks from llama.cpp itself, for tests/test_quant_blocks.py.
+"""Record golden quantized blocks and whole-file quantizations from llama.cpp itself, for the tests.
 
-    /work/venv/bin/python tools/record_quant_goldens.py [MODEL.gguf]
+    /work/venv/bin/python tools/record_quant_goldens.py [MODEL.gguf]          # blocks
+    /work/venv/bin/python tools/record_quant_goldens.py --files               # tiny-model files
 
+Blocks (tests/golden/quant_blocks.npz, for tests/test_quant_blocks.py):
 Input rows: real weights of the default model (dequantized to float32) plus a few edge-case rows (all
 zero, constant, tiny values whose scales are float16 subnormals, huge values, one spike, one sign).
 Each is quantized by llama.cpp's `ggml_quantize_chunk(type, src, dst, 0, nrows, n_per_row, NULL)` —
 without an importance matrix that is quantize_row_*_ref, what `llama-quantize` writes — and stored with
 the inputs in tests/golden/quant_blocks.npz, so the test needs neither the model nor llama.cpp.
+
+Files (tests/golden/quant_tiny_llama.json, for tests/test_quant_requantize.py): three tiny random qwen2
+F16 models from tests/tiny_model.py (one with 256-wide rows and GQA 4, one tied, one with rows that are
+not whole 256-blocks) quantized by llama-cpp-python's llama_model_quantize to every file type we write:
+each output's per-tensor types (llama.cpp order) and the SHA-256 of its tensor data.
 """
 
 from __future__ import annotations
@@ -83,9 +90,76 @@ def edge_rows() -> np.ndarray:
     return r
 
 
+# The tiny models of the file goldens: tests/tiny_model.write_tiny_qwen2 arguments.
+TINY_MODELS = {
+    "gqa4": dict(seed=1, dim=256, ffn_dim=512, n_layers=16, n_heads=4, n_kv_heads=1),
+    "tied": dict(seed=2, dim=256, ffn_dim=768, n_layers=8, n_heads=4, n_kv_heads=2, tied=True),
+    "odd_rows": dict(seed=3, dim=320, ffn_dim=640, n_layers=8, n_heads=5, n_kv_heads=1),
+}
+FILE_TYPES = ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K_S", "Q3_K_M",
+              "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K"]
+TYPE_CODES = {T.F32: "f", T.F16: "h", T.BF16: "b", T.Q4_0: "4", T.Q4_1: "5", T.Q5_0: "6", T.Q5_1: "7",
+              T.Q8_0: "8", T.Q2_K: "B", T.Q3_K: "C", T.Q4_K: "D", T.Q5_K: "E", T.Q6_K: "F"}
+FILES_OUT = ROOT / "tests" / "golden" / "quant_tiny_llama.json"
+
+
+def write_tiny_f16(path: Path, name: str) -> None:
+    from tests.tiny_model import write_tiny_qwen2
+
+    write_tiny_qwen2(path, weight_type=T.F16, **TINY_MODELS[name])
+
+
+def file_digest(path: Path) -> tuple[str, str]:
+    """(type codes in llama.cpp order, SHA-256 over the tensor bytes in that order)."""
+    import hashlib
+
+    from qcpu.gguf_file import GGUFFile
+    from quant.recipes import llama_order
+
+    g = GGUFFile(path)
+    h = hashlib.sha256()
+    codes = []
+    for name in llama_order(g.tensors):
+        codes.append(TYPE_CODES[T(g.tensors[name].ggml_type)])
+        h.update(name.encode() + b"\0")
+        h.update(g.raw(name).tobytes())
+    return "".join(codes), h.hexdigest()
+
+
+def record_files() -> None:
+    import json
+    import tempfile
+
+    import llama_cpp
+
+    from quant.recipes import file_type
+
+    out: dict = {"type_codes": {t.name: c for t, c in TYPE_CODES.items()}, "models": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in TINY_MODELS:
+            src = Path(tmp) / f"{name}.gguf"
+            write_tiny_f16(src, name)
+            entry = {"source_sha256": file_digest(src)[1], "files": {}}
+            for ft_name in FILE_TYPES:
+                dst = Path(tmp) / f"{name}.{ft_name}.gguf"
+                p = llama_cpp.llama_model_quantize_default_params()
+                p.ftype = int(file_type(ft_name).ftype)
+                p.nthread = 2
+                assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), p) == 0
+                codes, digest = file_digest(dst)
+                entry["files"][ft_name] = {"types": codes, "sha256": digest}
+                dst.unlink()
+            out["models"][name] = entry
+    FILES_OUT.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {FILES_OUT} ({FILES_OUT.stat().st_size / 1024:.0f} KiB)")
+
+
 def main() -> None:
     from qcpu.models import default_model_path
 
+    if sys.argv[1:] == ["--files"]:
+        record_files()
+        return
     model = sys.argv[1] if len(sys.argv) > 1 else str(default_model_path())
     lib = ggml_lib()
     inputs = real_rows(model)

@@ -1,0 +1,196 @@
+"""`qcpu quantize`: llama-quantize's tensor types and bytes, streaming, atomic, one-line errors."""
+
+from __future__ import annotations
+
+import errno
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+
+from qcpu.errors import QcpuError
+from qcpu.gguf_file import GGUFFile
+from quant import recipes
+from quant.requantize import requantize
+
+ROOT = Path(__file__).resolve().parent.parent
+GOLDEN = json.loads((ROOT / "tests" / "golden" / "quant_tiny_llama.json").read_text())
+
+
+def _recorder():
+    spec = importlib.util.spec_from_file_location("record_quant_goldens", ROOT / "tools" / "record_quant_goldens.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+REC = _recorder()
+
+
+@pytest.fixture(scope="module")
+def tiny_sources(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_f16")
+    out = {}
+    for name in REC.TINY_MODELS:
+        path = d / f"{name}.gguf"
+        REC.write_tiny_f16(path, name)
+        assert REC.file_digest(path)[1] == GOLDEN["models"][name]["source_sha256"], "tiny model builder changed"
+        out[name] = path
+    return out
+
+
+@pytest.mark.parametrize("ft", REC.FILE_TYPES)
+@pytest.mark.parametrize("model", list(REC.TINY_MODELS))
+def test_tiny_files_equal_llama_quantize(tiny_sources, tmp_path, model, ft):
+    """Every tensor's type and every byte equal what llama_model_quantize wrote (recorded)."""
+    out = tmp_path / "out.gguf"
+    requantize(tiny_sources[model], out, ft)
+    codes, digest = REC.file_digest(out)
+    want = GOLDEN["models"][model]["files"][ft]
+    assert codes == want["types"]
+    assert digest == want["sha256"]
+
+
+def test_metadata_copied_with_file_type(tiny_sources, tmp_path):
+    src, out = tiny_sources["gqa4"], tmp_path / "q.gguf"
+    requantize(src, out, "Q4_K_M")
+    a, b = GGUFFile(src), GGUFFile(out)
+    for k, v in a.metadata.items():
+        if k not in ("general.file_type", "general.quantization_version"):
+            assert b.metadata[k] == v, k
+            assert b.value_types[k] == a.value_types[k], k
+    assert b.metadata["general.file_type"] == 15 and b.metadata["general.quantization_version"] == 2
+    assert list(b.tensors) == recipes.llama_order(a.tensors)
+
+
+def test_quantized_tiny_model_runs(tiny_sources, tmp_path):
+    """Our runtime loads what we write: Q8_0 tracks the F16 model; a Q4_K_M file gives the logits of its
+    own weights (checked against those weights dequantized back into an F32 file)."""
+    from qcpu.model import Qwen2Model
+
+    def logits(path):
+        m = Qwen2Model.load(path)
+        return m.forward(np.arange(1, 12), m.new_cache(16), all_logits=True)
+
+    q8, q4, back = tmp_path / "q8.gguf", tmp_path / "q4.gguf", tmp_path / "back.gguf"
+    requantize(tiny_sources["tied"], q8, "Q8_0")
+    requantize(tiny_sources["tied"], q4, "Q4_K_M")
+    requantize(q4, back, "F32")
+    f16 = logits(tiny_sources["tied"])
+    assert np.corrcoef(f16.ravel(), logits(q8).ravel())[0, 1] > 0.97  # random tiny nets amplify noise
+    a, b = logits(q4), logits(back)
+    assert np.abs(a - b).max() < 1e-3 * np.abs(b).max()
+
+
+def test_pure_puts_every_weight_in_the_base_type(tiny_sources, tmp_path):
+    out = tmp_path / "pure.gguf"
+    requantize(tiny_sources["gqa4"], out, "Q4_K", pure=True)
+    types = {n: T(t.ggml_type) for n, t in GGUFFile(out).tensors.items()}
+    assert {t for n, t in types.items() if n.endswith(".weight") and "norm" not in n} == {T.Q4_K}
+    assert {t for n, t in types.items() if "norm" in n or n.endswith(".bias")} == {T.F32}
+
+
+def test_plan_rules_for_a_qwen_shape():
+    """Q4_K_M on 24 layers of 896-wide rows: llama.cpp's use_more_bits layers, in layer order, with the
+    fallbacks (Q6_K -> Q8_0 and Q4_K -> Q5_0 for 896 columns)."""
+    tensors = {"token_embd.weight": ((896, 151936), T.F16), "output.weight": ((896, 151936), T.F16),
+               "output_norm.weight": ((896,), T.F32)}
+    for i in range(24):
+        tensors[f"blk.{i}.attn_v.weight"] = ((896, 128), T.F16)
+        tensors[f"blk.{i}.attn_v.bias"] = ((128,), T.F32)
+        tensors[f"blk.{i}.ffn_down.weight"] = ((4864, 896), T.F16)
+    facts = recipes.ModelFacts(n_layer=24, n_head=14, n_head_kv=2)
+    plan = dict(recipes.plan(tensors, facts, recipes.file_type("Q4_K_M")))
+    more = {0, 1, 2, 5, 8, 11, 14, 17, 20, 21, 22, 23}
+    for i in range(24):
+        assert plan[f"blk.{i}.ffn_down.weight"] == (T.Q6_K if i in more else T.Q4_K)
+        assert plan[f"blk.{i}.attn_v.weight"] == (T.Q8_0 if i in more else T.Q5_0)
+        assert plan[f"blk.{i}.attn_v.bias"] == T.F32
+    assert plan["output.weight"] == T.Q8_0 and plan["token_embd.weight"] == T.Q5_0
+    assert plan["output_norm.weight"] == T.F32
+
+
+def test_file_type_names():
+    assert recipes.file_type("q4_k").name == "Q4_K_M"  # llama-quantize's alias
+    assert recipes.file_type("Q5_K").name == "Q5_K_M"
+    with pytest.raises(QcpuError, match="unknown quantization type"):
+        recipes.file_type("Q7_X")
+
+
+def test_full_disk_leaves_nothing(tiny_sources, tmp_path, monkeypatch):
+    from quant import writer
+
+    calls = {"n": 0}
+    real_write = writer.StreamingGGUFWriter.write
+
+    def failing_write(self, data):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            self._fout.write = _raise_enospc
+        return real_write(self, data)
+
+    monkeypatch.setattr(writer.StreamingGGUFWriter, "write", failing_write)
+    out = tmp_path / "full.gguf"
+    with pytest.raises(QcpuError, match="no space left on device"):
+        requantize(tiny_sources["gqa4"], out, "Q8_0")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _raise_enospc(*_):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+# --- the command line ---------------------------------------------------------------------------------
+
+
+def qcpu(*args):
+    return subprocess.run([sys.executable, "-m", "qcpu.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+
+
+def one_line_error(proc, contains):
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert proc.returncode != 0
+    assert len(lines) == 1 and lines[0].startswith("qcpu: ") and "Traceback" not in proc.stderr, proc.stderr
+    assert contains in lines[0], lines[0]
+
+
+def test_cli_quantize_refuses_to_overwrite_then_forces(tiny_sources, tmp_path):
+    out = tmp_path / "o.gguf"
+    out.write_bytes(b"precious")
+    proc = qcpu("quantize", tiny_sources["tied"], out, "Q8_0")
+    one_line_error(proc, "already exists (use --force")
+    assert out.read_bytes() == b"precious"
+    proc = qcpu("quantize", tiny_sources["tied"], out, "Q8_0", "--force")
+    assert proc.returncode == 0, proc.stderr
+    assert REC.file_digest(out) == tuple(GOLDEN["models"]["tied"]["files"]["Q8_0"].values())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.gguf"]
+
+
+@pytest.mark.parametrize("case", ["type", "missing", "notgguf", "nodir", "same"])
+def test_cli_quantize_bad_input(tiny_sources, tmp_path, case):
+    src, out, qtype = tiny_sources["tied"], tmp_path / "o.gguf", "Q4_0"
+    expect = {"type": "unknown quantization type", "missing": "no such file", "notgguf": "not a GGUF file",
+              "nodir": "no such directory", "same": "overwrite the input"}[case]
+    if case == "type":
+        qtype = "Q9_9"
+    elif case == "missing":
+        src = tmp_path / "nope.gguf"
+    elif case == "notgguf":
+        src = tmp_path / "text.gguf"
+        src.write_text("hello, this is not a model file at all\n")
+    elif case == "nodir":
+        out = tmp_path / "no" / "such" / "o.gguf"
+    elif case == "same":
+        src = tmp_path / "copy.gguf"
+        src.write_bytes(tiny_sources["tied"].read_bytes())
+        out = src
+    extra = ["--force"] if case == "same" else []
+    before = sorted(p.name for p in tmp_path.iterdir())
+    one_line_error(qcpu("quantize", src, out, qtype, *extra), expect)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
