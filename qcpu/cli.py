@@ -163,6 +163,15 @@ def chat(
              markdown=markdown, color=not no_color)
 
 
+def _file_type_name(value) -> str:
+    from gguf import LlamaFileType
+
+    try:
+        return LlamaFileType(value).name.removeprefix("MOSTLY_")
+    except (ValueError, TypeError):
+        return "unknown" if value is None else str(value)
+
+
 @app.command()
 def info(model: Optional[str] = ModelArg):
     """Architecture, sizes, quant types and tokenizer facts of a model file."""
@@ -185,6 +194,7 @@ def info(model: Optional[str] = ModelArg):
         "layers": cfg.n_layers, "dim": cfg.dim, "ffn_dim": cfg.ffn_dim, "heads": cfg.n_heads,
         "kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "context_length": cfg.context_length,
         "rope_theta": cfg.rope_theta, "rms_eps": cfg.rms_eps,
+        "file_type": _file_type_name(f.get("general.file_type")),
         "tied_embeddings": "output.weight" not in f.tensors,
         "tensor_types": ", ".join(f"{k} x{v}" for k, v in types.most_common()),
         "tokenizer": f"{f.get('tokenizer.ggml.model')} / pre {f.get('tokenizer.ggml.pre')}, {len(tokens)} tokens",
@@ -285,6 +295,53 @@ def list_models():
     width = max(len(r[0]) for r in rows)
     for name, quant, size, path in rows:
         print(f"{name:<{width}}  {size / 2**20:>8.1f} MiB  {path}")
+
+
+@app.command()
+def bench(
+    model: Optional[str] = ModelArg,
+    threads: Optional[int] = Threads,
+    n_prompt: int = typer.Option(512, "--n-prompt", "-p", help="Prompt tokens for pp."),
+    n_gen: int = typer.Option(128, "--n-gen", "-g", help="Generated tokens for tg."),
+    repeats: int = typer.Option(3, "--repeats", "-r", help="Runs; the median is reported."),
+    compare_llama_cpp: bool = typer.Option(False, "--compare-llama-cpp", help="Run llama-cpp-python too, same run."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+):
+    """Prompt-processing and generation speed, time to first token and memory (llama-bench's pp/tg)."""
+    import numba
+    from rich.table import Table
+
+    from qcpu.bench import bench_llama_cpp, bench_qcpu, time_to_first_token
+    from qcpu.models import resolve_model
+
+    for name, value in (("--n-prompt", n_prompt), ("--n-gen", n_gen), ("--repeats", repeats)):
+        _positive(name, value)
+    _set_threads(threads)
+    n_threads = numba.get_num_threads()
+    path = resolve_model(model, err)
+    with err.status("benchmarking qcpu"):
+        ours = bench_qcpu(path, n_prompt, n_gen, repeats, n_threads)
+        ours["ttft_s"] = time_to_first_token(path, n_threads)
+    result = {"qcpu": ours}
+    if compare_llama_cpp:
+        with err.status("benchmarking llama.cpp"):
+            result["llama_cpp"] = ref = bench_llama_cpp(path, n_prompt, n_gen, repeats, n_threads)
+        result["ratio"] = {"pp": ours["pp_tps"] / ref["pp_tps"], "tg": ours["tg_tps"] / ref["tg_tps"]}
+    if as_json:
+        print(json.dumps(result if compare_llama_cpp else ours))
+        return
+    table = Table(title=f"{path.name}, {n_threads} threads (median of {repeats})")
+    table.add_column("")
+    table.add_column(f"pp{n_prompt} tok/s", justify="right")
+    table.add_column(f"tg{n_gen} tok/s", justify="right")
+    table.add_column("RSS MB", justify="right")
+    table.add_row("qcpu", f"{ours['pp_tps']:.1f}", f"{ours['tg_tps']:.2f}", f"{ours['rss_mb']:.0f}")
+    if compare_llama_cpp:
+        table.add_row("llama.cpp", f"{ref['pp_tps']:.1f}", f"{ref['tg_tps']:.2f}", f"{ref['rss_mb']:.0f}")
+        table.add_row("ratio", f"{result['ratio']['pp']:.2f}", f"{result['ratio']['tg']:.2f}", "")
+    Console().print(table)
+    gbs = ours["weights_read_per_token_mb"] * ours["tg_tps"] / 1024
+    Console().print(f"time to first token {ours['ttft_s']:.2f} s; decode reads {gbs:.1f} GB/s of weights")
 
 
 # The quantization tool's commands (convert, quantize) live with it, in quant/.
