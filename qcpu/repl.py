@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -32,6 +33,7 @@ from qcpu.errors import QcpuError
 from qcpu.generate import PREFILL_CHUNK, Piece, Stats
 
 SAVE_FORMAT = "qcpu-chat"
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 SAVE_VERSION = 1
 MULTILINE = '"""'
 
@@ -448,6 +450,7 @@ class Repl:
             self.err.print(f"qcpu: {message}", markup=False, highlight=False)
 
     def _body(self, text: str):
+        text = _CONTROL.sub("", text)  # a model's text must not drive the terminal (escape sequences)
         if self.markdown:
             from rich.markdown import Markdown
 
