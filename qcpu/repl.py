@@ -119,6 +119,7 @@ class Turn:
     parts: list[str] = field(default_factory=list)
     stopped: bool = False  # Ctrl-C
     finished: bool = False
+    replaces: str | None = None  # /retry: the reply being rewritten (kept if the new one never starts)
 
     @property
     def text(self) -> str:
@@ -139,8 +140,8 @@ class Turn:
         chat.last = self.stats
         chat.total_prompt += self.stats.prompt_tokens
         chat.total_generated += self.stats.generated_tokens
-        if self.parts:
-            chat.messages.append({"role": "assistant", "content": self.text})
+        if self.parts or self.replaces is not None:
+            chat.messages.append({"role": "assistant", "content": self.text if self.parts else self.replaces})
             if len(chat.starts) < len(chat.messages) // 2:
                 chat.starts.append(self.start)
         else:
@@ -233,7 +234,7 @@ class Chat:
             if progress:
                 progress(done, len(tokens))
         self._needs_refill = False
-        self._count_dropped()
+        self.dropped_exchanges = self._count_dropped()
 
     def _rewind(self) -> None:
         """After messages were removed: cut the cache back to what it shares with the conversation."""
@@ -295,7 +296,7 @@ class Chat:
     def retry(self) -> Turn:
         if not self.messages or self.messages[-1]["role"] != "assistant":
             raise QcpuError("no reply to retry yet")
-        self.messages.pop()
+        old = self.messages.pop()["content"]
         eng = self.engine
         if eng.cache.n_evicted or self._needs_refill:
             self.refill()
@@ -306,7 +307,14 @@ class Chat:
             eng.cache.truncate(common)
             del eng.tokens[common:]
         del self.starts[len(self.messages) // 2:]
-        return self._turn()
+        user = self.messages[-1]
+        try:
+            turn = self._turn()
+        except BaseException:
+            self.messages += [user, {"role": "assistant", "content": old}]
+            raise
+        turn.replaces = old
+        return turn
 
     def undo(self) -> None:
         if len(self.messages) < 2:
@@ -491,6 +499,8 @@ class Repl:
         if self.interactive:
             if turn.parts:
                 self.out.print(self._body(turn.text))
+            elif turn.stopped and turn.replaces is not None:
+                self.note("[stopped before the new reply began; the previous one is kept]")
             elif turn.stopped:
                 self.note("[stopped before the reply began; your message was dropped: press Up to edit it]")
             self.note(_fmt_stats(turn.stats, chat, stopped=turn.stopped))

@@ -125,6 +125,10 @@ def test_undo_and_retry_rewind_the_cache_to_a_fresh_runs_state(tiny_path):
     assert retried.text == second and len(retried.prompt) == 1  # only the last prompt token is fed again
     assert [m["role"] for m in chat.messages] == ["user", "assistant"] * 2
     assert_cache_matches_conversation(chat)
+    stopped = chat.retry()  # Ctrl-C before the new reply's first piece: the old reply stays
+    stopped.stopped = True
+    stopped.finish()
+    assert [m["content"] for m in chat.messages] == ["one", first, "two", second]
     chat.reset()
     assert chat.messages == [] and chat.engine.tokens == chat.prefix_tokens()
     with pytest.raises(QcpuError, match="nothing to undo"):
