@@ -85,4 +85,29 @@ def register(app) -> None:
                 counts[t] = counts.get(t, 0) + 1
             mix = ", ".join(f"{k} x{v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
             err.print(f"wrote {out} ({summary['output_bytes'] / 2**20:.1f} MiB of tensors, "
-                      f"{summary['file_type']}: {mix}) in {time.perf_counter() - t0:.1f} s")
+                      f"{summary['file_type']}: {mix}) in {time.perf_counter() - t0:.1f} s", soft_wrap=True)
+
+    @app.command()
+    def convert(
+        hf_dir: Path = typer.Argument(..., metavar="HF_DIR", help="Hugging Face checkpoint directory (Qwen2ForCausalLM)."),
+        out: Path = typer.Argument(..., metavar="OUT.gguf", help="File to write."),
+        qtype: str = typer.Option("f16", "--type", "--outtype", help="f16 | bf16 | f32 | q8_0 (as convert_hf_to_gguf.py) "
+                                  "or any `qcpu quantize` TYPE (q4_0, q4_k_m, ...: as llama-quantize)."),
+        force: bool = typer.Option(False, "--force", "-f", help="Overwrite OUT if it exists."),
+        threads: Optional[int] = typer.Option(None, "--threads", "-t", help="CPU threads (default: all cores)."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+    ):
+        """Convert a Hugging Face Qwen2-family checkpoint (safetensors) to GGUF, as llama.cpp's converter does."""
+        from quant.convert import convert as run
+
+        _set_threads(threads)
+        start, stop = _progress_bar(f"converting to {qtype.upper()}")
+        t0 = time.perf_counter()
+        try:
+            summary = run(hf_dir, out, qtype, force=force, progress=None if quiet else start)
+        finally:
+            stop()
+        if not quiet:
+            err.print(f"wrote {out} ({summary['output_bytes'] / 2**20:.1f} MiB of tensors, {summary['tensors']} "
+                      f"tensors, {summary['file_type']}, vocab {summary['vocab']}) in {time.perf_counter() - t0:.1f} s",
+                      soft_wrap=True)

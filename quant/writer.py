@@ -71,6 +71,11 @@ class StreamingGGUFWriter:
 
     # -- plan ----------------------------------------------------------------------------------------
 
+    @property
+    def gguf_writer(self) -> GGUFWriter:
+        """The underlying gguf-py writer, for its typed add_* metadata helpers (before begin())."""
+        return self._w
+
     def add_kv(self, key: str, value: Any, vtype: GGUFValueType, etype: GGUFValueType | None = None) -> None:
         if key == "general.architecture":
             return  # GGUFWriter writes it first, from `arch`
