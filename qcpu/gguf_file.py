@@ -154,11 +154,12 @@ class _Reader:
         return _U64.unpack_from(self.data, self.take(8, what))[0]
 
     def name(self, what: str, limit: int) -> str:
-        """A key or tensor name: valid UTF-8, 1..limit-1 bytes."""
+        """A key or tensor name: valid UTF-8, at most limit-1 bytes (counted in the string budget)."""
         n = self.u64(what)
         if n >= limit:
             raise QcpuError(f"{what}: name of {n} bytes is too long (limit {limit - 1})")
         start = self.take(n, what)
+        self._spend_string_bytes(n, what)
         try:
             return self.data[start:start + n].decode("utf-8")
         except UnicodeDecodeError:
