@@ -143,7 +143,9 @@ def read_doc(path: Path, keep_data: bool = True, max_header: int | None = None) 
         end = _skip(buf, pos, vtype)
         kvs.append(KV(key, vtype, buf[pos:end]))
         if key == b"general.alignment":
-            alignment = decode_value(vtype, buf[pos:end])[0]
+            v = decode_value(vtype, buf[pos:end])[0]
+            if type(v) is int and 0 < v <= 4096 and not v & (v - 1):  # else: pad as a writer would, to 32
+                alignment = v
         pos = end
     tensors = []
     for _ in range(n_tensors):
@@ -809,7 +811,7 @@ def op_stack(base: Base, rng: random.Random) -> Case:
             doc = read_doc_bytes(cur.header)
         except Exception:
             doc = None
-        if doc is None:
+        if doc is None or cur.size < len(cur.header):
             break
         b = Base("stacked", replace(doc, data=cur.data, data_len=cur.size - len(cur.header)))
         cur = rng.choice(BYTE_LEVEL)(b, rng)

@@ -74,7 +74,18 @@ def main() -> int:
                     if done[0] % 250 == 0:
                         print(f"  {base.name}: {done[0]}/{n}", flush=True)
 
+            errors: list[str] = []
+
             def shard(j: int) -> None:
+                try:
+                    run_shard(j)
+                except Exception as e:  # a bug in the generator or runner: report it, do not hide it
+                    import traceback
+
+                    errors.append(f"job {j}: {type(e).__name__}: {e}\n{traceback.format_exc()}")
+                    shards[j] = gm.Report([], 0.0)
+
+            def run_shard(j: int) -> None:
                 # Case i goes to job i % jobs: each job generates only its own cases.
                 per = [i for i in range(n) if i % args.jobs == j]
                 cases = (c for i in per for c in gm.generate(base, 1, seed=args.seed, start=i))
@@ -94,6 +105,9 @@ def main() -> int:
                 t.start()
             for t in threads:
                 t.join()
+            if errors:
+                print("\n".join(errors))
+                return 2
             merged = gm.Report([r for s in shards for r in s.results], max(s.seconds for s in shards),
                                min(s.rss_start_mb for s in shards), max(s.rss_end_mb for s in shards))
             reports.append((base.name, merged))
