@@ -11,6 +11,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from qcpu.kernels.floats import f32_to_f16
+
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """x[n, dim] / rms(x) * weight[dim] (sum of squares in float64, as ggml does)."""
@@ -77,7 +79,7 @@ def _attention(q, k_bits, v_bits, slot_seq, query_seq, scale, lut, out):
             scores[s] = acc
             if acc > best:
                 best = acc
-        total = np.float32(0.0)
+        total = 0.0  # float64, as ggml's soft_max sums
         for s in range(n_slots):
             if scores[s] != -np.inf:
                 e = np.float32(math.exp(scores[s] - best))
@@ -85,12 +87,13 @@ def _attention(q, k_bits, v_bits, slot_seq, query_seq, scale, lut, out):
                 total += e
             else:
                 scores[s] = 0.0
+        inv_total = np.float32(1.0 / total)
         for d in range(hd):
             out[i, h, d] = 0.0
         for s in range(n_slots):
             p = scores[s]
             if p != 0.0:
-                p = p / total
+                p = lut[f32_to_f16(p * inv_total)]  # llama.cpp rounds the probabilities to fp16 for V
                 for d in range(hd):
                     out[i, h, d] += p * lut[v_bits[s, kvh, d]]
 
@@ -99,6 +102,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, slot_seq: np.ndarray,
     """Scaled dot-product attention of q[n, n_heads, hd] over float16 k, v[slots, n_kv_heads, hd]."""
     out = np.empty(q.shape, dtype=np.float32)
     scale = np.float32(1.0 / math.sqrt(q.shape[-1]))
+    q = q.astype(np.float16).astype(np.float32)  # llama.cpp rounds q to fp16 for the fp16 K cache
     _attention(np.ascontiguousarray(q, dtype=np.float32), k.view(np.uint16), v.view(np.uint16),
                slot_seq, query_seq, scale, F16_TO_F32, out)
     return out
