@@ -16,6 +16,7 @@ import numpy as np
 
 from qcpu.chat_template import ChatTemplate
 from qcpu.errors import QcpuError
+from qcpu.memory import check_memory, kv_cache_bytes
 from qcpu.model import Qwen2Model
 from qcpu.sampling import SamplingParams, make_sampler
 from qcpu.tokenizer import StreamDecoder, Tokenizer
@@ -52,6 +53,8 @@ class Engine:
     def __init__(self, model: Qwen2Model, tokenizer: Tokenizer, template: ChatTemplate, ctx: int):
         self.model, self.tokenizer, self.template = model, tokenizer, template
         ctx = min(ctx, model.config.context_length)
+        # Say so clearly, before allocating, instead of being killed by the OS halfway.
+        check_memory(model.file.size, kv_cache_bytes(model.config, ctx), ctx=ctx)
         self.cache = model.new_cache(ctx)
         self.tokens: list[int] = []  # the token stream the cache has seen (evicted ones included)
 
