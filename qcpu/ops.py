@@ -99,10 +99,35 @@ def _attention(q, k_bits, v_bits, slot_seq, query_seq, scale, lut, out):
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, slot_seq: np.ndarray, query_seq: np.ndarray) -> np.ndarray:
-    """Scaled dot-product attention of q[n, n_heads, hd] over float16 k, v[slots, n_kv_heads, hd]."""
-    out = np.empty(q.shape, dtype=np.float32)
+    """Scaled dot-product attention of q[n, n_heads, hd] over float16 k, v[slots, n_kv_heads, hd].
+
+    Rounds q and the probabilities to fp16 as llama.cpp's (non-flash) attention does. One query (decode):
+    a Numba kernel reading the fp16 cache in place. Many (prefill): BLAS over the live slots.
+    """
     scale = np.float32(1.0 / math.sqrt(q.shape[-1]))
-    q = q.astype(np.float16).astype(np.float32)  # llama.cpp rounds q to fp16 for the fp16 K cache
-    _attention(np.ascontiguousarray(q, dtype=np.float32), k.view(np.uint16), v.view(np.uint16),
-               slot_seq, query_seq, scale, F16_TO_F32, out)
-    return out
+    q = q.astype(np.float16).astype(np.float32)
+    if q.shape[0] == 1:
+        out = np.empty(q.shape, dtype=np.float32)
+        _attention(q, k.view(np.uint16), v.view(np.uint16), slot_seq, query_seq, scale, F16_TO_F32, out)
+        return out
+    return _attention_batched(q, k, v, slot_seq, query_seq, scale)
+
+
+def _attention_batched(q, k, v, slot_seq, query_seq, scale):
+    nq, n_heads, hd = q.shape
+    n_kv = k.shape[1]
+    group = n_heads // n_kv
+    live = np.flatnonzero((slot_seq >= 0) & (slot_seq <= query_seq.max()))
+    keys = k[live].astype(np.float32).transpose(1, 2, 0)  # [n_kv, hd, L]
+    values = v[live].astype(np.float32).transpose(1, 0, 2)  # [n_kv, L, hd]
+    # queries of one kv head's group side by side: [n_kv, nq * group, hd]
+    qg = q.reshape(nq, n_kv, group, hd).transpose(1, 0, 2, 3).reshape(n_kv, nq * group, hd)
+    scores = np.matmul(qg, keys) * scale  # [n_kv, nq * group, L]
+    hidden = slot_seq[live][None, :] > np.repeat(query_seq, group)[:, None]  # causal mask [nq * group, L]
+    scores[:, hidden] = -np.inf
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    inv_total = (1.0 / scores.sum(axis=-1, keepdims=True, dtype=np.float64)).astype(np.float32)
+    probs = (scores * inv_total).astype(np.float16).astype(np.float32)
+    out = np.matmul(probs, values)  # [n_kv, nq * group, hd]
+    return out.reshape(n_kv, nq, group, hd).transpose(1, 0, 2, 3).reshape(nq, n_heads, hd)

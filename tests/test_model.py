@@ -49,11 +49,23 @@ def test_quantized_model_matches_reference_of_its_dequantized_weights(tmp_path, 
     tokens = np.arange(1, 17)
     cache = model.new_cache(32)
     prefill = model.forward(tokens[:8], cache, all_logits=True)  # batched path (dequantized tile + BLAS)
-    steps = [model.forward(tokens[i:i + 1], cache)[0] for i in range(8, 16)]  # matvec path (8-bit activations)
+    steps = [model.forward(tokens[i:i + 1], cache)[0] for i in range(8, 16)]  # fused matvec path
     ref = reference_logits(built["weights"], built["config"], tokens)
-    assert rel_err(prefill, ref[:8]) < 3e-3
-    # decode quantizes activations to 8 bits per block, as llama.cpp does: ~1% relative
+    # both paths round activations to 8 bits per block, as llama.cpp does: ~1% relative
+    assert rel_err(prefill, ref[:8]) < 3e-2
     assert rel_err(np.array(steps), ref[8:]) < 3e-2
+    # ...and agree with each other far more tightly: the same rounding, summed in another order. Only
+    # where a last-bit difference moves an activation across an 8-bit rounding boundary do they part
+    # by one quantum (~1%), as llama.cpp's own batched and one-token paths do.
+    again = model.forward(tokens[8:16], _refill(model, tokens[:8]), all_logits=True)
+    rows = np.abs(np.array(steps) - again).max(axis=1) / np.abs(again).max()
+    assert np.median(rows) < 1e-5 and rows.max() < 3e-2
+
+
+def _refill(model, tokens):
+    cache = model.new_cache(32)
+    model.forward(tokens, cache)
+    return cache
 
 
 def test_ring_cache_keeps_prefix_and_never_grows(tiny):

@@ -88,11 +88,14 @@ def matmul(w: np.ndarray, ggml_type: int, x: np.ndarray) -> np.ndarray:
     if round_activations is not None:
         x = round_activations(x)
     tile = np.empty((min(_TILE_ROWS, rows), cols), dtype=np.float32)
+    out_t = np.empty((rows, n), dtype=np.float32)  # W @ x.T, tile rows land contiguous for BLAS
+    x_t = x.T
     for r0 in range(0, rows, _TILE_ROWS):
         r1 = min(r0 + _TILE_ROWS, rows)
         t = tile[: r1 - r0]
         kernel.dequantize(w[r0:r1], t)
-        np.matmul(x, t.T, out=out[:, r0:r1])
+        np.matmul(t, x_t, out=out_t[r0:r1])
+    out[:] = out_t.T
     return out
 
 
