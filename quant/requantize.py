@@ -10,6 +10,7 @@ general.quantization_version and general.file_type are set as llama.cpp sets the
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -21,7 +22,7 @@ from qcpu.errors import QcpuError
 from qcpu.gguf_file import GGUFFile
 from quant import recipes
 from quant.quantizers import quantizer_for
-from quant.writer import StreamingGGUFWriter, check_output_path
+from quant.writer import StreamingGGUFWriter, check_output_path, tensor_nbytes
 
 # Values per slab: 16M float32 = 64 MiB of dequantized rows at a time.
 SLAB_VALUES = 1 << 24
@@ -99,6 +100,11 @@ def requantize(src_path: str | os.PathLike, out_path: str | os.PathLike, type_na
 
             if cur != T.F32:
                 kernel_for(cur)  # can we read it? (one-line error before any work)
+
+    need = sum(tensor_nbytes(src.tensors[n].shape, t) for n, t in plan)
+    free = shutil.disk_usage(out_path.parent).free
+    if need > free:
+        raise QcpuError(f"{out_path.parent}: needs {need / 2**30:.2f} GiB, only {free / 2**30:.2f} GiB free")
 
     tick = progress([(n, src.tensors[n].nbytes, T(src.tensors[n].ggml_type), t) for n, t in plan]) \
         if progress else (lambda name, n: None)

@@ -194,3 +194,14 @@ def test_cli_quantize_bad_input(tiny_sources, tmp_path, case):
     before = sorted(p.name for p in tmp_path.iterdir())
     one_line_error(qcpu("quantize", src, out, qtype, *extra), expect)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_too_little_free_space_is_refused_up_front(tiny_sources, tmp_path, monkeypatch):
+    import collections
+    import shutil
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(QcpuError, match=r"needs 0\.\d\d GiB, only 0\.00 GiB free"):
+        requantize(tiny_sources["gqa4"], tmp_path / "o.gguf", "Q8_0")
+    assert list(tmp_path.iterdir()) == []
