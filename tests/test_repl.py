@@ -18,7 +18,7 @@ pytestmark = pytest.mark.model
 
 QCPU = [sys.executable, "-m", "qcpu.cli"]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][0-9A-B]|\x1b[=>]|\r")
-PROMPT = ">>> "
+PROMPT = ">>>"  # (the trailing space may be drawn as a cursor move)
 FINAL_STATUS = r"prompt \d+ tok in [0-9.]+s · context \d+/\d+[^\n]*\n"
 TIMEOUT = 600  # generous: the decode kernels' speed is not what this file tests
 
@@ -118,15 +118,15 @@ def test_conversation_commands_and_ctrl_c(real_model_path, tmp_path):
 
         # Ctrl-C while the model writes stops that reply, keeps what was written, and the chat goes on.
         s.command("/set max_tokens 200", "max_tokens = 200")
-        s.child.sendline("Count from 1 to 100, separated by commas.")
-        s.child.expect(r"tok/s")  # the live status line: tokens are streaming
-        s.child.expect(r"\d+, \d+, \d+")
+        s.child.sendline("Write a long story about a dragon who learns to code.")
+        s.child.expect(r"● (?:[3-9]|\d\d+) tok · ")  # the live status line: tokens are streaming
         s.child.sendintr()
-        s.child.expect(r"· stopped")
+        s.child.expect(r"(\d+) tok · [^\n]*· stopped")
+        written = int(s.child.match.group(1))
         s.child.expect_exact(PROMPT)
         partial = s.save()["messages"][-1]
-        assert partial["role"] == "assistant" and partial["content"].startswith("1, 2, 3")
-        assert "100" not in partial["content"]
+        assert partial["role"] == "assistant" and partial["content"].strip()
+        assert 3 <= written < 200
         s.command("/set max_tokens 12", "max_tokens = 12")
         assert "4" in s.ask("What is 2+2? Answer with the number only.")
     finally:
