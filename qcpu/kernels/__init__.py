@@ -65,9 +65,9 @@ def dequantize(w: np.ndarray, ggml_type: int, cols: int) -> np.ndarray:
     return out
 
 
-# Rows dequantized at a time for batched products: a tile of ~1-4 MB stays in cache while BLAS reuses
-# it for every token of the batch.
-_TILE_ROWS = 512
+# Bytes of float32 weights dequantized at a time for batched products: large enough that a matrix takes
+# few parallel calls, small enough to stay in cache while BLAS reuses the tile for the whole batch.
+_TILE_BYTES = 4 << 20
 
 
 def matmul(w: np.ndarray, ggml_type: int, x: np.ndarray) -> np.ndarray:
@@ -87,11 +87,12 @@ def matmul(w: np.ndarray, ggml_type: int, x: np.ndarray) -> np.ndarray:
     round_activations = ACTIVATION_ROUNDING.get(kernel.ggml_type)
     if round_activations is not None:
         x = round_activations(x)
-    tile = np.empty((min(_TILE_ROWS, rows), cols), dtype=np.float32)
+    tile_rows = max(64, _TILE_BYTES // (4 * cols))
+    tile = np.empty((min(tile_rows, rows), cols), dtype=np.float32)
     out_t = np.empty((rows, n), dtype=np.float32)  # W @ x.T, tile rows land contiguous for BLAS
     x_t = x.T
-    for r0 in range(0, rows, _TILE_ROWS):
-        r1 = min(r0 + _TILE_ROWS, rows)
+    for r0 in range(0, rows, tile_rows):
+        r1 = min(r0 + tile_rows, rows)
         t = tile[: r1 - r0]
         kernel.dequantize(w[r0:r1], t)
         np.matmul(t, x_t, out=out_t[r0:r1])
