@@ -235,7 +235,7 @@ def list_repo_files(repo: str, endpoint: str | None = None, revision: str = "mai
     return files
 
 
-def _bar_class(console):
+def _bar_class(console, label: str | None = None):
     """A tqdm-shaped class (what hf_hub_download's tqdm_class wants) drawing a Rich download bar."""
 
     class RichBar:
@@ -249,7 +249,7 @@ def _bar_class(console):
                                      TransferSpeedColumn(), TimeRemainingColumn(), console=console,
                                      transient=True)
             self.progress.start()
-            self.task = self.progress.add_task(f"fetching {desc}", total=total, completed=self.n)
+            self.task = self.progress.add_task(f"fetching {label or desc}", total=total, completed=self.n)
 
         def update(self, n=1):
             self.n += n
@@ -272,7 +272,7 @@ def download(repo: str, filename: str, console=None, endpoint: str | None = None
              cache_dir: str | Path | None = None) -> Path:
     from huggingface_hub import hf_hub_download
 
-    kw = {"tqdm_class": _bar_class(console)} if console is not None else {}
+    kw = {"tqdm_class": _bar_class(console, Path(filename).name)} if console is not None else {}
     return Path(hf_hub_download(repo, filename, endpoint=_endpoint(endpoint),
                                 cache_dir=str(cache_dir) if cache_dir is not None else None, **kw))
 
