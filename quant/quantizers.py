@@ -653,28 +653,40 @@ def _block_q2_K(x, xo, y, yo, s):
 
 
 @njit(cache=True)
-def _quantize_block(kind, xr, xo, yr, yo, s):
+def _quantize_row(kind, xr, yr, nb, block, type_size, s):
+    """One row, nb blocks of type `kind` (the GGML type id). The branch is taken once per row, each
+    with its own block loop, so the compiler sees a tight loop around one inlined block function."""
     L = s[0]
     if kind == 2:
-        _block_q4_0(xr, xo, yr, yo, L)
+        for b in range(nb):
+            _block_q4_0(xr, b * block, yr, b * type_size, L)
     elif kind == 3:
-        _block_q4_1(xr, xo, yr, yo, L)
+        for b in range(nb):
+            _block_q4_1(xr, b * block, yr, b * type_size, L)
     elif kind == 6:
-        _block_q5_0(xr, xo, yr, yo, L)
+        for b in range(nb):
+            _block_q5_0(xr, b * block, yr, b * type_size, L)
     elif kind == 7:
-        _block_q5_1(xr, xo, yr, yo, L)
+        for b in range(nb):
+            _block_q5_1(xr, b * block, yr, b * type_size, L)
     elif kind == 8:
-        _block_q8_0(xr, xo, yr, yo, L)
+        for b in range(nb):
+            _block_q8_0(xr, b * block, yr, b * type_size, L)
     elif kind == 10:
-        _block_q2_K(xr, xo, yr, yo, s)
+        for b in range(nb):
+            _block_q2_K(xr, b * block, yr, b * type_size, s)
     elif kind == 11:
-        _block_q3_K(xr, xo, yr, yo, s)
+        for b in range(nb):
+            _block_q3_K(xr, b * block, yr, b * type_size, s)
     elif kind == 12:
-        _block_q4_K(xr, xo, yr, yo, s)
+        for b in range(nb):
+            _block_q4_K(xr, b * block, yr, b * type_size, s)
     elif kind == 13:
-        _block_q5_K(xr, xo, yr, yo, s)
+        for b in range(nb):
+            _block_q5_K(xr, b * block, yr, b * type_size, s)
     elif kind == 14:
-        _block_q6_K(xr, xo, yr, yo, s)
+        for b in range(nb):
+            _block_q6_K(xr, b * block, yr, b * type_size, s)
 
 
 @njit(cache=True, parallel=True)
@@ -690,10 +702,7 @@ def _quantize_rows(x, out, kind, block, type_size, n_tasks):
         s = (np.zeros(256, np.int64), np.zeros(32, np.int64), np.zeros(32, np.float32),
              np.zeros(16, np.float32), np.zeros(16, np.float32))
         for r in range(task * per, min(rows, (task + 1) * per)):
-            xr = x[r]
-            yr = out[r]
-            for b in range(nb):
-                _quantize_block(kind, xr, b * block, yr, b * type_size, s)
+            _quantize_row(kind, x[r], out[r], nb, block, type_size, s)
 
 
 # ----------------------------------------------------------------------------------------------------
