@@ -118,6 +118,7 @@ class Turn:
     stats: Stats = field(default_factory=Stats)
     parts: list[str] = field(default_factory=list)
     stopped: bool = False  # Ctrl-C
+    completed: bool = False  # the model ended its reply (or hit max_tokens)
     finished: bool = False
     replaces: str | None = None  # /retry: the reply being rewritten (kept if the new one never starts)
 
@@ -130,6 +131,7 @@ class Turn:
         for piece in chat.engine.stream(self.prompt, chat.params, chat.max_tokens, self.stats):
             self.parts.append(piece.text)
             yield piece
+        self.completed = True
 
     def finish(self) -> None:
         """Keep the reply (even a partial one); a turn that wrote nothing leaves no trace."""
@@ -137,11 +139,13 @@ class Turn:
             return
         self.finished = True
         chat = self.chat
-        chat.last = self.stats
+        if self.parts or self.completed:
+            chat.last = self.stats
         chat.total_prompt += self.stats.prompt_tokens
         chat.total_generated += self.stats.generated_tokens
-        if self.parts or self.replaces is not None:
-            chat.messages.append({"role": "assistant", "content": self.text if self.parts else self.replaces})
+        if self.parts or self.completed or self.replaces is not None:
+            text = self.text if (self.parts or self.completed) else self.replaces
+            chat.messages.append({"role": "assistant", "content": text})
             if len(chat.starts) < len(chat.messages) // 2:
                 chat.starts.append(self.start)
         else:
@@ -503,8 +507,9 @@ class Repl:
                 self.note("[stopped before the new reply began; the previous one is kept]")
             elif turn.stopped:
                 self.note("[stopped before the reply began; your message was dropped: press Up to edit it]")
-            self.note(_fmt_stats(turn.stats, chat, stopped=turn.stopped))
-        elif turn.parts or turn.stopped:
+            if turn.parts or turn.completed:
+                self.note(_fmt_stats(turn.stats, chat, stopped=turn.stopped))
+        elif turn.parts or turn.completed or turn.stopped:
             sys.stdout.write("\n")
             sys.stdout.flush()
         notice = chat.eviction_notice(turn)

@@ -257,3 +257,24 @@ def test_second_turn_on_the_default_model_feeds_only_the_new_tokens(real_model_p
     assert turn.prompt == full[held:] and len(turn.prompt) < 20 < held
     assert seen[0] == len(turn.prompt) and sum(seen) == len(turn.prompt) + turn.stats.generated_tokens
     assert np.all(np.array(seen[1:]) == 1)
+
+
+def test_an_empty_reply_is_kept_but_a_stopped_one_is_not(tiny_path):
+    chat = new_chat(tiny_path)
+    forward = chat.engine.model.forward
+    eot = sorted(chat.engine.tokenizer.eot_ids)[0]
+
+    def only_eot(tokens, cache, all_logits=False):
+        out = forward(tokens, cache, all_logits=all_logits).copy()
+        out[..., eot] = 1e9
+        return out
+
+    chat.engine.model.forward = only_eot
+    turn = say(chat, "say nothing")
+    assert turn.completed and chat.messages == [{"role": "user", "content": "say nothing"},
+                                                {"role": "assistant", "content": ""}]
+    chat.engine.model.forward = forward
+    stopped = chat.send("interrupted before the first token")
+    stopped.stopped = True
+    stopped.finish()
+    assert len(chat.messages) == 2
