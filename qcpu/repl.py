@@ -496,6 +496,7 @@ class Repl:
                 self._stream_plain(turn)
         except KeyboardInterrupt:
             turn.stopped = True
+            turn.stats.stop_reason = "stopped (Ctrl-C)"
         except QcpuError as e:
             self.error(str(e))
         finally:
