@@ -147,10 +147,12 @@ class Engine:
             if common == len(held):
                 return full[common:]
             return self._tokens_after_eviction(messages)
+        if common == len(full):  # the cache holds it all: re-feed the last token for fresh logits
+            common -= 1
         if common < len(held):
             self.cache.truncate(common)
             del self.tokens[common:]
-        return full[common:] if common < len(full) else full[-1:]
+        return full[common:]
 
     def _tokens_after_eviction(self, messages: list[dict]) -> list[int]:
         # The cache ends inside the rendering of messages[:-1] (right after the last reply's text, whose
