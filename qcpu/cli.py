@@ -367,7 +367,8 @@ def main() -> None:
         if hasattr(e, "format_message") and hasattr(e, "exit_code"):
             _say_error(e.format_message().replace("\n", " "))
             sys.exit(e.exit_code)
-        if type(e).__name__ == "Abort":
+        if type(e).__name__ == "Abort":  # click's form of Ctrl-C
+            _say_error("interrupted")
             sys.exit(130)
         raise
 
