@@ -65,9 +65,10 @@ def dequantize(w: np.ndarray, ggml_type: int, cols: int) -> np.ndarray:
     return out
 
 
-# Bytes of float32 weights dequantized at a time for batched products: large enough that a matrix takes
-# few parallel calls, small enough to stay in cache while BLAS reuses the tile for the whole batch.
-_TILE_BYTES = 4 << 20
+# Rows dequantized at a time for batched products: a tile of ~1-4 MB stays in cache while BLAS reuses
+# it for the whole batch. (The tile height changes OpenBLAS's edge kernels and so the last bits of the
+# sums; on this model family that is enough to move near-tie greedy tokens, so keep it fixed.)
+_TILE_ROWS = 512
 
 
 def matmul(w: np.ndarray, ggml_type: int, x: np.ndarray) -> np.ndarray:
@@ -87,7 +88,7 @@ def matmul(w: np.ndarray, ggml_type: int, x: np.ndarray) -> np.ndarray:
     round_activations = ACTIVATION_ROUNDING.get(kernel.ggml_type)
     if round_activations is not None:
         x = round_activations(x)
-    tile_rows = max(64, _TILE_BYTES // (4 * cols))
+    tile_rows = _TILE_ROWS
     tile = np.empty((min(tile_rows, rows), cols), dtype=np.float32)
     out_t = np.empty((rows, n), dtype=np.float32)  # W @ x.T, tile rows land contiguous for BLAS
     x_t = x.T
