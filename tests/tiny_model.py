@@ -12,19 +12,13 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
+from qcpu.tokenizer import _bytes_to_unicode
+
 
 def _byte_symbols() -> list[str]:
     # GPT-2's printable stand-ins for the 256 bytes (the same table byte-level BPE vocabularies use).
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    table = dict(zip(bs, cs))
-    return [chr(table[b]) for b in range(256)]
+    table = _bytes_to_unicode()
+    return [table[b] for b in range(256)]
 
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
