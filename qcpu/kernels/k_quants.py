@@ -23,7 +23,6 @@ Saturation never happens: |u*qx| pair sums <= 2*63*127 = 16002 < 32767.
 
 from __future__ import annotations
 
-import llvmlite.binding as llvm
 import numpy as np
 from gguf import GGMLQuantizationType
 from llvmlite import ir
@@ -32,6 +31,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from qcpu.kernels import register
+from qcpu.kernels.floats import cpu_features
+from qcpu.kernels.llvm_ir import _F32, _F64, _I8, _I16, _I32, _I64, _lanes, _splat, _vec  # noqa: F401
 
 QK_K = 256
 
@@ -44,8 +45,7 @@ Q6_K_BYTES = 210  # ql[128] @0, qh[64] @128, scales[16] (int8) @192, d @208
 
 # The x86 instructions are used when the host has them (Numba's cache is keyed on the CPU, so cached
 # code never runs on a CPU without them).
-_FEATURES = llvm.get_host_cpu_features()
-HAS_AVX2 = bool(_FEATURES.get("avx2", False) and _FEATURES.get("f16c", False))
+HAS_AVX2 = {"avx2", "f16c"} <= cpu_features()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -338,21 +338,6 @@ def _prepare(w, x, out, size):
 # ----------------------------------------------------------------------------------------------------
 # The block dot in LLVM IR
 
-_I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
-_F32, _F64 = ir.FloatType(), ir.DoubleType()
-
-
-def _vec(n, t):
-    return ir.VectorType(t, n)
-
-
-def _splat(t, n, v):
-    return ir.Constant(_vec(n, t), [v] * n)
-
-
-def _lanes(idx):
-    idx = list(idx)
-    return ir.Constant(_vec(len(idx), _I32), idx)
 
 
 def _shuffle(b, v, idx):

@@ -44,6 +44,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from qcpu.kernels import register
+from qcpu.kernels.llvm_ir import _F32, _F64, _I8, _I16, _I32, _I64, _lanes, _splat, _vec  # noqa: F401
 from qcpu.kernels.floats import F16C, cpu_features, f16_to_f32, f32_to_f16
 
 QK = 32  # weights per block, all five types
@@ -116,20 +117,6 @@ def offset_sums(xq, offset):
 
 # ---- LLVM IR building blocks (shared by dequantize and matvec) ------------------------------------
 
-_I8, _I16, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
-
-
-def _vec(n, t):
-    return ir.VectorType(t, n)
-
-
-def _splat(t, n, v):
-    return ir.Constant(_vec(n, t), [v] * n)
-
-
-def _lanes(idx):
-    idx = list(idx)
-    return ir.Constant(_vec(len(idx), _I32), idx)
 
 
 def _contract(instr):
