@@ -14,7 +14,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from qcpu.errors import QcpuError
+from qcpu.errors import QcpuError, one_line
+from qcpu.text_input import clean_arg, read_text_file
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run GGUF Qwen2-family chat models on the CPU.")
@@ -25,7 +26,12 @@ MODEL_HELP = ("Path to a .gguf file (qwen2 architecture), or REPO[:QUANT] on the
 
 
 def _say_error(message: str) -> None:
-    err.print(f"qcpu: {message}", markup=False, highlight=False, soft_wrap=True)
+    # Plain write, not Rich: an error is one line whatever the terminal's width.
+    try:
+        sys.stderr.write(f"qcpu: {one_line(message)}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -38,8 +44,8 @@ def _model_and(first: Optional[str], second: Optional[str]) -> tuple[Optional[st
     return (first, second) if second is not None else (None, first)
 
 
-def _positive(name: str, value: int) -> int:
-    if value <= 0:
+def _positive(name: str, value: Optional[int]) -> Optional[int]:
+    if value is not None and value <= 0:
         raise typer.BadParameter(f"{name} must be positive, got {value}")
     return value
 
@@ -52,7 +58,7 @@ def _set_threads(threads: Optional[int]) -> None:
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
 
 
-def _load_engine(model: Optional[str], ctx: int, threads: Optional[int], chat_template: Optional[str] = None):
+def _load_engine(model: Optional[str], ctx: Optional[int], threads: Optional[int], chat_template: Optional[str] = None):
     from qcpu.generate import Engine
     from qcpu.models import resolve_model
 
@@ -64,8 +70,12 @@ def _load_engine(model: Optional[str], ctx: int, threads: Optional[int], chat_te
 
 
 def _sampling(temp, top_k, top_p, min_p, repeat_penalty, seed):
-    from qcpu.sampling import SamplingParams
+    from qcpu.sampling import SamplingParams, resolve_seed
 
+    try:
+        seed = resolve_seed(seed)
+    except QcpuError as e:
+        raise typer.BadParameter(str(e)) from None
     params = SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
                             repeat_penalty=repeat_penalty, seed=seed)
     try:
@@ -82,9 +92,12 @@ TopK = typer.Option(20, "--top-k", help="Keep the k most likely tokens (0 = off)
 TopP = typer.Option(0.8, "--top-p", help="Keep the smallest set with this much probability.")
 MinP = typer.Option(0.0, "--min-p", help="Drop tokens below this fraction of the top probability.")
 RepeatPenalty = typer.Option(1.1, "--repeat-penalty", help="Penalty on the last 64 tokens (1 = off).")
-Seed = typer.Option(None, "--seed", help="Random seed: same seed, same text.")
+Seed = typer.Option(None, "--seed", help="Random seed: same seed, same text (-1 or omitted: drawn at random, "
+                                          "shown by --stats and /stats).")
 MaxTokens = typer.Option(512, "--max-tokens", "-n", help="Most tokens to generate.")
-Ctx = typer.Option(4096, "--ctx", "-c", help="Context size in tokens (the KV cache, allocated once).")
+Ctx = typer.Option(None, "--ctx", "-c", show_default=False,
+                   help="Context size in tokens (the KV cache, allocated once). Default 4096, or the model's "
+                        "trained context if smaller.")
 Threads = typer.Option(None, "--threads", "-t", help="CPU threads (default: all cores).")
 System = typer.Option(None, "--system", "-s", help="System prompt.")
 ChatTemplateOpt = typer.Option(None, "--chat-template", help="'chatml' to ignore the file's template.")
@@ -100,12 +113,17 @@ def _stream_reply(engine, prompt_tokens, params, max_tokens, show_stats: bool) -
             sys.stdout.write(piece.text)
             sys.stdout.flush()
             parts.append(piece.text)
-    finally:
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-        if show_stats:
-            err.print(f"[dim]prompt {stats.prompt_tokens} tok, {stats.prompt_tps:.1f} tok/s | "
-                      f"generated {stats.generated_tokens} tok, {stats.generate_tps:.1f} tok/s[/dim]")
+    except BaseException:
+        if parts:  # end a reply cut short (Ctrl-C) on its own line; a failure before it wrote nothing
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        raise
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if show_stats:
+        err.print(f"[dim]prompt {stats.prompt_tokens} tok, {stats.prompt_tps:.1f} tok/s | "
+                  f"generated {stats.generated_tokens} tok, {stats.generate_tps:.1f} tok/s | "
+                  f"seed {params.seed}[/dim]")
     return "".join(parts)
 
 
@@ -116,11 +134,13 @@ def generate(
     system: Optional[str] = System,
     temp: float = Temp, top_k: int = TopK, top_p: float = TopP, min_p: float = MinP,
     repeat_penalty: float = RepeatPenalty, seed: Optional[int] = Seed, max_tokens: int = MaxTokens,
-    ctx: int = Ctx, threads: Optional[int] = Threads, chat_template: Optional[str] = ChatTemplateOpt,
+    ctx: Optional[int] = Ctx, threads: Optional[int] = Threads, chat_template: Optional[str] = ChatTemplateOpt,
     stats: bool = typer.Option(False, "--stats", help="Print speed on stderr at the end."),
 ):
     """Render one chat turn through the model's template and stream the reply to stdout."""
     model, message = _model_and(first, second)
+    message, system = clean_arg(message, "MESSAGE"), clean_arg(system, "--system")
+    chat_template = clean_arg(chat_template, "--chat-template")
     params = _sampling(temp, top_k, top_p, min_p, repeat_penalty, seed)
     _positive("--max-tokens", max_tokens)
     engine = _load_engine(model, ctx, threads, chat_template)
@@ -135,7 +155,7 @@ def chat(
     system: Optional[str] = System,
     temp: float = Temp, top_k: int = TopK, top_p: float = TopP, min_p: float = MinP,
     repeat_penalty: float = RepeatPenalty, seed: Optional[int] = Seed, max_tokens: int = MaxTokens,
-    ctx: int = Ctx, threads: Optional[int] = Threads, chat_template: Optional[str] = ChatTemplateOpt,
+    ctx: Optional[int] = Ctx, threads: Optional[int] = Threads, chat_template: Optional[str] = ChatTemplateOpt,
     markdown: bool = typer.Option(False, "--markdown", "-m", help="Render replies as Markdown (as they grow)."),
     no_color: bool = typer.Option(False, "--no-color", help="No colours or styles (also: NO_COLOR=1)."),
 ):
@@ -154,13 +174,16 @@ def chat(
     from qcpu.models import resolve_model
     from qcpu.repl import run_chat
 
+    system, chat_template = clean_arg(system, "--system"), clean_arg(chat_template, "--chat-template")
     params = _sampling(temp, top_k, top_p, min_p, repeat_penalty, seed)
     _positive("--max-tokens", max_tokens)
     _positive("--ctx", ctx)
     _set_threads(threads)
     path = resolve_model(model, err)
-    run_chat(path, params=params, max_tokens=max_tokens, system=system, ctx=ctx, chat_template=chat_template,
-             markdown=markdown, color=not no_color)
+    code = run_chat(path, params=params, max_tokens=max_tokens, system=system, ctx=ctx, chat_template=chat_template,
+                    markdown=markdown, color=not no_color)
+    if code:
+        raise typer.Exit(code)
 
 
 def _file_type_name(value) -> str:
@@ -192,7 +215,7 @@ def info(model: Optional[str] = ModelArg):
         "file": str(f.path), "size": f"{f.size / 2**20:.1f} MiB", "name": cfg.name,
         "architecture": f.get("general.architecture"), "parameters": f"{n_params / 1e9:.3f} B",
         "layers": cfg.n_layers, "dim": cfg.dim, "ffn_dim": cfg.ffn_dim, "heads": cfg.n_heads,
-        "kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "context_length": cfg.context_length,
+        "kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "context_length": f"{cfg.context_length} tokens (trained; a larger --ctx is capped to it)",
         "rope_theta": cfg.rope_theta, "rms_eps": cfg.rms_eps,
         "file_type": _file_type_name(f.get("general.file_type")),
         "tied_embeddings": "output.weight" not in f.tensors,
@@ -224,10 +247,7 @@ def tokenize(
         model, text = first, None
     if (text is None) == (file is None):
         raise typer.BadParameter("give TEXT or --file, not both")
-    if file is not None:
-        if not file.is_file():
-            _fail(f"{file}: no such file", 2)
-        text = file.read_text(encoding="utf-8")
+    text = read_text_file(file) if file is not None else clean_arg(text, "TEXT")
     tok = Tokenizer.from_metadata(GGUFFile(resolve_model(model, err)).metadata)
     ids = tok.encode(text, parse_special=not no_special)
     if as_json:
@@ -253,10 +273,8 @@ def perplexity(
     model, file_name = _model_and(first, second)
     file = Path(file_name)
     _positive("--ctx", ctx)
-    if not file.is_file():
-        _fail(f"{file}: no such file", 2)
+    text = read_text_file(file)
     engine = _load_engine(model, ctx, threads)
-    text = file.read_text(encoding="utf-8")
     result = compute(engine, text, ctx, progress=None if as_json else err)
     if as_json:
         print(json.dumps(result))

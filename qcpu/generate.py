@@ -15,12 +15,13 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from qcpu.chat_template import ChatTemplate
-from qcpu.errors import QcpuError
+from qcpu.errors import QcpuError, warn
 from qcpu.memory import check_memory, kv_cache_bytes
 from qcpu.model import Qwen2Model
 from qcpu.sampling import SamplingParams, make_sampler
 from qcpu.tokenizer import StreamDecoder, Tokenizer
 
+DEFAULT_CTX = 4096  # tokens of KV cache when the user names none (capped to the trained context)
 PREFILL_CHUNK = 256  # tokens per prefill pass: large enough for BLAS, small enough for the ring
 
 
@@ -50,16 +51,23 @@ class Piece:
 
 
 class Engine:
-    def __init__(self, model: Qwen2Model, tokenizer: Tokenizer, template: ChatTemplate, ctx: int):
+    def __init__(self, model: Qwen2Model, tokenizer: Tokenizer, template: ChatTemplate, ctx: int | None = None):
+        """`ctx`: KV cache capacity in tokens; None: DEFAULT_CTX or the trained context if smaller. A ctx
+        above the trained context is capped to it with a warning. Raises QcpuError if it cannot fit memory."""
         self.model, self.tokenizer, self.template = model, tokenizer, template
-        ctx = min(ctx, model.config.context_length)
+        if ctx is None:
+            ctx = min(DEFAULT_CTX, model.config.context_length)
+        elif ctx > model.config.context_length:
+            warn(f"--ctx {ctx} is above the model's trained context of {model.config.context_length} tokens: "
+                 f"using {model.config.context_length}")
+            ctx = model.config.context_length
         # Say so clearly, before allocating, instead of being killed by the OS halfway.
         check_memory(model.file.size, kv_cache_bytes(model.config, ctx), ctx=ctx)
         self.cache = model.new_cache(ctx)
         self.tokens: list[int] = []  # the token stream the cache has seen (evicted ones included)
 
     @classmethod
-    def load(cls, path: str | Path, ctx: int = 4096, chat_template: str | None = None) -> "Engine":
+    def load(cls, path: str | Path, ctx: int | None = None, chat_template: str | None = None) -> "Engine":
         model = Qwen2Model.load(path)
         meta = model.file.metadata
         tokenizer = Tokenizer.from_metadata(meta)
@@ -71,8 +79,12 @@ class Engine:
 
     # -- the token level ----------------------------------------------------------------------------
     def prefill(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
-        """Feed tokens after what the cache holds; the logits of the last one (or of all)."""
+        """Feed tokens after what the cache holds; the logits float32[vocab] of the last one (or
+        float32[len(tokens), vocab] of all). Raises QcpuError when the kept prefix leaves no room."""
         chunk = min(PREFILL_CHUNK, self.cache.capacity - self.cache.keep)
+        if chunk < 1:
+            raise QcpuError(f"the kept prefix ({self.cache.keep} tokens) fills the whole context of "
+                            f"{self.cache.capacity} tokens")
         outs = []
         logits = None
         for i in range(0, len(tokens), chunk):
@@ -82,8 +94,10 @@ class Engine:
         return np.concatenate(outs) if all_logits else logits[-1]
 
     def generate_tokens(self, prompt: Sequence[int], params: SamplingParams, max_tokens: int,
-                        stats: Stats | None = None) -> Iterator[int]:
-        """Yield sampled tokens after feeding `prompt`; stops at an end-of-turn id (never yielded)."""
+                        stats: Stats | None = None, rng: np.random.Generator | None = None) -> Iterator[int]:
+        """Yield sampled tokens after feeding `prompt`; stops at an end-of-turn id (never yielded).
+
+        `rng` continues a session's random stream (sampling.new_rng); None starts one from params.seed."""
         stats = stats if stats is not None else Stats()
         if len(prompt) == 0:
             raise QcpuError("empty prompt")
@@ -91,7 +105,7 @@ class Engine:
         if len(prompt) > room:
             raise QcpuError(f"prompt is {len(prompt)} tokens, longer than the context of "
                             f"{self.cache.capacity} tokens (raise --ctx)")
-        sampler = make_sampler(params)
+        sampler = make_sampler(params, rng)
         t0 = time.perf_counter()
         logits = self.prefill(prompt)
         stats.prompt_tokens += len(prompt)
@@ -115,11 +129,11 @@ class Engine:
         stats.generate_seconds = time.perf_counter() - t1
 
     def stream(self, prompt: Sequence[int], params: SamplingParams, max_tokens: int,
-               stats: Stats | None = None) -> Iterator[Piece]:
+               stats: Stats | None = None, rng: np.random.Generator | None = None) -> Iterator[Piece]:
         """Text pieces as they become whole UTF-8; special tokens are never printed."""
         stats = stats if stats is not None else Stats()
         decoder = StreamDecoder(self.tokenizer)
-        for token in self.generate_tokens(prompt, params, max_tokens, stats):
+        for token in self.generate_tokens(prompt, params, max_tokens, stats, rng):
             text = decoder.feed(token)
             if text:
                 yield Piece(text, token, stats)

@@ -29,8 +29,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
 
-from qcpu.errors import QcpuError
+from qcpu.errors import QcpuError, one_line
 from qcpu.generate import PREFILL_CHUNK, Piece, Stats
+from qcpu.sampling import new_rng, resolve_seed
+from qcpu.text_input import StdinLines
 
 SAVE_FORMAT = "qcpu-chat"
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
@@ -56,8 +58,8 @@ HELP = """\
   Start a message with // to send text that begins with /."""
 
 # /set NAME -> (SamplingParams field or "max_tokens", parser)
-def _seed(value: str) -> int | None:
-    return None if value.lower() in ("none", "random", "off", "-1") else int(value)
+def _seed(value: str) -> int:
+    return resolve_seed(None if value.lower() in ("none", "random", "off", "-1") else int(value))
 
 
 SETTINGS: dict[str, tuple[str, Callable[[str], object]]] = {
@@ -107,6 +109,9 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 # -- the conversation and its cache ---------------------------------------------------------------------
 
+# llama-cli refuses a prompt longer than n_ctx - 4 ("prompt is too long"); the kept prefix obeys the same.
+PREFIX_MARGIN = 4
+
 @dataclass
 class Turn:
     """One reply being written. Iterate for the text pieces; `finish()` records it in the conversation."""
@@ -128,7 +133,7 @@ class Turn:
 
     def __iter__(self) -> Iterator[Piece]:
         chat = self.chat
-        for piece in chat.engine.stream(self.prompt, chat.params, chat.max_tokens, self.stats):
+        for piece in chat.engine.stream(self.prompt, chat.params, chat.max_tokens, self.stats, chat.rng):
             self.parts.append(piece.text)
             yield piece
         self.completed = True
@@ -160,8 +165,11 @@ class Chat:
     """The conversation (system prompt + alternating user/assistant messages) and the engine's cache."""
 
     def __init__(self, engine, params, max_tokens: int, system: str | None = None):
+        from dataclasses import replace
+
         self.engine = engine
-        self.params = params
+        self.params = replace(params, seed=resolve_seed(params.seed))  # drawn now, so /stats can show it
+        self.rng = new_rng(self.params)  # one random stream for the session, as llama.cpp's sampler
         self.max_tokens = max_tokens
         self.system = system or None
         self.messages: list[dict] = []  # user, assistant, user, assistant, ...
@@ -178,13 +186,15 @@ class Chat:
         head = [{"role": "system", "content": self.system}] if self.system else []
         return head + (self.messages if messages is None else messages)
 
-    def prefix_tokens(self) -> list[int]:
+    def prefix_tokens(self, system: str | None | bool = False) -> list[int]:
         """Tokens of the preamble every rendering starts with (the system prompt, given or the template's
-        default): what the ring cache keeps when it evicts."""
-        if self._prefix_cache and self._prefix_cache[0] == self.system:
+        default): what the ring cache keeps when it evicts. `system` (default: the current one) asks for
+        another system prompt's preamble."""
+        system = self.system if system is False else (system or None)
+        if self._prefix_cache and self._prefix_cache[0] == system:
             return self._prefix_cache[1]
         tpl = self.engine.template
-        head = self.conversation([])
+        head = [{"role": "system", "content": system}] if system else []
         a = tpl.render(head + [{"role": "user", "content": "a"}], add_generation_prompt=False)
         b = tpl.render(head + [{"role": "user", "content": "b"}], add_generation_prompt=False)
         n = _common_prefix(a, b)
@@ -192,8 +202,29 @@ class Chat:
         cut = prefix.rfind("\n")  # the common text ends inside the user header; keep whole lines
         prefix = prefix[:cut + 1] if cut >= 0 else ""
         tokens = self.engine.tokenizer.encode(prefix) if prefix else []
-        self._prefix_cache = (self.system, tokens)
+        self._prefix_cache = (system, tokens)
         return tokens
+
+    def check_system(self, system: str | None) -> None:
+        """Raise QcpuError (saying which --ctx would do) if this system prompt leaves no room in the context."""
+        n = len(self.prefix_tokens(system))
+        room = self.capacity - PREFIX_MARGIN
+        if n <= room:
+            return
+        trained = self.engine.model.config.context_length
+        # The prompt plus room for a few exchanges, in steps of 256, at most the trained context.
+        want = min(-(-(n + 512) // 256) * 256, trained)
+        fix = (f"--ctx {want} would hold it" if n + PREFIX_MARGIN <= want
+               else f"that is more than the model's trained context of {trained} tokens: shorten it")
+        raise QcpuError(f"the system prompt is {n} tokens, more than the context of {self.capacity} tokens "
+                        f"can hold ({room} at most); {fix}")
+
+    def set_params(self, params, reseed: bool = False) -> None:
+        """New sampling settings; setting the seed (`reseed`, or a new value) restarts the random stream,
+        other changes continue it."""
+        if reseed or params.seed != self.params.seed:
+            self.rng = new_rng(params)
+        self.params = params
 
     def held_target(self, messages: list[dict]) -> list[int]:
         """The tokens a fresh run of `messages` (ending with a reply, or empty) leaves in the cache."""
@@ -218,6 +249,7 @@ class Chat:
         is called after each chunk; `first_chunk` makes the first pass that small (start-up: compile the
         one-token path first)."""
         eng = self.engine
+        self.check_system(self.system)
         self._needs_refill = True
         eng.reset()
         prefix = self.prefix_tokens()
@@ -333,6 +365,9 @@ class Chat:
         self._rewind()
 
     def set_system(self, text: str | None, progress=None) -> None:
+        """Change the system prompt and re-fill the cache. A prompt that does not fit raises QcpuError
+        and leaves the conversation, the old system prompt and the cache as they were."""
+        self.check_system(text)
         self.system = text or None
         self.refill(progress)
 
@@ -367,12 +402,13 @@ class Chat:
 
     @staticmethod
     def read_file(path: str | Path) -> tuple[str | None, list[dict]]:
+        from qcpu.text_input import read_text_file
+
         path = Path(path).expanduser()
+        text = read_text_file(path)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise QcpuError(f"{path}: no such file") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            data = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as e:
             raise QcpuError(f"{path}: not a saved conversation ({e})") from None
         if not isinstance(data, dict) or data.get("format") != SAVE_FORMAT:
             raise QcpuError(f"{path}: not a conversation saved by qcpu chat (/save)")
@@ -393,6 +429,7 @@ class Chat:
 
     def load(self, path: str | Path, progress=None) -> None:
         system, messages = self.read_file(path)
+        self.check_system(system)
         self.system, self.messages = system, messages
         self.refill(progress)
 
@@ -446,6 +483,8 @@ class Repl:
             self.out = None
         self.err = Console(stderr=True, highlight=False, color_system="auto" if (color and interactive) else None)
         self._session = None
+        self._stdin = None if interactive else StdinLines()
+        self.exit_code = 0  # piped mode stops at the first error, with exit status 1
 
     # -- output ---------------------------------------------------------------------------------------
     def note(self, message: str, style: str = "dim") -> None:
@@ -459,7 +498,10 @@ class Repl:
         if self.interactive:
             self.out.print(Text(f"qcpu: {message}", style="red" if self.color else ""))
         else:
-            self.err.print(f"qcpu: {message}", markup=False, highlight=False)
+            # One line whatever the width (Rich would wrap it); a script sees a non-zero exit.
+            sys.stderr.write(f"qcpu: {one_line(message)}\n")
+            sys.stderr.flush()
+            self.exit_code = 1
 
     def _body(self, text: str):
         text = _CONTROL.sub("", text)  # a model's text must not drive the terminal (escape sequences)
@@ -600,13 +642,13 @@ class Repl:
         return text
 
     def read_piped(self) -> str | None:
-        line = sys.stdin.readline()
+        line = self._stdin.readline()
         if not line:
             return None
         if line.lstrip().startswith(MULTILINE):
             lines = [line]
             while not (len("".join(lines).strip()) >= 6 and "".join(lines).rstrip().endswith(MULTILINE)):
-                more = sys.stdin.readline()
+                more = self._stdin.readline()
                 if not more:
                     break
                 lines.append(more)
@@ -614,14 +656,15 @@ class Repl:
         return line
 
     # -- the loop -------------------------------------------------------------------------------------
-    def run(self) -> None:
+    def run(self) -> int:
+        """Read and answer messages until the end of input; the exit status (piped: 1 after an error)."""
         read = self.read_interactive if self.interactive else self.read_piped
-        while True:
+        while not self.exit_code:
             raw = read()
             if raw is None:
                 if self.interactive:
                     self.out.print()
-                return
+                break
             text = raw.strip()
             if text.startswith(MULTILINE):
                 text = text[len(MULTILINE):]
@@ -635,11 +678,12 @@ class Repl:
             elif text.startswith("/"):
                 try:
                     if self.command(text) is False:
-                        return
+                        break
                 except KeyboardInterrupt:
                     self.note("[interrupted]")
                 continue
             self.run_turn(lambda: self.chat.send(text))
+        return self.exit_code
 
     def command(self, text: str) -> bool | None:
         chat = self.chat
@@ -722,7 +766,7 @@ class Repl:
         else:
             params = replace(self.chat.params, **{attr: value})
             params.validate()
-            self.chat.params = params
+            self.chat.set_params(params, reseed=attr == "seed")
         self.note(f"{name} = {value}")
 
     def _stats(self) -> None:
@@ -791,7 +835,7 @@ def history_path() -> Path:
     return cache_dir() / "chat_history"
 
 
-def load_chat(path: Path, *, params, max_tokens: int, system: str | None, ctx: int,
+def load_chat(path: Path, *, params, max_tokens: int, system: str | None, ctx: int | None,
               chat_template: str | None, console: Console | None) -> Chat:
     """Load the model, compile the kernels and read the system prompt into the cache, with a progress bar
     on `console` (None: silently)."""
@@ -821,8 +865,9 @@ def load_chat(path: Path, *, params, max_tokens: int, system: str | None, ctx: i
     return chat
 
 
-def run_chat(path: Path, *, params, max_tokens: int, system: str | None, ctx: int, chat_template: str | None = None,
-             markdown: bool = False, color: bool = True) -> None:
+def run_chat(path: Path, *, params, max_tokens: int, system: str | None, ctx: int | None, chat_template: str | None = None,
+             markdown: bool = False, color: bool = True) -> int:
+    """Run `qcpu chat` until the user leaves; the exit status. Raises QcpuError if it cannot start."""
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     if os.environ.get("NO_COLOR"):
         color = False
@@ -845,4 +890,4 @@ def run_chat(path: Path, *, params, max_tokens: int, system: str | None, ctx: in
                                      f" · {quant_name(chat.engine)} · context {chat.capacity} tokens{threads}"
                                      f" · ready in {time.perf_counter() - t0:.1f}s"))
         repl.note('/help for commands · """ or Esc Enter for several lines · Ctrl-C stops a reply · Ctrl-D quits')
-    repl.run()
+    return repl.run()

@@ -2,10 +2,15 @@
 
 Order as llama.cpp's default chain: repetition penalty -> top-k -> top-p -> min-p -> temperature -> draw.
 Temperature 0 means greedy (argmax after the penalty).
+
+Seeds: a run without one draws it (`resolve_seed`) so that it can be shown and replayed. A chat session
+keeps one random stream for all its turns, as llama.cpp's samplers do (one `llama_sampler` per session,
+seeded once): with a fixed seed the whole session replays, and /retry still gives a different reply.
 """
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -36,6 +41,28 @@ class SamplingParams:
             raise QcpuError(f"min-p must be in [0, 1), got {self.min_p}")
         if not self.repeat_penalty > 0:
             raise QcpuError(f"repeat penalty must be > 0, got {self.repeat_penalty}")
+        if self.seed is not None:
+            resolve_seed(self.seed)
+
+
+SEED_MAX = 2**64 - 1
+RANDOM_SEED = -1  # llama.cpp's --seed -1 (LLAMA_DEFAULT_SEED): draw one
+
+
+def resolve_seed(seed: int | None) -> int:
+    """The seed to use: `seed` itself, or a fresh one drawn from the OS (None or -1), in [0, 2**32).
+
+    Raises QcpuError for any other negative value or one above 2**64 - 1."""
+    if seed is None or seed == RANDOM_SEED:
+        return secrets.randbelow(2**32)
+    if not 0 <= seed <= SEED_MAX:
+        raise QcpuError(f"seed must be in 0..{SEED_MAX} (or -1 for a random one), got {seed}")
+    return int(seed)
+
+
+def new_rng(params: "SamplingParams") -> np.random.Generator:
+    """The random stream for a session (or one run), seeded by `params.seed`."""
+    return np.random.default_rng(resolve_seed(params.seed))
 
 
 def apply_repeat_penalty(logits: np.ndarray, recent: Sequence[int], penalty: float) -> np.ndarray:
@@ -79,10 +106,14 @@ def _keep_min_p(ids, logits, p: float):
     return ids[keep], logits[keep]
 
 
-def make_sampler(params: SamplingParams) -> Callable[[np.ndarray, Sequence[int]], int]:
-    """sampler(logits[vocab], recent_tokens) -> token id. Same seed, same tokens."""
+def make_sampler(params: SamplingParams, rng: np.random.Generator | None = None
+                 ) -> Callable[[np.ndarray, Sequence[int]], int]:
+    """sampler(logits[vocab] float32, recent_tokens) -> token id. Same seed, same tokens.
+
+    `rng` continues a session's random stream (see `new_rng`); without it the stream starts from
+    `params.seed`. Raises QcpuError for invalid parameters."""
     params.validate()
-    rng = np.random.default_rng(params.seed)
+    rng = rng if rng is not None else new_rng(params)
 
     def sample(logits: np.ndarray, recent: Sequence[int] = ()) -> int:
         logits = apply_repeat_penalty(np.asarray(logits, dtype=np.float32),

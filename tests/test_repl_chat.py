@@ -230,13 +230,69 @@ def test_system_change_refills_and_keeps_the_conversation(tiny_path):
     assert_cache_matches_conversation(chat)
 
 
+def test_a_system_prompt_that_does_not_fit_keeps_the_old_one(tiny_path):
+    import io
+
+    from rich.console import Console
+
+    chat = new_chat(tiny_path, ctx=64)
+    say(chat, "alpha")
+    before = (chat.system, list(chat.messages), list(chat.engine.tokens), chat.engine.cache.keep)
+    with pytest.raises(QcpuError, match=r"the system prompt is \d+ tokens, more than the context of 64"):
+        chat.set_system("word " * 100)
+    assert (chat.system, chat.messages, chat.engine.tokens, chat.engine.cache.keep) == before
+    # the interactive REPL says so and goes on: the next message is answered with the old system prompt
+    repl = Repl(chat, interactive=True, color=False)
+    repl.out = Console(file=io.StringIO(), color_system=None, width=80)
+    repl.command("/system " + "word " * 100)
+    assert "qcpu: the system prompt is" in repl.out.file.getvalue() and repl.exit_code == 0
+    say(chat, "beta")
+    assert chat.system == "be terse" and len(chat.messages) == 4
+    assert_cache_matches_conversation(chat)
+
+
+def sampled_session(path, seed, retry=False):
+    engine = Engine.load(path, ctx=256)
+    plain_letters(engine)
+    chat = Chat(engine, SamplingParams(temperature=1.5, top_k=0, top_p=1.0, seed=seed), 16)
+    chat.refill()
+    replies = [say(chat, "one").text, say(chat, "two").text]
+    if retry:
+        turn = chat.retry()
+        for _ in turn:
+            pass
+        turn.finish()
+        replies.append(turn.text)
+    return chat, replies
+
+
+def test_one_random_stream_per_session(tiny_path):
+    # llama.cpp seeds a session's sampler once: turns continue the stream, so a fixed seed replays the
+    # whole session, and two turns (or a /retry) do not restart it.
+    chat, replies = sampled_session(tiny_path, seed=1234, retry=True)
+    _, again = sampled_session(tiny_path, seed=1234, retry=True)
+    assert replies == again
+    assert replies[2] != replies[1]  # /retry draws new numbers even with a fixed seed
+    # an unseeded session draws its seed and shows it; replaying that seed gives the same session
+    drawn, first = sampled_session(tiny_path, seed=None)
+    assert isinstance(drawn.params.seed, int)
+    assert sampled_session(tiny_path, seed=drawn.params.seed)[1] == first
+    # /set seed N restarts the stream at N, even when N is the current seed
+    repl = Repl(chat, interactive=False)
+    repl.command("/set seed 1234")
+    chat.undo()
+    chat.undo()
+    assert [say(chat, "one").text, say(chat, "two").text] == replies[:2]
+
+
 def test_set_command_validates(tiny_path, capsys):
     chat = new_chat(tiny_path)
     repl = Repl(chat, interactive=False)
     repl.command("/set temp 0.5")
     repl.command("/set max_tokens 3")
-    repl.command("/set seed none")
-    assert chat.params.temperature == 0.5 and chat.max_tokens == 3 and chat.params.seed is None
+    repl.command("/set seed none")  # a fresh seed is drawn and shown, so the session can be replayed
+    assert chat.params.temperature == 0.5 and chat.max_tokens == 3 and 0 <= chat.params.seed < 2**32
+    assert f"seed = {chat.params.seed}" in capsys.readouterr().err
     repl.command("/set top_p 7")
     repl.command("/set bogus 1")
     repl.command("/set top_k x")
