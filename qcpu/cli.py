@@ -58,7 +58,8 @@ def _set_threads(threads: Optional[int]) -> None:
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
 
 
-def _load_engine(model: Optional[str], ctx: Optional[int], threads: Optional[int], chat_template: Optional[str] = None):
+def _load_engine(model: Optional[str], ctx: Optional[int], threads: Optional[int], chat_template: Optional[str] = None,
+                 check_tensors: bool = False):
     from qcpu.generate import Engine
     from qcpu.models import resolve_model
 
@@ -66,7 +67,7 @@ def _load_engine(model: Optional[str], ctx: Optional[int], threads: Optional[int
     _set_threads(threads)
     path = resolve_model(model, err)
     with err.status(f"loading {path.name}", spinner="dots"):
-        return Engine.load(path, ctx=ctx, chat_template=chat_template)
+        return Engine.load(path, ctx=ctx, chat_template=chat_template, check_tensors=check_tensors)
 
 
 def _sampling(temp, top_k, top_p, min_p, repeat_penalty, seed):
@@ -101,6 +102,8 @@ Ctx = typer.Option(None, "--ctx", "-c", show_default=False,
 Threads = typer.Option(None, "--threads", "-t", help="CPU threads (default: all cores).")
 System = typer.Option(None, "--system", "-s", help="System prompt.")
 ChatTemplateOpt = typer.Option(None, "--chat-template", help="'chatml' to ignore the file's template.")
+CheckTensors = typer.Option(False, "--check-tensors",
+                            help="Check every tensor for NaN/Inf (block scales, float values) before running.")
 
 
 def _stream_reply(engine, prompt_tokens, params, max_tokens, show_stats: bool) -> str:
@@ -135,7 +138,8 @@ def generate(
     temp: float = Temp, top_k: int = TopK, top_p: float = TopP, min_p: float = MinP,
     repeat_penalty: float = RepeatPenalty, seed: Optional[int] = Seed, max_tokens: int = MaxTokens,
     ctx: Optional[int] = Ctx, threads: Optional[int] = Threads, chat_template: Optional[str] = ChatTemplateOpt,
-    stats: bool = typer.Option(False, "--stats", help="Print speed on stderr at the end."),
+    stats: bool = typer.Option(False, "--stats", help="Print speed and the seed on stderr at the end."),
+    check_tensors: bool = CheckTensors,
 ):
     """Render one chat turn through the model's template and stream the reply to stdout."""
     model, message = _model_and(first, second)
@@ -143,7 +147,7 @@ def generate(
     chat_template = clean_arg(chat_template, "--chat-template")
     params = _sampling(temp, top_k, top_p, min_p, repeat_penalty, seed)
     _positive("--max-tokens", max_tokens)
-    engine = _load_engine(model, ctx, threads, chat_template)
+    engine = _load_engine(model, ctx, threads, chat_template, check_tensors)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": message}]
     prompt = engine.chat_prompt_tokens(messages)
     _stream_reply(engine, prompt, params, max_tokens, stats)
@@ -158,6 +162,7 @@ def chat(
     ctx: Optional[int] = Ctx, threads: Optional[int] = Threads, chat_template: Optional[str] = ChatTemplateOpt,
     markdown: bool = typer.Option(False, "--markdown", "-m", help="Render replies as Markdown (as they grow)."),
     no_color: bool = typer.Option(False, "--no-color", help="No colours or styles (also: NO_COLOR=1)."),
+    check_tensors: bool = CheckTensors,
 ):
     """Multi-turn chat in the terminal.
 
@@ -181,7 +186,7 @@ def chat(
     _set_threads(threads)
     path = resolve_model(model, err)
     code = run_chat(path, params=params, max_tokens=max_tokens, system=system, ctx=ctx, chat_template=chat_template,
-                    markdown=markdown, color=not no_color)
+                    markdown=markdown, color=not no_color, check_tensors=check_tensors)
     if code:
         raise typer.Exit(code)
 
@@ -266,6 +271,7 @@ def perplexity(
     ctx: int = typer.Option(512, "--ctx", "-c", help="Chunk size; each chunk is scored on its second half."),
     threads: Optional[int] = Threads,
     as_json: bool = typer.Option(False, "--json", help='Print {"perplexity": ...}.'),
+    check_tensors: bool = CheckTensors,
 ):
     """Perplexity of a text, by llama-perplexity's method."""
     from qcpu.perplexity import perplexity as compute
@@ -274,7 +280,7 @@ def perplexity(
     file = Path(file_name)
     _positive("--ctx", ctx)
     text = read_text_file(file)
-    engine = _load_engine(model, ctx, threads)
+    engine = _load_engine(model, ctx, threads, check_tensors=check_tensors)
     result = compute(engine, text, ctx, progress=None if as_json else err)
     if as_json:
         print(json.dumps(result))

@@ -64,19 +64,25 @@ def register(app) -> None:
         force: bool = typer.Option(False, "--force", "-f", help="Overwrite OUT if it exists."),
         pure: bool = typer.Option(False, "--pure", help="Every quantizable weight in TYPE's base type (no "
                                   "Q6_K output / attn_v / ffn_down mix), like llama-quantize --pure."),
+        allow_requantize: bool = typer.Option(False, "--allow-requantize", help="Also change the type of tensors "
+                                              "that are already quantized (loses quality; refused by default, as "
+                                              "llama-quantize does)."),
         threads: Optional[int] = typer.Option(None, "--threads", "-t", help="CPU threads (default: all cores)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
     ):
         """Requantize a GGUF model, as llama-quantize does (same tensor types, same bytes).
 
-        Q3_K, Q4_K and Q5_K mean the _M mixes, as in llama-quantize. Norms and biases keep their type."""
+        Q3_K, Q4_K and Q5_K mean the _M mixes, as in llama-quantize. Norms and biases keep their type.
+
+        As llama-quantize: NaN/Inf in the data is refused; quantized tensors change type only with --allow-requantize."""
         from quant.requantize import requantize
 
         _set_threads(threads)
         start, stop = _progress_bar(f"quantizing to {qtype.upper()}")
         t0 = time.perf_counter()
         try:
-            summary = requantize(src, out, qtype, force=force, pure=pure, progress=None if quiet else start)
+            summary = requantize(src, out, qtype, force=force, pure=pure, progress=None if quiet else start,
+                                 allow_requantize=allow_requantize)
         finally:
             stop()
         if not quiet:

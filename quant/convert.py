@@ -14,7 +14,9 @@ merges, special ids and chat template (the last three by gguf-py's own SpecialVo
 
 Everything is checked before a byte is written (config, architecture, every shard present, every tensor
 present with its config shape and a float dtype, the tokenizer); tensors are then streamed in slabs of
-rows with plain reads, so memory stays at one slab whatever the model size.
+rows with plain reads, so memory stays at one slab whatever the model size. Each slab is checked for
+NaN/Inf as it is read, and each written slab after quantization (llama-quantize's ggml_validate_row_data
+checks, qcpu/validate.py); a failure removes the temporary file, so OUT never holds broken numbers.
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFValueType, LlamaFileType, TokenType
 
 from qcpu.errors import QcpuError
+from qcpu.validate import check_rows
 from quant import recipes
 from quant.quantizers import quantizer_for
+from quant.requantize import check_output
 from quant.writer import StreamingGGUFWriter, check_output_path, tensor_nbytes
 
 ARCHITECTURES = {"Qwen2ForCausalLM": "", "Qwen2Model": "model."}  # HF class -> prefix added to names
@@ -462,7 +466,10 @@ def _metadata(w: StreamingGGUFWriter, hf_dir: Path, cfg: dict, c: Qwen2Config, f
 
 def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, type_name: str = "F16", force: bool = False,
             progress: Optional[Callable[[list], Callable[[str, int], None]]] = None) -> dict:
-    """Write OUT from the checkpoint in HF_DIR. Returns a summary dict."""
+    """Write OUT from the checkpoint in HF_DIR. Returns a summary dict.
+
+    Raises QcpuError (OUT untouched, no temporary file left) for a bad checkpoint, NaN/Inf in its weights
+    (naming the safetensors tensor, row and column) or values too large for the output type."""
     hf_dir, out_path = Path(hf_dir), Path(out_path)
     ft = recipes.file_type(type_name)
     check_output_path(out_path, force)
@@ -505,7 +512,11 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, type_name: s
                 q = quantizer_for(t)
                 for r0 in range(0, rows, slab):
                     k = min(slab, rows - r0)
-                    data = q.quantize_rows(reader.rows(st, r0, k, cols))
+                    x = reader.rows(st, r0, k, cols)
+                    check_rows(x, T.F32, f"{st.file}: tensor {st.name}", first_row=r0)
+                    with np.errstate(over="ignore"):  # overflow to Inf is caught, in one line, next
+                        data = q.quantize_rows(x)
+                    check_output(data, t, n, r0)
                     w.write(data)
                     out_bytes += data.nbytes
                     tick(n, k * cols * _DTYPES[st.dtype][0])

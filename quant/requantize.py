@@ -5,6 +5,11 @@ bytes are copied; otherwise slabs of rows are read with plain reads (no mmap, so
 at one slab however big the model), dequantized to float32 with qcpu's kernels, quantized with
 quant/quantizers.py and appended to the output. Metadata is copied with its value types;
 general.quantization_version and general.file_type are set as llama.cpp sets them.
+
+Like llama-quantize (llama_model_quantize_impl in src/llama-quant.cpp), it refuses to requantize a tensor
+that is already quantized (any type but F32/F16/BF16: ggml_is_quantized) unless allow_requantize is
+given, and validates the data (ggml_validate_row_data, qcpu/validate.py): every input slab as it is read
+(llama-quantize opens its model loader with check_tensors=true) and every quantized output slab.
 """
 
 from __future__ import annotations
@@ -15,11 +20,13 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFValueType
 
 from qcpu.errors import QcpuError
 from qcpu.gguf_file import GGUFFile
+from qcpu.validate import check_rows, describe, find_invalid
 from quant import recipes
 from quant.quantizers import quantizer_for
 from quant.writer import StreamingGGUFWriter, check_output_path, tensor_nbytes
@@ -74,37 +81,74 @@ def output_metadata(src: GGUFFile, ftype: int) -> list[tuple[str, object, GGUFVa
     return items
 
 
+# ggml_is_quantized() is false for these (type_traits in ggml.c); every other type qcpu reads is quantized.
+UNQUANTIZED = frozenset({T.F32, T.F16, T.BF16})
+
+
+def check_requantize(plan: list[tuple[str, T]], current: dict[str, T]) -> None:
+    """Refuse, as llama-quantize does without --allow-requantize, to change the type of a tensor that is
+    already quantized (llama_model_quantize_impl: "requantizing from type %s is disabled"). A tensor
+    whose target is its own type is copied and is fine. Raises QcpuError naming the first such tensor
+    in write order (the one llama-quantize would stop at)."""
+    for name, new in plan:
+        cur = current[name]
+        if new != cur and cur not in UNQUANTIZED:
+            why = (f"requantizing it to {new.name} loses quality" if new not in UNQUANTIZED else
+                   f"converting it to {new.name} cannot restore what quantizing lost")
+            raise QcpuError(f"{name} is already {cur.name}: {why}; pass --allow-requantize to do it anyway")
+
+
+def check_output(data: np.ndarray, ggml_type: T, name: str, first_row: int) -> None:
+    """Validate quantized rows uint8[rows, row_bytes] of tensor `name` starting at row `first_row`, as
+    llama_tensor_quantize_impl does after each chunk ("quantized data validation failed"). Finite input
+    can still overflow an fp16 field (a weight beyond 65504 in F16, a block scale beyond it in Q8_0)."""
+    bad = find_invalid(data, ggml_type)
+    if bad is not None:
+        per_row = data.shape[1] // GGML_QUANT_SIZES[ggml_type][1]
+        raise QcpuError(f"tensor {name}: quantized data validation failed ({describe(bad, per_row, first_row)}): "
+                        f"its values are too large for {ggml_type.name}")
+
+
 def requantize(src_path: str | os.PathLike, out_path: str | os.PathLike, type_name: str, force: bool = False,
-               pure: bool = False, progress: Optional[Callable[[list], Progress]] = None) -> dict:
+               pure: bool = False, progress: Optional[Callable[[list], Progress]] = None,
+               allow_requantize: bool = False) -> dict:
     """Write OUT with the tensors of SRC in the file type `type_name`. Returns a summary dict.
 
     `progress`, if given, is called once with the plan [(name, input bytes, old type, new type)] and
-    returns a callback fed as input bytes are consumed."""
+    returns a callback fed as input bytes are consumed. Raises QcpuError (OUT untouched, no temporary
+    file left) for bad arguments or input, for an already-quantized tensor whose type would change
+    unless `allow_requantize` (llama-quantize --allow-requantize), and for NaN/Inf in the input data or
+    in the quantized output (llama-quantize's ggml_validate_row_data checks)."""
     src_path, out_path = Path(src_path), Path(out_path)
     ft = recipes.file_type(type_name)
     check_output_path(out_path, force)
     if out_path.exists() and out_path.resolve() == src_path.resolve():
         raise QcpuError(f"{out_path}: output would overwrite the input")
     src = GGUFFile(src_path)
-    arch = src.get("general.architecture")
-    if not isinstance(arch, str) or not arch:
-        raise QcpuError(f"{src_path}: metadata general.architecture is missing")
-    facts = recipes.ModelFacts.from_metadata(src.metadata)
-    tensors = {name: (info.shape, info.ggml_type) for name, info in src.tensors.items()}
-    plan = recipes.plan(tensors, facts, ft, pure=pure)
-    for name, new in plan:
-        cur = T(src.tensors[name].ggml_type)
-        if new != cur:
-            quantizer_for(new)
-            from qcpu.kernels import kernel_for
+    try:
+        arch = src.get("general.architecture")
+        if not isinstance(arch, str) or not arch:
+            raise QcpuError(f"{src_path}: metadata general.architecture is missing")
+        facts = recipes.ModelFacts.from_metadata(src.metadata)
+        tensors = {name: (info.shape, info.ggml_type) for name, info in src.tensors.items()}
+        plan = recipes.plan(tensors, facts, ft, pure=pure)
+        if not allow_requantize:  # before any work: llama-quantize only finds out halfway through writing
+            check_requantize(plan, {name: T(info.ggml_type) for name, info in src.tensors.items()})
+        from qcpu.kernels import kernel_for
 
-            if cur != T.F32:
-                kernel_for(cur)  # can we read it? (one-line error before any work)
+        for name, new in plan:
+            # Can we read it (and so validate it, copied or not)? One-line error before any work.
+            kernel_for(src.tensors[name].ggml_type)
+            if new != T(src.tensors[name].ggml_type):
+                quantizer_for(new)
 
-    need = sum(tensor_nbytes(src.tensors[n].shape, t) for n, t in plan)
-    free = shutil.disk_usage(out_path.parent).free
-    if need > free:
-        raise QcpuError(f"{out_path.parent}: needs {need / 2**30:.2f} GiB, only {free / 2**30:.2f} GiB free")
+        need = sum(tensor_nbytes(src.tensors[n].shape, t) for n, t in plan)
+        free = shutil.disk_usage(out_path.parent).free
+        if need > free:
+            raise QcpuError(f"{out_path.parent}: needs {need / 2**30:.2f} GiB, only {free / 2**30:.2f} GiB free")
+    except BaseException:
+        src.close()
+        raise
 
     tick = progress([(n, src.tensors[n].nbytes, T(src.tensors[n].ggml_type), t) for n, t in plan]) \
         if progress else (lambda name, n: None)
@@ -124,11 +168,14 @@ def requantize(src_path: str | os.PathLike, out_path: str | os.PathLike, type_na
                 for r0 in range(0, info.rows, slab):
                     n = min(slab, info.rows - r0)
                     raw = reader.rows(info, r0, n)
+                    check_rows(raw, cur, f"{src_path}: tensor {name}", first_row=r0)
                     if new == cur:
                         w.write(raw)
                         out_bytes += raw.nbytes
                     else:
-                        q = quantizer_for(new).quantize_rows(dequantize_rows(raw, cur, info.cols))
+                        with np.errstate(over="ignore"):  # overflow to Inf is caught, in one line, next
+                            q = quantizer_for(new).quantize_rows(dequantize_rows(raw, cur, info.cols))
+                        check_output(q, new, name, r0)
                         w.write(q)
                         out_bytes += q.nbytes
                     tick(name, raw.nbytes)

@@ -81,7 +81,7 @@ def test_quantized_tiny_model_runs(tiny_sources, tmp_path):
     q8, q4, back = tmp_path / "q8.gguf", tmp_path / "q4.gguf", tmp_path / "back.gguf"
     requantize(tiny_sources["tied"], q8, "Q8_0")
     requantize(tiny_sources["tied"], q4, "Q4_K_M")
-    requantize(q4, back, "F32")
+    requantize(q4, back, "F32", allow_requantize=True)  # dequantizing is requantizing to llama-quantize
     f16 = logits(tiny_sources["tied"])
     assert np.corrcoef(f16.ravel(), logits(q8).ravel())[0, 1] > 0.97  # random tiny nets amplify noise
     assert np.corrcoef(logits(q4).ravel(), logits(back).ravel())[0, 1] > 0.98
@@ -205,3 +205,112 @@ def test_too_little_free_space_is_refused_up_front(tiny_sources, tmp_path, monke
     with pytest.raises(QcpuError, match=r"needs 0\.\d\d GiB, only 0\.00 GiB free"):
         requantize(tiny_sources["gqa4"], tmp_path / "o.gguf", "Q8_0")
     assert list(tmp_path.iterdir()) == []
+
+
+# --- already-quantized input: refused unless --allow-requantize (llama_model_quantize_impl) ----------
+
+
+@pytest.fixture(scope="module")
+def tiny_q4_0(tmp_path_factory):
+    """A tiny model whose 2-D weights are Q4_0 (written by gguf-py), norms and biases F32."""
+    from tests.tiny_model import write_tiny_qwen2
+
+    path = tmp_path_factory.mktemp("tiny_q4_0") / "q4_0.gguf"
+    write_tiny_qwen2(path, weight_type=T.Q4_0)
+    return path
+
+
+def _types(path) -> dict[str, T]:
+    return {n: T(t.ggml_type) for n, t in GGUFFile(path).tensors.items()}
+
+
+def test_cli_refuses_to_requantize_a_quantized_model(tiny_q4_0, tmp_path):
+    """`qcpu quantize q4_0.gguf out.gguf Q8_0`: one line naming a Q4_0 tensor and the flag; exit 1; the
+    directory exactly as it was (no OUT, no temporary file)."""
+    out = tmp_path / "out.gguf"
+    proc = qcpu("quantize", tiny_q4_0, out, "Q8_0")
+    one_line_error(proc, "--allow-requantize")
+    line = proc.stderr.strip()
+    name = line.split("qcpu: ", 1)[1].split(" ", 1)[0]
+    assert _types(tiny_q4_0)[name] == T.Q4_0, line  # it names a tensor that really is Q4_0
+    assert f"{name} is already Q4_0: requantizing it to Q8_0 loses quality" in line
+    assert proc.returncode == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_allow_requantize_does_it(tiny_q4_0, tmp_path):
+    """With the flag every weight becomes Q8_0 and holds the Q4_0 weights (as gguf-py dequantizes them)
+    to within Q8_0's rounding."""
+    import gguf
+
+    out = tmp_path / "out.gguf"
+    proc = qcpu("quantize", tiny_q4_0, out, "Q8_0", "--allow-requantize", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    src, dst = GGUFFile(tiny_q4_0), GGUFFile(out)
+    for name, info in src.tensors.items():
+        if info.ggml_type != T.Q4_0:
+            continue
+        assert dst.tensors[name].ggml_type == T.Q8_0, name
+        a = gguf.quants.dequantize(np.array(src.raw(name)), T.Q4_0)
+        b = gguf.quants.dequantize(np.array(dst.raw(name)), T.Q8_0)
+        step = np.abs(a).reshape(-1, 32).max(axis=1, keepdims=True) / 127  # one Q8_0 step per block
+        # half a step of rounding, plus the fp16 rounding of the step itself (2^-11 relative, times |q| <= 127)
+        assert np.all(np.abs(b - a).reshape(-1, 32) <= step * (0.5 + 127 * 2.0**-11) + 1e-7), name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.gguf"]
+
+
+def test_copying_quantized_tensors_needs_no_flag(tiny_q4_0, tmp_path):
+    """Q4_0 -> Q4_0 --pure changes no tensor's type, so nothing is requantized: allowed, and every tensor's
+    bytes are the input's."""
+    out = tmp_path / "same.gguf"
+    proc = qcpu("quantize", tiny_q4_0, out, "Q4_0", "--pure", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    a, b = GGUFFile(tiny_q4_0), GGUFFile(out)
+    assert set(a.tensors) == set(b.tensors)
+    for name in a.tensors:
+        assert a.tensors[name].ggml_type == b.tensors[name].ggml_type, name
+        assert np.array_equal(a.raw(name), b.raw(name)), name
+
+
+def test_q4_0_mix_still_refused(tiny_q4_0, tmp_path):
+    """Q4_0 without --pure puts output.weight in Q6_K (llama.cpp's rule; Q8_0 here, its fallback for
+    64-wide rows), which requantizes it: refused, naming output.weight (written first)."""
+    with pytest.raises(QcpuError, match=r"^output\.weight is already Q4_0: requantizing it to Q8_0 loses quality"):
+        requantize(tiny_q4_0, tmp_path / "o.gguf", "Q4_0")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("weight_type", [T.F16, T.BF16, T.F32])
+def test_float_sources_are_not_requantizing(tmp_path, weight_type):
+    """F32, F16 and BF16 are not quantized types (ggml_is_quantized): they quantize without the flag."""
+    from tests.tiny_model import write_tiny_qwen2
+
+    src = tmp_path / "src.gguf"
+    write_tiny_qwen2(src, weight_type=weight_type)
+    assert weight_type in set(_types(src).values())
+    requantize(src, tmp_path / "o.gguf", "Q8_0")
+    assert _types(tmp_path / "o.gguf")["blk.0.attn_q.weight"] == T.Q8_0
+
+
+def test_dequantizing_is_refused_too(tiny_sources, tmp_path):
+    """llama-quantize also refuses quantized -> F32/F16 without --allow-requantize; the reason differs."""
+    q4 = tmp_path / "q4.gguf"
+    requantize(tiny_sources["tied"], q4, "Q4_K_M")
+    with pytest.raises(QcpuError, match=r"is already Q\d_K: converting it to F16 cannot restore what quantizing "
+                                        r"lost; pass --allow-requantize"):
+        requantize(q4, tmp_path / "f16.gguf", "F16")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q4.gguf"]
+
+
+def test_refusal_comes_before_any_work(tiny_q4_0, tmp_path, monkeypatch):
+    """The check runs on the plan alone: no writer is created, no tensor read or dequantized."""
+    import quant.requantize as rq
+
+    def boom(*a, **k):
+        raise AssertionError("work started before the requantize check")
+
+    monkeypatch.setattr(rq, "StreamingGGUFWriter", boom)
+    monkeypatch.setattr(rq, "TensorReader", boom)
+    monkeypatch.setattr(rq, "dequantize_rows", boom)
+    with pytest.raises(QcpuError, match="--allow-requantize"):
+        requantize(tiny_q4_0, tmp_path / "o.gguf", "Q8_0")
