@@ -102,10 +102,13 @@ class RingKVCache:
         self.v[layer, slots] = v
 
     def truncate(self, n_tokens: int) -> None:
-        """Forget every token from stream index n_tokens on (e.g. to re-generate a reply)."""
-        if self.n_evicted and n_tokens < self.n_seen:
-            raise QcpuError("cannot rewind a cache that has already evicted tokens")
+        """Forget every token from stream index n_tokens on (e.g. to re-generate a reply).
+
+        After evictions this is only sound if none of the forgotten indices was evicted (the tokens
+        before n_tokens are then what the ring would hold anyway); the engine checks that."""
         drop = self.slot_seq >= n_tokens
         self.slot_seq[drop] = -1
         self.n_seen = min(self.n_seen, n_tokens)
-        self.next_position = self.n_seen
+        live = self.slot_seq >= 0
+        # Positions continue after the newest survivor (after a shift they are no longer stream indices).
+        self.next_position = int(self.slot_pos[live].max()) + 1 if live.any() else 0

@@ -1,8 +1,10 @@
-"""The generation loop: chunked prefill, then one-token decode steps, as a stream of text pieces.
+"""The engine: the one owner of the KV cache, and the generation loop over it.
 
-`Engine` ties model, tokenizer, chat template and one ring KV cache together. A chat turn renders the whole
-conversation through the template but feeds the model only what the cache does not already hold, so a
-multi-turn conversation never re-processes earlier turns.
+`Engine` ties model, tokenizer, chat template and one ring KV cache together (llama-server's slot: one
+conversation's cached tokens). Nothing else reads or writes the cache: callers say which tokens the cache
+should hold (`sync`, modelled on llama-server's prompt cache and MLX-LM's `trim_prompt_cache`), feed more
+(`feed`), rewind (`rewind`), and read the counters a UI shows (`n_held`, `capacity`, `n_kept`,
+`n_evicted`). Generation is chunked prefill, then one-token decode steps, as a stream of text pieces.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -51,6 +53,13 @@ class Piece:
 
 
 class Engine:
+    """Model + tokenizer + chat template + the KV cache, which only this class touches.
+
+    The cache holds a stream of tokens (`tokens`: every token fed since the last reset, evicted ones
+    included). Its first `n_kept` tokens (a system prompt) are never evicted; when the ring is full each
+    new token evicts the oldest other one.
+    """
+
     def __init__(self, model: Qwen2Model, tokenizer: Tokenizer, template: ChatTemplate, ctx: int | None = None):
         """`ctx`: KV cache capacity in tokens; None: DEFAULT_CTX or the trained context if smaller. A ctx
         above the trained context is capped to it with a warning. Raises QcpuError if it cannot fit memory."""
@@ -63,57 +72,184 @@ class Engine:
             ctx = model.config.context_length
         # Say so clearly, before allocating, instead of being killed by the OS halfway.
         check_memory(model.file.size, kv_cache_bytes(model.config, ctx), ctx=ctx)
-        self.cache = model.new_cache(ctx)
-        self.tokens: list[int] = []  # the token stream the cache has seen (evicted ones included)
+        self._cache = model.new_cache(ctx)
+        self._tokens: list[int] = []  # the token stream the cache has seen (evicted ones included)
 
     @classmethod
-    def load(cls, path: str | Path, ctx: int | None = None, chat_template: str | None = None) -> "Engine":
+    def load(cls, path: str | Path, ctx: int | None = None, chat_template: str | None = None,
+             check_tensors: bool = False) -> "Engine":
+        """Open a GGUF file (see __init__ for `ctx`). `check_tensors`: validate every block's scales and
+        every float value first (llama.cpp's --check-tensors). Raises QcpuError (one line) for a bad file."""
         model = Qwen2Model.load(path)
+        if check_tensors:
+            from qcpu.validate import check_tensors as validate
+
+            validate(model)
         meta = model.file.metadata
         tokenizer = Tokenizer.from_metadata(meta)
         return cls(model, tokenizer, ChatTemplate.from_metadata(meta, chat_template), ctx)
 
-    def reset(self) -> None:
-        self.cache.reset()
-        self.tokens = []
+    # -- what the cache holds: the counters a UI shows ----------------------------------------------
+    @property
+    def tokens(self) -> list[int]:
+        """A copy of the token stream fed since the last reset (evicted tokens included)."""
+        return list(self._tokens)
 
-    # -- the token level ----------------------------------------------------------------------------
-    def prefill(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
-        """Feed tokens after what the cache holds; the logits float32[vocab] of the last one (or
-        float32[len(tokens), vocab] of all). Raises QcpuError when the kept prefix leaves no room."""
-        chunk = min(PREFILL_CHUNK, self.cache.capacity - self.cache.keep)
+    @property
+    def capacity(self) -> int:
+        """Tokens the cache can hold (--ctx)."""
+        return self._cache.capacity
+
+    @property
+    def n_held(self) -> int:
+        """Tokens the cache holds now (at most `capacity`)."""
+        return self._cache.length
+
+    @property
+    def n_kept(self) -> int:
+        """Length of the prefix that is never evicted (the system prompt), in tokens."""
+        return self._cache.keep
+
+    @property
+    def n_evicted(self) -> int:
+        """Tokens dropped by the ring since the last reset."""
+        return self._cache.n_evicted
+
+    @property
+    def n_seen(self) -> int:
+        """Tokens fed since the last reset: the stream index of the next one."""
+        return self._cache.n_seen
+
+    @property
+    def room(self) -> int:
+        """Tokens one prompt may have without evicting part of itself: capacity minus the kept prefix."""
+        return self._cache.capacity - self._cache.keep
+
+    @property
+    def oldest_held(self) -> int:
+        """Stream index of the oldest token still held outside the kept prefix (n_seen if none)."""
+        c = self._cache
+        live = c.slot_seq[c.slot_seq >= c.keep]
+        return int(live.min()) if len(live) else c.n_seen
+
+    @property
+    def cache_nbytes(self) -> int:
+        return self._cache.nbytes
+
+    # -- changing what the cache holds --------------------------------------------------------------
+    def reset(self, keep: int = 0) -> None:
+        """Empty the cache; the first `keep` tokens fed from now on are never evicted."""
+        self._cache.reset()
+        self._cache.keep = keep
+        self._tokens = []
+
+    def can_rewind(self, n: int) -> bool:
+        """Whether `rewind(n)` is possible: the ring has not evicted any token at or after index n."""
+        return n >= self.n_seen or not self.n_evicted or n >= self.oldest_held
+
+    def rewind(self, n: int) -> None:
+        """Forget every token from stream index `n` on (MLX-LM's trim_prompt_cache). Raises QcpuError
+        when the ring has already evicted tokens from there on (see `can_rewind`)."""
+        if not self.can_rewind(n):
+            raise QcpuError(f"cannot rewind to token {n}: the context has already dropped tokens after it")
+        if n < self.n_seen:
+            self._cache.truncate(n)
+            del self._tokens[n:]
+
+    def sync(self, tokens: Sequence[int], keep: int | None = None, need_logits: bool = True) -> list[int]:
+        """Make the cache hold the longest usable prefix of `tokens`; return the rest, still to feed.
+
+        Like llama-server's per-slot prompt cache: the common prefix of `tokens` and the cached stream is
+        kept, the cache rewound after it. When the ring has evicted tokens past the divergence, the cache
+        is kept if the tokens it holds spell the same text as `tokens` there (a reply re-tokenized
+        differently), and only the text after it is fed; otherwise it is rebuilt from an empty cache with
+        `keep` kept tokens (`keep` None: as now). With `need_logits`, at least one token is left to feed, so
+        that its logits are fresh. The returned tokens may be longer than `room`: feeding them then
+        evicts the oldest non-kept tokens as it goes."""
+        tokens = [int(t) for t in tokens]
+        keep = self.n_kept if keep is None else keep
+        held = self._tokens
+        common = 0
+        for a, b in zip(tokens, held):
+            if a != b:
+                break
+            common += 1
+        if keep != self.n_kept or common < min(keep, len(tokens)):
+            self.reset(keep)  # the kept prefix itself changed
+            return tokens
+        if common == len(held) and (common < len(tokens) or not need_logits):
+            return tokens[common:]
+        if need_logits and common == len(tokens):
+            common -= 1  # everything is held: re-feed the last token for its logits
+        if self.can_rewind(common):
+            self.rewind(common)
+            return tokens[common:]
+        # The ring evicted tokens after the divergence: keep what is held if it is the same text.
+        held_text = self.tokenizer.decode_bytes(held[common:])
+        want_text = self.tokenizer.decode_bytes(tokens[common:])
+        if want_text.startswith(held_text) and (len(want_text) > len(held_text) or not need_logits):
+            rest = want_text[len(held_text):]
+            try:
+                return self.tokenizer.encode(rest.decode("utf-8")) if rest else []
+            except UnicodeDecodeError:  # the held tokens end inside a character: rebuild instead
+                pass
+        self.reset(keep)
+        return tokens
+
+    def feed(self, tokens: Sequence[int], all_logits: bool = False,
+             progress: Callable[[int, int], None] | None = None, first_chunk: int | None = None) -> np.ndarray:
+        """Run tokens after what the cache holds, in chunks of at most PREFILL_CHUNK (and `room`); the
+        logits float32[vocab] of the last one (or float32[len(tokens), vocab] of all). `progress(done,
+        total)` is called after each chunk; `first_chunk` makes the first one that small (compile the
+        one-token path first at start-up). Raises QcpuError when the kept prefix leaves no room."""
+        chunk = min(PREFILL_CHUNK, self.room)
         if chunk < 1:
-            raise QcpuError(f"the kept prefix ({self.cache.keep} tokens) fills the whole context of "
-                            f"{self.cache.capacity} tokens")
+            raise QcpuError(f"the kept prefix ({self.n_kept} tokens) fills the whole context of "
+                            f"{self.capacity} tokens")
         outs = []
         logits = None
-        for i in range(0, len(tokens), chunk):
-            logits = self.model.forward(tokens[i:i + chunk], self.cache, all_logits=all_logits)
-            self.tokens.extend(int(t) for t in tokens[i:i + chunk])
+        done, total = 0, len(tokens)
+        if progress:
+            progress(0, total)
+        while done < total:
+            n = min(first_chunk, chunk) if (first_chunk and done == 0) else chunk
+            part = tokens[done:done + n]
+            logits = self.model.forward(part, self._cache, all_logits=all_logits)
+            self._tokens.extend(int(t) for t in part)
             outs.append(logits)
+            done += len(part)
+            if progress:
+                progress(done, total)
+        if logits is None:
+            raise QcpuError("nothing to feed")
         return np.concatenate(outs) if all_logits else logits[-1]
 
+    prefill = feed  # llama.cpp's word for feeding a prompt
+
+    # -- generation ---------------------------------------------------------------------------------
     def generate_tokens(self, prompt: Sequence[int], params: SamplingParams, max_tokens: int,
-                        stats: Stats | None = None, rng: np.random.Generator | None = None) -> Iterator[int]:
+                        stats: Stats | None = None, rng: np.random.Generator | None = None,
+                        truncate: bool = False) -> Iterator[int]:
         """Yield sampled tokens after feeding `prompt`; stops at an end-of-turn id (never yielded).
 
-        `rng` continues a session's random stream (sampling.new_rng); None starts one from params.seed."""
+        `rng` continues a session's random stream (sampling.new_rng); None starts one from params.seed.
+        A prompt longer than `room` raises QcpuError unless `truncate` (then its oldest tokens outside
+        the kept prefix are evicted as it is fed: a rebuilt conversation)."""
         stats = stats if stats is not None else Stats()
         if len(prompt) == 0:
             raise QcpuError("empty prompt")
-        room = self.cache.capacity - self.cache.keep
-        if len(prompt) > room:
+        if len(prompt) > self.room and not truncate:
             raise QcpuError(f"prompt is {len(prompt)} tokens, longer than the context of "
-                            f"{self.cache.capacity} tokens (raise --ctx)")
+                            f"{self.capacity} tokens (raise --ctx)")
         sampler = make_sampler(params, rng)
         t0 = time.perf_counter()
-        logits = self.prefill(prompt)
+        logits = self.feed(prompt)
         stats.prompt_tokens += len(prompt)
         stats.prompt_seconds += time.perf_counter() - t0
         t1 = time.perf_counter()
         eot = self.tokenizer.eot_ids
         for i in range(max_tokens):
-            token = sampler(logits, self.tokens)
+            token = sampler(logits, self._tokens)
             if i == 0:
                 stats.first_token_seconds = time.perf_counter() - t0
             if token in eot:
@@ -121,19 +257,20 @@ class Engine:
                 break
             stats.generated_tokens += 1
             yield token
-            logits = self.model.forward([token], self.cache)[-1]
-            self.tokens.append(token)
+            logits = self.model.forward([token], self._cache)[-1]
+            self._tokens.append(token)
             stats.generate_seconds = time.perf_counter() - t1
         else:
             stats.stop_reason = "max tokens"
         stats.generate_seconds = time.perf_counter() - t1
 
     def stream(self, prompt: Sequence[int], params: SamplingParams, max_tokens: int,
-               stats: Stats | None = None, rng: np.random.Generator | None = None) -> Iterator[Piece]:
+               stats: Stats | None = None, rng: np.random.Generator | None = None,
+               truncate: bool = False) -> Iterator[Piece]:
         """Text pieces as they become whole UTF-8; special tokens are never printed."""
         stats = stats if stats is not None else Stats()
         decoder = StreamDecoder(self.tokenizer)
-        for token in self.generate_tokens(prompt, params, max_tokens, stats, rng):
+        for token in self.generate_tokens(prompt, params, max_tokens, stats, rng, truncate):
             text = decoder.feed(token)
             if text:
                 yield Piece(text, token, stats)
@@ -143,37 +280,6 @@ class Engine:
 
     # -- the chat level -----------------------------------------------------------------------------
     def chat_prompt_tokens(self, messages: list[dict]) -> list[int]:
-        """Tokens of the rendered conversation that the cache does not hold yet.
-
-        The cache holds `self.tokens`; if the new rendering extends them, only the extension is new.
-        Otherwise (the template re-wrote earlier text) the cache is rewound to the common prefix, or
-        cleared when the ring has already evicted tokens.
-        """
-        full = self.tokenizer.encode(self.template.render(messages, add_generation_prompt=True))
-        held = self.tokens
-        common = 0
-        for a, b in zip(full, held):
-            if a != b:
-                break
-            common += 1
-        if self.cache.n_evicted:
-            # Earlier text is gone from the cache: render only the new messages after what was said.
-            if common == len(held):
-                return full[common:]
-            return self._tokens_after_eviction(messages)
-        if common == len(full):  # the cache holds it all: re-feed the last token for fresh logits
-            common -= 1
-        if common < len(held):
-            self.cache.truncate(common)
-            del self.tokens[common:]
-        return full[common:]
-
-    def _tokens_after_eviction(self, messages: list[dict]) -> list[int]:
-        # The cache ends inside the rendering of messages[:-1] (right after the last reply's text, whose
-        # end-of-turn token was sampled but not fed). Feed the rest of that rendering, then the new turn.
-        before = self.template.render(messages[:-1], add_generation_prompt=False)
-        after = self.template.render(messages, add_generation_prompt=True)
-        last = messages[-2]["content"] if len(messages) >= 2 else ""
-        cut = before.rfind(last) + len(last) if last and last in before else len(before)
-        tail = before[cut:] + (after[len(before):] if after.startswith(before) else after)
-        return self.tokenizer.encode(tail)
+        """Render `messages` through the chat template (with the assistant's header) and `sync` the
+        cache to it; the tokens still to feed."""
+        return self.sync(self.tokenizer.encode(self.template.render(messages, add_generation_prompt=True)))

@@ -41,7 +41,6 @@ class Qwen2Model:
     def forward(self, tokens, cache: RingKVCache, all_logits: bool = False) -> np.ndarray:
         """Run tokens[n] after what the cache holds; logits float32[n or 1, vocab] (last position only
         unless all_logits)."""
-        c, w = self.config, self.weights
         tokens = np.asarray(tokens, dtype=np.int64)
         n = len(tokens)
         slots, positions, seqs = cache.reserve(n)

@@ -1,6 +1,7 @@
-"""Perplexity by llama-perplexity's method: the text tokenized whole, cut into chunks of `ctx` tokens,
-each chunk run from an empty cache, and only the second half of each chunk scored (so every scored
-token has at least ctx/2 tokens of context)."""
+"""Perplexity by llama-perplexity's method (llama.cpp tools/perplexity/perplexity.cpp `perplexity()`,
+ppl_stride 0): the text tokenized whole, cut into chunks of `ctx` tokens, each chunk run from an empty
+cache, and only the second half of each chunk scored (so every scored token has at least ctx/2 tokens
+of context)."""
 
 from __future__ import annotations
 
@@ -12,25 +13,59 @@ from qcpu.errors import QcpuError
 
 
 def perplexity(engine, text: str, ctx: int, progress=None) -> dict:
+    """Perplexity of `text` under `engine`'s model, following llama.cpp's `perplexity()` exactly:
+
+    * one trailing "\\n" is dropped (llama.cpp's `-f` reader, common/arg.cpp);
+    * tokens = common_tokenize(text, add_special=true, parse_special=false): one BOS first when the
+      file says tokenizer.ggml.add_bos_token, special-token text left as plain text;
+    * fewer than 2 * ctx tokens is refused;
+    * n_chunks = len(tokens) // ctx; chunk c is tokens[c*ctx : (c+1)*ctx] with, when add_bos, its first
+      token replaced by BOS (`tokens[batch_start] = llama_vocab_bos(vocab)`), evaluated on a cleared cache
+      from position 0;
+    * the logits at positions j in [ctx//2, ctx-1) score token j+1 of the chunk (the original tokens):
+      nll += log_sum_exp(logits[j]) - logits[j][token], in float64.
+
+    `engine` is a qcpu.generate.Engine (tokenizer, reset(), prefill(all_logits=True) -> float32
+    [n, vocab], cache.capacity); `ctx` is the chunk length in tokens.  `progress`, if given, has a
+    rich-style `print(str)` for a line per chunk.
+
+    Returns {"perplexity": exp(mean nll), "scored_tokens": int, "chunks": int, "tokens": int (the
+    whole text's, BOS included), "chunk_nll": [float64 nll sum (nats) per chunk]}.
+
+    Raises QcpuError (one line) when the text has fewer than 2 * ctx tokens, when ctx is below 3 (no
+    token would be scored) or exceeds the engine's context, or when the file asks for a BOS token it
+    does not define.
+    """
+    if ctx < 3:  # llama.cpp would print nan: a chunk scores ctx - ctx//2 - 1 tokens, none below 3
+        raise QcpuError(f"--ctx {ctx} scores no tokens: perplexity needs a context of at least 3")
     if text.endswith("\n"):  # llama-perplexity -f drops one trailing newline
         text = text[:-1]
-    tokens = engine.tokenizer.encode(text, parse_special=False)
-    if engine.tokenizer.add_bos and engine.tokenizer.bos_id is not None:
-        tokens = [engine.tokenizer.bos_id] + tokens
-    n_chunks = len(tokens) // ctx
-    if n_chunks == 0:
-        raise QcpuError(f"text is {len(tokens)} tokens: perplexity needs at least --ctx {ctx} of them")
-    if ctx > engine.cache.capacity:
-        raise QcpuError(f"--ctx {ctx} is larger than the context {engine.cache.capacity}")
+    tok = engine.tokenizer
+    bos = None
+    if tok.add_bos:
+        if tok.bos_id is None:
+            raise QcpuError("this GGUF sets tokenizer.ggml.add_bos_token but has no valid bos_token_id")
+        bos = tok.bos_id
+    tokens = ([bos] if bos is not None else []) + tok.encode(text, parse_special=False)
+    if len(tokens) < 2 * ctx:
+        # llama.cpp: "you need at least %d tokens to evaluate perplexity with a context of %d" /
+        # "the data file you provided tokenizes to only %zu tokens"
+        raise QcpuError(f"you need at least {2 * ctx} tokens to evaluate perplexity with a context of {ctx}; "
+                        f"the text tokenizes to only {len(tokens)} tokens")
+    if ctx > engine.capacity:
+        raise QcpuError(f"--ctx {ctx} is larger than the context {engine.capacity}")
+    n_chunks = len(tokens) // ctx  # the tail that does not fill a chunk is not scored
     first = ctx // 2
     nll, count, chunk_nll = 0.0, 0, []
     for c in range(n_chunks):
         chunk = tokens[c * ctx:(c + 1) * ctx]
+        targets = np.asarray(chunk[first + 1:ctx])  # scored tokens: never position 0, so never the BOS swap
+        if bos is not None:
+            chunk = [bos] + chunk[1:]  # every chunk starts with BOS, in place of its first token
         engine.reset()
         logits = engine.prefill(chunk, all_logits=True).astype(np.float64)  # [ctx, vocab]
         # Position j predicts token j+1: score j in [first, ctx - 1).
         scored = logits[first:ctx - 1]
-        targets = np.asarray(chunk[first + 1:ctx])
         peak = scored.max(axis=1, keepdims=True)
         log_z = peak[:, 0] + np.log(np.exp(scored - peak).sum(axis=1))
         s = float((log_z - scored[np.arange(len(targets)), targets]).sum())

@@ -1,42 +1,31 @@
-"""`qcpu chat`: the multi-turn terminal chat program.
+"""`qcpu chat`: the terminal. It reads keys and draws; the conversation and its cache live in
+`conversation.Chat`.
 
-Two layers:
-
-* `Chat` holds the conversation and keeps the engine's KV cache in step with it. A turn renders the whole
-  conversation through the chat template but feeds the model only the tokens the cache lacks (the new user
-  message and the template's glue), so earlier turns are never processed twice. /undo, /retry and /reset
-  rewind the cache to the common prefix; /load and /system re-fill it. When the conversation outgrows the
-  context, the ring cache keeps the system prompt (the `keep` prefix) and drops the oldest tokens.
-* `Repl` is the terminal: prompt_toolkit input (line editing, persistent history, multi-line), slash
-  commands, and the reply streamed through a Rich `Live` region (plain text, or Markdown with --markdown)
-  with a status line (tokens/s, context used). Not a terminal (stdin piped): read messages, print only
-  the replies, nothing else.
+prompt_toolkit input (line editing, persistent history, multi-line), slash commands, and the reply
+streamed through a Rich `Live` region (plain text, or Markdown with --markdown) with a status line
+(tokens/s, context used). Not a terminal (stdin piped): read messages, print only the replies, and stop
+at the first error with exit status 1.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from rich.console import Console
-from rich.markup import escape
 from rich.text import Text
 
+from qcpu.conversation import Chat, Turn
 from qcpu.errors import QcpuError, one_line
-from qcpu.generate import PREFILL_CHUNK, Piece, Stats
-from qcpu.sampling import new_rng, resolve_seed
+from qcpu.generate import Stats
+from qcpu.sampling import resolve_seed
 from qcpu.text_input import StdinLines
 
-SAVE_FORMAT = "qcpu-chat"
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
-SAVE_VERSION = 1
 MULTILINE = '"""'
 
 HELP = """\
@@ -96,342 +85,6 @@ def quant_name(engine) -> str:
         return types.most_common(1)[0][0]
     except Exception:
         return "?"
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-# -- the conversation and its cache ---------------------------------------------------------------------
-
-# llama-cli refuses a prompt longer than n_ctx - 4 ("prompt is too long"); the kept prefix obeys the same.
-PREFIX_MARGIN = 4
-
-@dataclass
-class Turn:
-    """One reply being written. Iterate for the text pieces; `finish()` records it in the conversation."""
-
-    chat: "Chat"
-    prompt: list[int]
-    start: int  # stream index where this exchange's new tokens begin
-    evicted_before: int
-    stats: Stats = field(default_factory=Stats)
-    parts: list[str] = field(default_factory=list)
-    stopped: bool = False  # Ctrl-C
-    completed: bool = False  # the model ended its reply (or hit max_tokens)
-    finished: bool = False
-    replaces: str | None = None  # /retry: the reply being rewritten (kept if the new one never starts)
-
-    @property
-    def text(self) -> str:
-        return "".join(self.parts)
-
-    def __iter__(self) -> Iterator[Piece]:
-        chat = self.chat
-        for piece in chat.engine.stream(self.prompt, chat.params, chat.max_tokens, self.stats, chat.rng):
-            self.parts.append(piece.text)
-            yield piece
-        self.completed = True
-
-    def finish(self) -> None:
-        """Keep the reply (even a partial one); a turn that wrote nothing leaves no trace."""
-        if self.finished:
-            return
-        self.finished = True
-        chat = self.chat
-        if self.parts or self.completed:
-            chat.last = self.stats
-        chat.total_prompt += self.stats.prompt_tokens
-        chat.total_generated += self.stats.generated_tokens
-        if self.parts or self.completed or self.replaces is not None:
-            text = self.text if (self.parts or self.completed) else self.replaces
-            chat.messages.append({"role": "assistant", "content": text})
-            if len(chat.starts) < len(chat.messages) // 2:
-                chat.starts.append(self.start)
-        else:
-            chat.messages.pop()  # the user message: nothing was said to it
-
-    @property
-    def evicted(self) -> int:
-        return self.chat.engine.cache.n_evicted - self.evicted_before
-
-
-class Chat:
-    """The conversation (system prompt + alternating user/assistant messages) and the engine's cache."""
-
-    def __init__(self, engine, params, max_tokens: int, system: str | None = None):
-        from dataclasses import replace
-
-        self.engine = engine
-        self.params = replace(params, seed=resolve_seed(params.seed))  # drawn now, so /stats can show it
-        self.rng = new_rng(self.params)  # one random stream for the session, as llama.cpp's sampler
-        self.max_tokens = max_tokens
-        self.system = system or None
-        self.messages: list[dict] = []  # user, assistant, user, assistant, ...
-        self.starts: list[int] = []  # stream index where each exchange's tokens begin (eviction notices)
-        self.last = Stats()
-        self.total_prompt = 0
-        self.total_generated = 0
-        self.dropped_exchanges = 0  # exchanges wholly evicted, as last announced
-        self._prefix_cache: tuple[str | None, list[int]] | None = None
-        self._needs_refill = False
-
-    # -- rendering ------------------------------------------------------------------------------------
-    def conversation(self, messages: list[dict] | None = None) -> list[dict]:
-        head = [{"role": "system", "content": self.system}] if self.system else []
-        return head + (self.messages if messages is None else messages)
-
-    def prefix_tokens(self, system: str | None | bool = False) -> list[int]:
-        """Tokens of the preamble every rendering starts with (the system prompt, given or the template's
-        default): what the ring cache keeps when it evicts. `system` (default: the current one) asks for
-        another system prompt's preamble."""
-        system = self.system if system is False else (system or None)
-        if self._prefix_cache and self._prefix_cache[0] == system:
-            return self._prefix_cache[1]
-        tpl = self.engine.template
-        head = [{"role": "system", "content": system}] if system else []
-        a = tpl.render(head + [{"role": "user", "content": "a"}], add_generation_prompt=False)
-        b = tpl.render(head + [{"role": "user", "content": "b"}], add_generation_prompt=False)
-        n = _common_prefix(a, b)
-        prefix = a[:n]
-        cut = prefix.rfind("\n")  # the common text ends inside the user header; keep whole lines
-        prefix = prefix[:cut + 1] if cut >= 0 else ""
-        tokens = self.engine.tokenizer.encode(prefix) if prefix else []
-        self._prefix_cache = (system, tokens)
-        return tokens
-
-    def check_system(self, system: str | None) -> None:
-        """Raise QcpuError (saying which --ctx would do) if this system prompt leaves no room in the context."""
-        n = len(self.prefix_tokens(system))
-        room = self.capacity - PREFIX_MARGIN
-        if n <= room:
-            return
-        trained = self.engine.model.config.context_length
-        # The prompt plus room for a few exchanges, in steps of 256, at most the trained context.
-        want = min(-(-(n + 512) // 256) * 256, trained)
-        fix = (f"--ctx {want} would hold it" if n + PREFIX_MARGIN <= want
-               else f"that is more than the model's trained context of {trained} tokens: shorten it")
-        raise QcpuError(f"the system prompt is {n} tokens, more than the context of {self.capacity} tokens "
-                        f"can hold ({room} at most); {fix}")
-
-    def set_params(self, params, reseed: bool = False) -> None:
-        """New sampling settings; setting the seed (`reseed`, or a new value) restarts the random stream,
-        other changes continue it."""
-        if reseed or params.seed != self.params.seed:
-            self.rng = new_rng(params)
-        self.params = params
-
-    def held_target(self, messages: list[dict]) -> list[int]:
-        """The tokens a fresh run of `messages` (ending with a reply, or empty) leaves in the cache."""
-        if not messages:
-            return self.prefix_tokens()
-        text = self.engine.template.render(self.conversation(messages), add_generation_prompt=False)
-        return self.engine.tokenizer.encode(text)
-
-    # -- the cache ------------------------------------------------------------------------------------
-    @property
-    def context_used(self) -> int:
-        return self.engine.cache.length
-
-    @property
-    def capacity(self) -> int:
-        return self.engine.cache.capacity
-
-    def refill(self, progress: Callable[[int, int], None] | None = None, first_chunk: int | None = None) -> None:
-        """Empty the cache and feed it the conversation, so it holds what a fresh run would.
-
-        A trailing user message (a reply still to write) is left for the next turn. `progress(done, total)`
-        is called after each chunk; `first_chunk` makes the first pass that small (start-up: compile the
-        one-token path first)."""
-        eng = self.engine
-        self.check_system(self.system)
-        self._needs_refill = True
-        eng.reset()
-        prefix = self.prefix_tokens()
-        eng.cache.keep = len(prefix)
-        msgs = self.messages[:-1] if self.messages and self.messages[-1]["role"] == "user" else self.messages
-        tokens = self.held_target(msgs)
-        self.starts = ([len(prefix)] + [len(self.held_target(msgs[:i])) for i in range(2, len(msgs), 2)]
-                       if msgs else [])
-        self.dropped_exchanges = 0
-        room = max(1, min(PREFILL_CHUNK, eng.cache.capacity - eng.cache.keep))
-        done = 0
-        if progress:
-            progress(0, len(tokens))
-        while done < len(tokens):
-            n = min(first_chunk, room) if (first_chunk and done == 0) else room
-            eng.prefill(tokens[done:done + n])
-            done += len(tokens[done:done + n])
-            if progress:
-                progress(done, len(tokens))
-        self._needs_refill = False
-        self.dropped_exchanges = self._count_dropped()
-
-    def _rewind(self) -> None:
-        """After messages were removed: cut the cache back to what it shares with the conversation."""
-        eng = self.engine
-        if eng.cache.n_evicted or self._needs_refill:
-            self.refill()  # the ring cannot be rewound past what it has already dropped
-            return
-        target = self.held_target(self.messages)
-        common = _common_prefix(target, eng.tokens)
-        if common < len(eng.tokens):
-            eng.cache.truncate(common)
-            del eng.tokens[common:]
-        del self.starts[len(self.messages) // 2:]
-
-    def _count_dropped(self) -> int:
-        """How many exchanges the ring has dropped entirely."""
-        cache = self.engine.cache
-        if not cache.n_evicted:
-            return 0
-        live = cache.slot_seq[cache.slot_seq >= cache.keep]
-        oldest = int(live.min()) if len(live) else cache.n_seen
-        ends = self.starts[1:] + [len(self.engine.tokens)]
-        return sum(1 for end in ends if end <= oldest)
-
-    def eviction_notice(self, turn: Turn) -> str | None:
-        """One line when this turn pushed (more of) the conversation out of the context."""
-        if not turn.evicted:
-            return None
-        n = self._count_dropped()
-        first = self.dropped_exchanges == 0 and turn.evicted == self.engine.cache.n_evicted
-        if n <= self.dropped_exchanges and not first:
-            return None
-        self.dropped_exchanges = max(n, self.dropped_exchanges)
-        what = (f"the oldest {n} exchange{'s' if n != 1 else ''} dropped" if n
-                else "the start of the first exchange dropped")
-        return f"context full ({self.capacity} tokens): {what}, system prompt kept"
-
-    # -- turns ----------------------------------------------------------------------------------------
-    def send(self, text: str) -> Turn:
-        self.messages.append({"role": "user", "content": text})
-        return self._turn()
-
-    def _turn(self) -> Turn:
-        eng = self.engine
-        try:
-            if self._needs_refill:
-                self.refill()
-            evicted = eng.cache.n_evicted
-            prompt = eng.chat_prompt_tokens(self.conversation())
-            room = eng.cache.capacity - eng.cache.keep
-            if len(prompt) > room:
-                raise QcpuError(f"that message is {len(prompt)} tokens, more than the context holds "
-                                f"({eng.cache.capacity} with {eng.cache.keep} kept); shorten it or raise --ctx")
-        except BaseException:
-            self.messages.pop()
-            raise
-        return Turn(self, prompt, start=len(eng.tokens), evicted_before=evicted)
-
-    def retry(self) -> Turn:
-        if not self.messages or self.messages[-1]["role"] != "assistant":
-            raise QcpuError("no reply to retry yet")
-        old = self.messages.pop()["content"]
-        eng = self.engine
-        if eng.cache.n_evicted or self._needs_refill:
-            self.refill()
-        else:
-            # Keep the tokens up to the last one of the prompt: it is fed again for its logits.
-            full = eng.tokenizer.encode(eng.template.render(self.conversation(), add_generation_prompt=True))
-            common = min(_common_prefix(full, eng.tokens), len(full) - 1)
-            eng.cache.truncate(common)
-            del eng.tokens[common:]
-        del self.starts[len(self.messages) // 2:]
-        user = self.messages[-1]
-        try:
-            turn = self._turn()
-        except BaseException:
-            self.messages += [user, {"role": "assistant", "content": old}]
-            raise
-        turn.replaces = old
-        return turn
-
-    def undo(self) -> None:
-        if len(self.messages) < 2:
-            raise QcpuError("nothing to undo")
-        del self.messages[-2:]
-        self._rewind()
-
-    def reset(self) -> None:
-        self.messages = []
-        self.starts = []
-        self.dropped_exchanges = 0
-        self._rewind()
-
-    def set_system(self, text: str | None, progress=None) -> None:
-        """Change the system prompt and re-fill the cache. A prompt that does not fit raises QcpuError
-        and leaves the conversation, the old system prompt and the cache as they were."""
-        self.check_system(text)
-        self.system = text or None
-        self.refill(progress)
-
-    # -- files ----------------------------------------------------------------------------------------
-    def to_json(self) -> dict:
-        return {"format": SAVE_FORMAT, "version": SAVE_VERSION, "model": self.engine.model.config.name,
-                "system": self.system, "messages": [dict(m) for m in self.messages]}
-
-    def save(self, path: str | Path) -> Path:
-        """Write the conversation as JSON, atomically (temp file in the same folder, then rename)."""
-        path = Path(path).expanduser()
-        if path.is_dir():
-            raise QcpuError(f"{path}: is a directory")
-        data = json.dumps(self.to_json(), ensure_ascii=False, indent=2) + "\n"
-        folder = path.parent if str(path.parent) else Path(".")
-        if not folder.is_dir():
-            raise QcpuError(f"{folder}: no such folder")
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        return path
-
-    @staticmethod
-    def read_file(path: str | Path) -> tuple[str | None, list[dict]]:
-        from qcpu.text_input import read_text_file
-
-        path = Path(path).expanduser()
-        text = read_text_file(path)
-        try:
-            data = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as e:
-            raise QcpuError(f"{path}: not a saved conversation ({e})") from None
-        if not isinstance(data, dict) or data.get("format") != SAVE_FORMAT:
-            raise QcpuError(f"{path}: not a conversation saved by qcpu chat (/save)")
-        system, messages = data.get("system"), data.get("messages")
-        if system is not None and not isinstance(system, str):
-            raise QcpuError(f"{path}: 'system' must be a string")
-        if not isinstance(messages, list):
-            raise QcpuError(f"{path}: 'messages' must be a list")
-        out = []
-        for i, m in enumerate(messages):
-            want = "user" if i % 2 == 0 else "assistant"
-            if not (isinstance(m, dict) and m.get("role") == want and isinstance(m.get("content"), str)):
-                raise QcpuError(f"{path}: message {i + 1} must be {{'role': '{want}', 'content': TEXT}}")
-            out.append({"role": want, "content": m["content"]})
-        if out and out[-1]["role"] == "user":
-            raise QcpuError(f"{path}: the last message has no reply")
-        return system, out
-
-    def load(self, path: str | Path, progress=None) -> None:
-        system, messages = self.read_file(path)
-        self.check_system(system)
-        self.system, self.messages = system, messages
-        self.refill(progress)
 
 
 # -- the terminal -----------------------------------------------------------------------------------------
@@ -521,10 +174,7 @@ class Repl:
     def run_turn(self, make_turn: Callable[[], Turn]) -> None:
         chat = self.chat
         try:
-            with self._progress("catching up") if chat._needs_refill else _NullProgress() as bar:
-                if chat._needs_refill:
-                    chat.refill(bar)
-                turn = make_turn()
+            turn = make_turn()
         except QcpuError as e:
             self.error(str(e))
             return
@@ -771,7 +421,7 @@ class Repl:
 
     def _stats(self) -> None:
         chat, s = self.chat, self.chat.last
-        cache = chat.engine.cache
+        eng = chat.engine
         try:
             import numba
 
@@ -780,8 +430,8 @@ class Repl:
             threads = "?"
         rows = [
             ("model", f"{self.model_label}"),
-            ("context", f"{chat.context_used}/{chat.capacity} tokens held · {cache.keep} kept (system prompt) · "
-                        f"{cache.n_evicted} dropped so far"),
+            ("context", f"{chat.context_used}/{chat.capacity} tokens held · {eng.n_kept} kept (system prompt) · "
+                        f"{eng.n_evicted} dropped so far"),
             ("last turn", f"prompt {s.prompt_tokens} new tokens in {s.prompt_seconds:.2f}s ({s.prompt_tps:.1f} tok/s) · "
                           f"reply {s.generated_tokens} tokens in {s.generate_seconds:.2f}s ({s.generate_tps:.1f} tok/s) · "
                           f"first token after {s.first_token_seconds:.2f}s · {s.stop_reason or '-'}"),
@@ -836,13 +486,13 @@ def history_path() -> Path:
 
 
 def load_chat(path: Path, *, params, max_tokens: int, system: str | None, ctx: int | None,
-              chat_template: str | None, console: Console | None) -> Chat:
+              chat_template: str | None, console: Console | None, check_tensors: bool = False) -> Chat:
     """Load the model, compile the kernels and read the system prompt into the cache, with a progress bar
     on `console` (None: silently)."""
     from qcpu.generate import Engine
 
     if console is None:
-        chat = Chat(Engine.load(path, ctx=ctx, chat_template=chat_template), params, max_tokens, system)
+        chat = Chat(Engine.load(path, ctx=ctx, chat_template=chat_template, check_tensors=check_tensors), params, max_tokens, system)
         chat.refill()
         return chat
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -850,7 +500,7 @@ def load_chat(path: Path, *, params, max_tokens: int, system: str | None, ctx: i
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=True) as progress:
         task = progress.add_task(f"reading {path.name}", total=3)
-        engine = Engine.load(path, ctx=ctx, chat_template=chat_template)
+        engine = Engine.load(path, ctx=ctx, chat_template=chat_template, check_tensors=check_tensors)
         chat = Chat(engine, params, max_tokens, system)
         progress.update(task, advance=1, description="compiling kernels")
 
@@ -866,7 +516,7 @@ def load_chat(path: Path, *, params, max_tokens: int, system: str | None, ctx: i
 
 
 def run_chat(path: Path, *, params, max_tokens: int, system: str | None, ctx: int | None, chat_template: str | None = None,
-             markdown: bool = False, color: bool = True) -> int:
+             markdown: bool = False, color: bool = True, check_tensors: bool = False) -> int:
     """Run `qcpu chat` until the user leaves; the exit status. Raises QcpuError if it cannot start."""
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     if os.environ.get("NO_COLOR"):
@@ -874,7 +524,7 @@ def run_chat(path: Path, *, params, max_tokens: int, system: str | None, ctx: in
     status_console = Console(stderr=True, highlight=False, color_system="auto" if color else None) if interactive else None
     t0 = time.perf_counter()
     chat = load_chat(path, params=params, max_tokens=max_tokens, system=system, ctx=ctx,
-                     chat_template=chat_template, console=status_console)
+                     chat_template=chat_template, console=status_console, check_tensors=check_tensors)
     cfg = chat.engine.model.config
     label = f"{cfg.name} · {quant_name(chat.engine)}"
     repl = Repl(chat, interactive=interactive, markdown=markdown, color=color,

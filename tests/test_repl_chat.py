@@ -1,4 +1,4 @@
-"""`qcpu.repl.Chat` in-process: the conversation and the KV cache stay in step through every command.
+"""`qcpu.conversation.Chat` in-process: the conversation and the KV cache stay in step through every command.
 
 Most tests run on the tiny random model (milliseconds, float32 weights, so greedy replies are exactly
 reproducible); the prefill count is also checked on the default model.
@@ -12,7 +12,8 @@ import pytest
 
 from qcpu.errors import QcpuError
 from qcpu.generate import Engine
-from qcpu.repl import Chat, Repl
+from qcpu.conversation import Chat
+from qcpu.repl import Repl
 from qcpu.sampling import SamplingParams
 from tests.tiny_model import write_tiny_qwen2
 
@@ -80,13 +81,13 @@ def assert_cache_matches_conversation(chat):
     held, want = chat.engine.tokens, fresh_tokens(chat)
     assert held == want[:len(held)]
     assert len(want) - len(held) <= 2  # only the reply's closing <|im_end|>\n is not fed yet
-    assert chat.engine.cache.n_seen == len(held)
+    assert chat.engine.n_seen == len(held)
 
 
 def test_start_holds_the_system_prefix(tiny_path):
     chat = new_chat(tiny_path)
     prefix = chat.prefix_tokens()
-    assert chat.engine.tokens == prefix and chat.engine.cache.keep == len(prefix) > 0
+    assert chat.engine.tokens == prefix and chat.engine.n_kept == len(prefix) > 0
     text = chat.engine.tokenizer.decode(prefix)
     assert text.startswith("<|im_start|>system\nbe terse<|im_end|>")
 
@@ -151,7 +152,7 @@ def test_save_load_round_trip_refills_the_cache(tiny_path, tmp_path):
     b = tmp_path / "b.json"
     other.save(b)
     assert json.loads(b.read_text()) == data
-    assert other.system == "be terse" and other.engine.cache.keep == len(chat.prefix_tokens())
+    assert other.system == "be terse" and other.engine.n_kept == len(chat.prefix_tokens())
     assert other.engine.tokens[:len(held)] == held  # same tokens (plus the last reply's <|im_end|>\n)
     assert say(other, "gamma").text == next_reply
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left behind
@@ -194,22 +195,22 @@ def test_load_rejects_bad_files_and_keeps_the_conversation(tiny_path, tmp_path, 
 
 def test_a_long_conversation_drops_old_turns_and_keeps_the_system_prompt(tiny_path):
     chat = new_chat(tiny_path, ctx=64, max_tokens=8)
-    keep = chat.engine.cache.keep
+    keep = chat.engine.n_kept
     notices = []
     for i in range(12):
         turn = say(chat, f"message number {i}")
         notice = chat.eviction_notice(turn)
         if notice:
             notices.append(notice)
-    cache = chat.engine.cache
-    assert cache.n_evicted > 0 and len(chat.messages) == 24
+    cache = chat.engine._cache  # white-box: the ring's slots
+    assert chat.engine.n_evicted > 0 and len(chat.messages) == 24
     assert notices and notices[0].startswith("context full (64 tokens)") and "system prompt kept" in notices[0]
     assert any("oldest" in n and "exchange" in n for n in notices)
     # the system prompt's tokens are still in the cache, at their original stream positions
     assert sorted(cache.slot_seq[(cache.slot_seq >= 0) & (cache.slot_seq < keep)]) == list(range(keep))
-    # /undo past the ring's evictions re-fills the cache from the conversation instead of failing
+    # /undo past the ring's evictions rebuilds the cache from the conversation instead of failing
     chat.undo()
-    assert len(chat.messages) == 22 and chat.engine.cache.keep == keep
+    assert len(chat.messages) == 22 and chat.engine.n_kept == keep
     say(chat, "still here?")
 
 
@@ -237,10 +238,10 @@ def test_a_system_prompt_that_does_not_fit_keeps_the_old_one(tiny_path):
 
     chat = new_chat(tiny_path, ctx=64)
     say(chat, "alpha")
-    before = (chat.system, list(chat.messages), list(chat.engine.tokens), chat.engine.cache.keep)
+    before = (chat.system, list(chat.messages), list(chat.engine.tokens), chat.engine.n_kept)
     with pytest.raises(QcpuError, match=r"the system prompt is \d+ tokens, more than the context of 64"):
         chat.set_system("word " * 100)
-    assert (chat.system, chat.messages, chat.engine.tokens, chat.engine.cache.keep) == before
+    assert (chat.system, chat.messages, chat.engine.tokens, chat.engine.n_kept) == before
     # the interactive REPL says so and goes on: the next message is answered with the old system prompt
     repl = Repl(chat, interactive=True, color=False)
     repl.out = Console(file=io.StringIO(), color_system=None, width=80)

@@ -50,7 +50,8 @@ def _leftovers(folder: Path, keep: set[str]) -> list[str]:
 
 def _interrupt_quantize(model: Path, tmp: Path, out: Path, *extra: str) -> tuple[int, str]:
     """Start `qcpu quantize MODEL OUT Q8_0`, SIGINT it once its temporary file holds tensor data."""
-    proc = subprocess.Popen([*QCPU, "quantize", str(model), str(out), "Q8_0", *extra], cwd=tmp,
+    # The default model is already quantized: without --allow-requantize it would be refused up front.
+    proc = subprocess.Popen([*QCPU, "quantize", str(model), str(out), "Q8_0", "--allow-requantize", *extra], cwd=tmp,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def writing() -> bool:
@@ -106,10 +107,11 @@ def test_sigint_during_quantize_force_keeps_old_file(real_model_path, tmp_path):
 SAVE_CHILD = textwrap.dedent("""
     import os, sys, time
     from types import SimpleNamespace
-    from qcpu.repl import Chat
+    from qcpu.conversation import Chat
+    from qcpu.sampling import SamplingParams
 
     engine = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(name="stand-in")))
-    chat = Chat(engine, params=None, max_tokens=8)
+    chat = Chat(engine, params=SamplingParams(), max_tokens=8)
     chat.messages = [{"role": "user", "content": "x" * 2_000_000}, {"role": "assistant", "content": "new"}]
 
     def fsync(fd):  # the JSON is all in the temporary file, the rename not done: say so, then wait

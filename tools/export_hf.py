@@ -239,14 +239,14 @@ def export(model: Path, out: Path, dtype: str = "bf16", layers: int | None = Non
 
 def _ours_greedy(engine, prompt_ids: list[int], max_new: int) -> list[int]:
     engine.reset()
-    logits = engine.prefill(prompt_ids)
+    logits = engine.feed(prompt_ids)
     got = []
     while len(got) < max_new:
         token = int(np.argmax(logits))
         got.append(token)
         if token in engine.tokenizer.eot_ids:
             break
-        logits = engine.model.forward([token], engine.cache)[-1]
+        logits = engine.feed([token])
     return got
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 
 from qcpu.generate import Engine
-from qcpu.repl import Chat
+from qcpu.conversation import Chat
 from qcpu.sampling import SamplingParams
 
 TOPICS = ["sorting a list", "reading a file", "a binary search", "parsing JSON", "a linked list", "regular expressions",
@@ -63,7 +63,7 @@ def main() -> int:
 
     rows = []
     turn = 0
-    while chat.engine.cache.n_seen < target:
+    while chat.engine.n_seen < target:
         t = time.perf_counter()
         reply = chat.send(message(turn))
         for _ in reply:
@@ -71,8 +71,8 @@ def main() -> int:
         reply.finish()
         notice = chat.eviction_notice(reply)
         gc.collect()
-        cache = chat.engine.cache
-        row = (turn, cache.n_seen, cache.length, len(chat.messages), reply.stats.generated_tokens, rss())
+        eng = chat.engine
+        row = (turn, eng.n_seen, eng.n_held, len(chat.messages), reply.stats.generated_tokens, rss())
         rows.append(row)
         print(f"{row[0]:>5} {row[1]:>7} {row[2]:>6} {row[3]:>5} {row[4]:>6} {row[5]:>8.1f} "
               f"{time.perf_counter() - t:>6.1f}" + (f"  {notice}" if notice else ""), flush=True)
@@ -83,9 +83,9 @@ def main() -> int:
     second = max(r[5] for r in rows[half:])
     growth = second - first
     flat = growth < args.limit_mb
-    cache = chat.engine.cache
-    print(f"\n{turn} turns, {cache.n_seen} tokens seen ({cache.n_seen / cache.capacity:.1f}x the context of "
-          f"{cache.capacity}), {cache.n_evicted} evicted, {len(chat.messages)} messages kept, "
+    eng = chat.engine
+    print(f"\n{turn} turns, {eng.n_seen} tokens seen ({eng.n_seen / eng.capacity:.1f}x the context of "
+          f"{eng.capacity}), {eng.n_evicted} evicted, {len(chat.messages)} messages kept, "
           f"{time.perf_counter() - t0:.0f} s")
     print(f"RSS: loaded {rss_loaded:.1f} MB; max first half {first:.1f} MB, max second half {second:.1f} MB, "
           f"growth {growth:+.1f} MB (limit {args.limit_mb:g})")
