@@ -50,12 +50,14 @@ def _positive(name: str, value: Optional[int]) -> Optional[int]:
     return value
 
 
-def _set_threads(threads: Optional[int]) -> None:
-    import numba
+def _set_threads(threads: Optional[int]) -> int:
+    """--threads for every command (quant's too); a bad value is a usage error (exit 2)."""
+    from qcpu.threads import set_threads
 
-    if threads is not None:
-        _positive("--threads", threads)
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        return set_threads(threads)
+    except QcpuError as e:
+        raise typer.BadParameter(str(e)) from None
 
 
 def _load_engine(model: Optional[str], ctx: Optional[int], threads: Optional[int], chat_template: Optional[str] = None,

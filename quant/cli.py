@@ -14,15 +14,6 @@ err = Console(stderr=True, highlight=False)
 QUANTIZE_TYPES = "Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K Q4_K_M Q5_K_M (also Q3_K_S/M/L Q4_K_S Q5_K_S F16 BF16 F32)"
 
 
-def _set_threads(threads: Optional[int]) -> None:
-    if threads is not None:
-        import numba
-
-        if threads <= 0:
-            raise typer.BadParameter(f"--threads must be positive, got {threads}")
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-
-
 def _progress_bar(plan_hint: str):
     """A Rich progress factory for requantize/convert: one bar over all input bytes, the current tensor
     named beside it."""
@@ -55,6 +46,7 @@ def _progress_bar(plan_hint: str):
 
 def register(app) -> None:
     """Add the quantization commands to the `qcpu` Typer app."""
+    from qcpu.cli import _set_threads  # the one --threads rule for every command
 
     @app.command()
     def quantize(
