@@ -227,7 +227,8 @@ def info(model: Optional[str] = ModelArg):
         "file_type": _file_type_name(f.get("general.file_type")),
         "tied_embeddings": "output.weight" not in f.tensors,
         "tensor_types": ", ".join(f"{k} x{v}" for k, v in types.most_common()),
-        "tokenizer": f"{f.get('tokenizer.ggml.model')} / pre {f.get('tokenizer.ggml.pre')}, {len(tokens)} tokens",
+        "tokenizer": f"{f.get('tokenizer.ggml.model')} / pre {f.get('tokenizer.ggml.pre') or 'missing (llama.cpp: default)'}, "
+                     f"{len(tokens)} tokens",
         "bos / eos": f"{f.get('tokenizer.ggml.bos_token_id')} / {f.get('tokenizer.ggml.eos_token_id')}",
         "chat_template": "yes" if f.get("tokenizer.chat_template") else "no (ChatML fallback)",
     }

@@ -26,7 +26,7 @@ def perplexity(engine, text: str, ctx: int, progress=None) -> dict:
       nll += log_sum_exp(logits[j]) - logits[j][token], in float64.
 
     `engine` is a qcpu.generate.Engine (tokenizer, reset(), prefill(all_logits=True) -> float32
-    [n, vocab], cache.capacity); `ctx` is the chunk length in tokens.  `progress`, if given, has a
+    [n, vocab], capacity); `ctx` is the chunk length in tokens.  `progress`, if given, has a
     rich-style `print(str)` for a line per chunk.
 
     Returns {"perplexity": exp(mean nll), "scored_tokens": int, "chunks": int, "tokens": int (the

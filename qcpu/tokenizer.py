@@ -6,7 +6,9 @@ reproduce llama.cpp's behaviour around it.  The reference is llama.cpp ``src/lla
 version vendored by llama-cpp-python 0.3.36, llama.cpp commit 0c1e570) and ``src/unicode.cpp``:
 
 * pre-tokenizer regex per ``tokenizer.ggml.pre`` -- ``llama_vocab::impl`` / ``llm_tokenizer_bpe``
-  constructor, ``case LLAMA_VOCAB_PRE_TYPE_QWEN2``;
+  constructor, ``case LLAMA_VOCAB_PRE_TYPE_QWEN2``; a file without the key gets llama.cpp's
+  ``LLAMA_VOCAB_PRE_TYPE_DEFAULT`` split and a one-line warning (``llama_vocab::impl::load``,
+  "missing pre-tokenizer type, using: 'default'");
 * no Unicode normalisation.  Hugging Face's tokenizer.json for Qwen2 has an NFC normaliser, llama.cpp
   has none for BPE; we follow llama.cpp (so a decomposed "e" + U+0301 stays decomposed);
 * special-token partitioning before BPE -- ``llama_vocab::impl::tokenizer_st_partition``: control
@@ -24,7 +26,7 @@ from __future__ import annotations
 import codecs
 import re
 import threading
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from qcpu.errors import QcpuError
 
@@ -60,14 +62,31 @@ _QWEN35_REGEX = (
     r"|\s+(?!\S)"
     r"|\s+"
 )
+# LLAMA_VOCAB_PRE_TYPE_DEFAULT (llm_tokenizer_bpe constructor, `default:` case): four regexes applied in
+# turn, each splitting every piece the previous ones left (unicode.cpp unicode_regex_split), matches and
+# the text between them both kept as pieces -- what tokenizers' Split(behavior="isolated") does.
+#  1. runs of punctuation and $+<=>^~| (so "'" is cut off before 2. can see "'s");
+#  2. GPT-2's regex; llama.cpp runs its hand-written unicode_regex_split_custom_gpt2, which also
+#     isolates whitespace the regex leaves unmatched -- the same pieces as Split's gaps;
+#  3. digit runs;  4. ASCII digits in threes from the left ("1234567" -> "123", "456", "7").
+_DEFAULT_REGEXES = (
+    r"[\p{P}\$\+<=>\^~\|]+",
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)",
+    r"\p{N}+",
+    r"[0-9][0-9][0-9]",
+)
 # tokenizer.ggml.pre values llama.cpp maps to the regexes above (llama_vocab::impl::load).
-# Only the Qwen family is supported: an unknown pre-tokenizer would silently mis-tokenise.
-_PRE_REGEX = {
-    "qwen2": _QWEN2_REGEX,
-    "deepseek-r1-qwen": _QWEN2_REGEX,
-    "megrez": _QWEN2_REGEX,
-    "qwen35": _QWEN35_REGEX,
+# Only the Qwen family (and llama.cpp's fallback) is supported: an unknown pre-tokenizer would
+# silently mis-tokenise.
+_PRE_REGEX: dict[str, tuple[str, ...]] = {
+    "qwen2": (_QWEN2_REGEX,),
+    "deepseek-r1-qwen": (_QWEN2_REGEX,),
+    "megrez": (_QWEN2_REGEX,),
+    "qwen35": (_QWEN35_REGEX,),
+    "default": _DEFAULT_REGEXES,
 }
+MISSING_PRE_WARNING = ("this GGUF has no tokenizer.ggml.pre: tokenizing with llama.cpp's 'default' "
+                       "pre-tokenizer (generation quality may be degraded; consider regenerating the model)")
 
 # Token texts llama.cpp treats as end-of-generation whatever the GGUF metadata says
 # (llama-vocab.cpp, "maintain a list of tokens that cause end-of-generation").
@@ -121,9 +140,14 @@ def _get(meta: Mapping[str, Any], key: str, default=None):
 
 
 class Tokenizer:
-    """Encode/decode for a GGUF gpt2-style (byte-level BPE) vocabulary.  Build with ``from_metadata``."""
+    """Encode/decode for a GGUF gpt2-style (byte-level BPE) vocabulary.  Build with ``from_metadata``.
 
-    def __init__(self, meta: Mapping[str, Any]):
+    ``warn`` receives each warning as one line of text (default: ``qcpu.errors.warn``, which prints
+    ``qcpu: warning: ...`` on stderr); the warnings given are also kept in ``self.warnings``.
+    Raises QcpuError (one line) for a vocabulary qcpu cannot tokenize exactly as llama.cpp would."""
+
+    def __init__(self, meta: Mapping[str, Any], warn: Callable[[str], None] | None = None):
+        self.warnings: list[str] = []
         model = _get(meta, "tokenizer.ggml.model")
         if model is None:
             raise QcpuError("this GGUF has no tokenizer.ggml.model; qcpu only handles gpt2-style byte-level BPE (Qwen2 family)")
@@ -134,8 +158,12 @@ class Tokenizer:
         if not tokens or not merges:
             missing = " and ".join(k for k, v in (("tokenizer.ggml.tokens", tokens), ("tokenizer.ggml.merges", merges)) if not v)
             raise QcpuError(f"this GGUF's BPE tokenizer lacks {missing}; cannot tokenize")
-        pre = _get(meta, "tokenizer.ggml.pre", "default")
-        if pre not in _PRE_REGEX:
+        pre = _get(meta, "tokenizer.ggml.pre", "")
+        if pre == "":
+            # llama.cpp (llama_vocab::impl::load) treats a missing or empty key alike: warn, use 'default'.
+            pre = "default"
+            self.warnings.append(MISSING_PRE_WARNING)
+        elif pre not in _PRE_REGEX:
             raise QcpuError(f"unsupported pre-tokenizer {pre!r} in this GGUF (supported: {', '.join(sorted(_PRE_REGEX))})")
         types = list(_get(meta, "tokenizer.ggml.token_type", [])) or [TOKEN_NORMAL] * len(tokens)
         if len(types) != len(tokens):
@@ -162,10 +190,16 @@ class Tokenizer:
         self._special_lock = threading.Lock()
         self._piece_cache: dict[int, bytes] = {}
         self.eot_ids: frozenset[int] = self._eog_ids(meta)
+        if self.warnings:  # only once the vocabulary is known to be usable
+            if warn is None:
+                from qcpu.errors import warn
+            for w in self.warnings:
+                warn(w)
 
     @classmethod
-    def from_metadata(cls, meta: Mapping[str, Any]) -> "Tokenizer":
-        return cls(meta)
+    def from_metadata(cls, meta: Mapping[str, Any], warn: Callable[[str], None] | None = None) -> "Tokenizer":
+        """The tokenizer of a GGUF's metadata (key -> value, as ``GGUFFile.metadata``); see the class."""
+        return cls(meta, warn)
 
     # -- construction -------------------------------------------------------------------------------
 
@@ -188,7 +222,7 @@ class Tokenizer:
             raise QcpuError(f"this GGUF's BPE vocab/merges are inconsistent: {e}") from None
         tok = HFTokenizer(bpe)
         tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_PRE_REGEX[self.pre]), behavior="isolated", invert=False),
+            *(pre_tokenizers.Split(Regex(r), behavior="isolated", invert=False) for r in _PRE_REGEX[self.pre]),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ])
         tok.decoder = decoders.ByteLevel()

@@ -1,20 +1,25 @@
 """Tokenizer tests: llama.cpp goldens on the real model (tests/golden/tokenize.json, recorded by
-tools/record_tokenizer_goldens.py), streaming detokenization, end-of-generation ids, and error paths on
-small synthetic vocabularies."""
+tools/record_tokenizer_goldens.py), the same for a copy of it without tokenizer.ggml.pre (llama.cpp's
+'default' pre-tokenizer, tests/golden/tokenize_default_pre.json), streaming detokenization,
+end-of-generation ids, and error paths on small synthetic vocabularies."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from qcpu.errors import QcpuError
-from qcpu.tokenizer import _BYTE_TO_CHAR, StreamDecoder, Tokenizer
+from qcpu.gguf_file import GGUFFile
+from qcpu.tokenizer import _BYTE_TO_CHAR, MISSING_PRE_WARNING, StreamDecoder, Tokenizer
 
 MODEL = Path.home() / ".cache" / "qcpu" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 GOLDEN = Path(__file__).parent / "golden" / "tokenize.json"
+DEFAULT_PRE_GOLDEN = Path(__file__).parent / "golden" / "tokenize_default_pre.json"
 
 # "</s>" is a NORMAL token (type 1) in Qwen2's vocab -- HTML's strikethrough close tag, not an EOS.  The
 # llama.cpp in llama-cpp-python 0.3.36 has "</s>" in its end-of-generation name list (added for
@@ -193,6 +198,116 @@ def test_stream_decoder_equals_decode_on_random_ids(tok):
     check()
 
 
+# -- a file without tokenizer.ggml.pre: llama.cpp's 'default' pre-tokenizer -----------------------------
+
+DEFAULT_PRE_CASES = json.loads(DEFAULT_PRE_GOLDEN.read_text(encoding="utf-8"))["cases"]
+
+
+def _write_without_pre(src: Path, dst: Path) -> None:
+    """Metadata-only copy of `src` minus tokenizer.ggml.pre (as tools/record_tokenizer_goldens.py's
+    write_without_pre, which made the file the golden was recorded from; read here with qcpu's parser
+    because gguf-py's reader takes ~15 s on the 151k-token vocabulary)."""
+    import gguf
+
+    f = GGUFFile(src)
+    w = gguf.GGUFWriter(str(dst), f.metadata["general.architecture"])
+    for key, value in f.metadata.items():
+        if key in ("general.architecture", "tokenizer.ggml.pre"):  # the writer adds the first itself
+            continue
+        vtype, etype = f.value_types[key]
+        w.add_key_value(key, value, vtype, etype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    f.close()
+
+
+@pytest.fixture(scope="module")
+def pre_less_path(real_model_path, tmp_path_factory):
+    path = tmp_path_factory.mktemp("nopre") / "no-pre.gguf"
+    _write_without_pre(Path(real_model_path), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def default_pre(pre_less_path, real_model_path):
+    data = json.loads(DEFAULT_PRE_GOLDEN.read_text(encoding="utf-8"))
+    with open(real_model_path, "rb") as f:
+        if hashlib.sha256(f.read(1 << 20)).hexdigest() != data["model_sha256_head"]:
+            pytest.skip("the default model is not the file the goldens were recorded from")
+    warnings: list[str] = []
+    meta = GGUFFile(pre_less_path).metadata
+    full = GGUFFile(real_model_path).metadata
+    assert "tokenizer.ggml.pre" not in meta and set(meta) == set(full) - {"tokenizer.ggml.pre"}
+    tok = Tokenizer.from_metadata(meta, warn=warnings.append)
+    assert warnings == [MISSING_PRE_WARNING] == tok.warnings and "\n" not in warnings[0]
+    return tok, data
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("case", DEFAULT_PRE_CASES, ids=[_case_id(c) for c in DEFAULT_PRE_CASES])
+def test_missing_pre_encodes_like_llama_cpp_default(default_pre, case):
+    tok, _ = default_pre
+    assert tok.pre == "default"
+    text = case["text"]
+    assert tok.encode(text, parse_special=False) == case["plain"]
+    ours = tok.encode(text, parse_special=True)
+    if any(i in LLAMA_CPP_FORCED_CONTROL for i in case["special"]):  # same documented "</s>" divergence
+        assert "</s>" in text and ours == case["plain"]
+    else:
+        assert ours == case["special"]
+
+
+@pytest.mark.model
+def test_default_pre_golden_is_not_qwen2s(default_pre):
+    # The 'default' split really differs from Qwen2's on this corpus (else the test above could not
+    # tell them apart): "'" is isolated before GPT-2's "'s" rule can see it, digits go in threes, ...
+    _, data = default_pre
+    qwen2 = {c["text"]: c["plain"] for c in GOLDEN_CASES}
+    differ = [c["text"] for c in data["cases"] if c["text"] in qwen2 and c["plain"] != qwen2[c["text"]]]
+    assert len(differ) >= 10, differ
+    assert "missing pre-tokenizer type, using: 'default'" in data["llama_cpp_warning"]
+
+
+@pytest.mark.model
+def test_missing_pre_cli_warns_once(pre_less_path, default_pre):
+    _, data = default_pre
+    case = next(c for c in data["cases"] if c["text"].startswith("I'm sure"))
+    proc = subprocess.run([sys.executable, "-m", "qcpu.cli", "tokenize", str(pre_less_path), case["text"], "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == case["special"]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == [f"qcpu: warning: {MISSING_PRE_WARNING}"]
+
+
+def _meta_with_merges(pre):
+    # the tiny vocab plus "'s" and "12", so that the pre-tokenizer's split shows in the tokens
+    m = _tiny_meta(**{"tokenizer.ggml.pre": pre})
+    m["tokenizer.ggml.tokens"] = m["tokenizer.ggml.tokens"] + ["'s", "12"]
+    m["tokenizer.ggml.merges"] = m["tokenizer.ggml.merges"] + ["' s", "1 2"]
+    m["tokenizer.ggml.token_type"] = m["tokenizer.ggml.token_type"] + [1, 1]
+    return m
+
+
+@pytest.mark.parametrize("pre", [None, ""])
+def test_missing_or_empty_pre_warns_and_uses_default(pre, capsys):
+    t = Tokenizer.from_metadata(_meta_with_merges(pre))
+    assert t.pre == "default"
+    assert capsys.readouterr().err == f"qcpu: warning: {MISSING_PRE_WARNING}\n"  # the default `warn`
+    pieces = [t.token_bytes(i) for i in t.encode("he's 1212")]
+    # 'default': "'" is isolated before GPT-2's "'s" rule can see it; ASCII digits go in threes
+    assert pieces == [b"he", b"'", b"s", b" ", b"12", b"1", b"2"]
+    q = Tokenizer.from_metadata(_meta_with_merges("qwen2"))  # Qwen2: "'s" kept, digits one by one
+    assert [q.token_bytes(i) for i in q.encode("he's 1212")] == [b"he", b"'s", b" ", b"1", b"2", b"1", b"2"]
+
+
+def test_explicit_default_pre_is_accepted_silently():
+    warnings: list[str] = []
+    t = Tokenizer.from_metadata(_tiny_meta(**{"tokenizer.ggml.pre": "default"}), warn=warnings.append)
+    assert t.pre == "default" and warnings == [] == t.warnings
+
+
 # -- synthetic vocabularies (no model file needed) ------------------------------------------------------
 
 def _tiny_meta(**over) -> dict:
@@ -238,7 +353,8 @@ def test_tiny_vocab_eot_keys_and_bos():
     ({"tokenizer.ggml.model": None}, "gpt2-style"),
     ({"tokenizer.ggml.merges": None}, "merges"),
     ({"tokenizer.ggml.tokens": []}, "tokens"),
-    ({"tokenizer.ggml.pre": "falcon"}, "pre-tokenizer"),
+    ({"tokenizer.ggml.pre": "falcon"}, "unsupported pre-tokenizer 'falcon'"),
+    ({"tokenizer.ggml.pre": "llama-bpe"}, "unsupported pre-tokenizer 'llama-bpe'"),  # llama.cpp knows it
     ({"tokenizer.ggml.merges": ["h e", "x y"]}, "inconsistent"),
     ({"tokenizer.ggml.token_type": [1, 1]}, "token types"),
 ])

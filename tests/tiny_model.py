@@ -33,8 +33,9 @@ def tiny_config(**overrides) -> dict:
 
 
 def write_tiny_qwen2(path: str | Path, seed: int = 0, weight_type: T = T.F32, arch: str = "qwen2",
-                     **overrides) -> dict:
-    """Write the model; returns its config plus the float32 weights actually stored (after quantization)."""
+                     add_bos_token: bool = False, **overrides) -> dict:
+    """Write the model; returns its config plus the float32 weights actually stored (after quantization).
+    ``add_bos_token`` is written as tokenizer.ggml.add_bos_token (True as in DeepSeek-R1-Distill-Qwen)."""
     cfg = tiny_config(**overrides)
     rng = np.random.default_rng(seed)
     tokens = _byte_symbols() + ["Ġt", "he"] + SPECIALS
@@ -60,7 +61,7 @@ def write_tiny_qwen2(path: str | Path, seed: int = 0, weight_type: T = T.F32, ar
     w.add_token_merges(MERGES)
     w.add_bos_token_id(tokens.index("<|endoftext|>"))
     w.add_eos_token_id(tokens.index("<|im_end|>"))
-    w.add_add_bos_token(False)
+    w.add_add_bos_token(add_bos_token)
 
     stored: dict[str, np.ndarray] = {}
 

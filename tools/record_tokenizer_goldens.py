@@ -4,8 +4,12 @@ llama.cpp (through llama-cpp-python, the ``llama`` extra) is the reference: qcpu
 equal ``Llama.tokenize(text.encode(), add_bos=False, special=...)`` token for token.
 
     python tools/record_tokenizer_goldens.py [MODEL.gguf] [-o tests/golden/tokenize.json]
+                                             [--default-pre-out tests/golden/tokenize_default_pre.json]
 
-Only the vocabulary is loaded (vocab_only=True), so this takes seconds, not the weights' RAM.
+Two goldens from the same corpus: MODEL as it is, and a metadata-only copy of MODEL without the
+``tokenizer.ggml.pre`` key, which llama.cpp tokenizes with its 'default' BPE pre-tokenizer after a
+"missing pre-tokenizer type" warning (llama_vocab::impl::load).  Only the vocabulary is loaded
+(vocab_only=True), so this takes seconds, not the weights' RAM.
 """
 
 from __future__ import annotations
@@ -14,10 +18,13 @@ import argparse
 import hashlib
 import json
 import os
+import sys
+import tempfile
 from pathlib import Path
 
 DEFAULT_MODEL = Path.home() / ".cache" / "qcpu" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "tests" / "golden" / "tokenize.json"
+DEFAULT_PRE_OUT = DEFAULT_OUT.with_name("tokenize_default_pre.json")
 
 CORPUS: list[str] = [
     # empty / whitespace
@@ -117,16 +124,94 @@ CORPUS: list[str] = [
     "!!!!!!!!!!????????........,,,,,,,,------======",
 ]
 
+# Extra cases for the 'default' pre-tokenizer only: its first split isolates punctuation and $+<=>^~|
+# (but not `), its last cuts ASCII digit runs in threes; mixed scripts of digits and punctuation.
+DEFAULT_PRE_EXTRA: list[str] = [
+    "a$b+c<d=e>f^g~h|i`j",
+    "don't 'Tis O'Neil's rock'n'roll ''",
+    "«quoted» — dash… ¿qué? ¡sí! 「括弧」 ‘curly’ “double”",
+    "12345678901 1234 12 ١٢٣٤٥٦٧ 3٤5٦ x1y22z333w4444",
+    "a  \t\tb\u3000\u3000c \u00a0 d\n\n  e   ",
+    "price: $1,299.99 (~20% off) => £999 | 5+5=10 ^_^",
+]
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", nargs="?", default=str(DEFAULT_MODEL))
     ap.add_argument("-o", "--out", default=str(DEFAULT_OUT))
+    ap.add_argument("--default-pre-out", default=str(DEFAULT_PRE_OUT))
     args = ap.parse_args()
 
+    record(args.model, args.out)
+    with tempfile.TemporaryDirectory() as tmp:
+        pre_less = Path(tmp) / "no-pre.gguf"
+        write_without_pre(args.model, pre_less)
+        record_default_pre(args.model, pre_less, args.default_pre_out)
+
+
+def write_without_pre(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """A metadata-only copy of `src` (every key but tokenizer.ggml.pre, no tensors): enough for
+    llama.cpp's vocab_only load and for qcpu's Tokenizer, and a few MB instead of the weights."""
+    import gguf
+
+    reader = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(str(dst), reader.fields["general.architecture"].contents())
+    for name, field in reader.fields.items():
+        # GGUF.* are the header's own counts; the writer adds general.architecture itself
+        if name.startswith("GGUF.") or name in ("general.architecture", "tokenizer.ggml.pre"):
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(name, field.contents(), vtype, sub)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+
+
+def record_default_pre(model: str, pre_less: Path, out_path: str) -> None:
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=args.model, vocab_only=True, verbose=False)
+    # llama.cpp logs its warning through the C stderr, which verbose=False would silence: capture fd 2
+    # to record that it really took the missing-pre-tokenizer path.
+    with tempfile.TemporaryFile() as log:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(log.fileno(), 2)
+        try:
+            llm = llama_cpp.Llama(model_path=str(pre_less), vocab_only=True, verbose=True)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        log.seek(0)
+        warning = [line for line in log.read().decode("utf-8", "replace").splitlines()
+                   if "missing pre-tokenizer type" in line]
+    if not warning:
+        raise SystemExit("llama.cpp did not warn about the missing pre-tokenizer: is the key still there?")
+    cases = []
+    for text in CORPUS + DEFAULT_PRE_EXTRA:
+        case = {"text": text}
+        for special in (True, False):
+            case["special" if special else "plain"] = llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+        cases.append(case)
+    out = {
+        "reference": "llama.cpp via llama-cpp-python",
+        "llama_cpp_python_version": llama_cpp.__version__,
+        "model": os.path.basename(model),
+        "model_sha256_head": _sha256_head(model),
+        "variant": "metadata-only copy of the model without the tokenizer.ggml.pre key "
+                   "(tools/record_tokenizer_goldens.py write_without_pre)",
+        "llama_cpp_warning": warning[0].strip(),
+        "call": "Llama(vocab_only=True).tokenize(text.encode(), add_bos=False, special=True|False)",
+        "cases": cases,
+    }
+    _write(out, out_path, [])
+
+
+def record(model: str, out_path: str) -> None:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=model, vocab_only=True, verbose=False)
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
     n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
     eog = [i for i in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, i)]
@@ -146,25 +231,29 @@ def main() -> None:
     out = {
         "reference": "llama.cpp via llama-cpp-python",
         "llama_cpp_python_version": llama_cpp.__version__,
-        "model": os.path.basename(args.model),
-        "model_sha256_head": _sha256_head(args.model),
+        "model": os.path.basename(model),
+        "model_sha256_head": _sha256_head(model),
         "call": "Llama(vocab_only=True).tokenize(text.encode(), add_bos=False, special=True|False)",
         "n_vocab": n_vocab,
         "eog_ids": eog,
         "cases": cases,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    _write(out, out_path, ["eog_ids"])
+
+
+def _write(out: dict, out_path: str, compact: list[str]) -> None:
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     # one case per line: small, and diffs stay readable when goldens are re-recorded
-    head = {k: v for k, v in out.items() if k not in ("cases", "eog_ids")}
+    head = {k: v for k, v in out.items() if k not in ["cases", *compact]}
     lines = ["{"] + [f" {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}," for k, v in head.items()]
-    lines.append(f' "eog_ids": {json.dumps(eog)},')
+    lines += [f" {json.dumps(k)}: {json.dumps(out[k])}," for k in compact]
     lines.append(' "cases": [')
-    lines.append(",\n".join("  " + json.dumps(c, ensure_ascii=False) for c in cases))
+    lines.append(",\n".join("  " + json.dumps(c, ensure_ascii=False) for c in out["cases"]))
     lines.append(" ]")
     lines.append("}")
-    with open(args.out, "w", encoding="utf-8") as f:
+    with open(out_path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
-    print(f"wrote {len(cases)} cases to {args.out}")
+    print(f"wrote {len(out['cases'])} cases to {out_path}")
 
 
 def _detok(llama_cpp, vocab, ids: list[int], special: bool) -> str:
