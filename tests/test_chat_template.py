@@ -4,15 +4,12 @@ conventions, the ChatML fallback, and refusal of hostile templates."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-import qcpu.chat_template as ct_mod
+import qcpu.jinja_sandbox as sandbox_mod
 from qcpu.chat_template import ChatTemplate
 from qcpu.errors import QcpuError
-
-MODEL = Path.home() / ".cache" / "qcpu" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 
 CONVO = [
     {"role": "system", "content": "You are a terse assistant."},
@@ -22,12 +19,10 @@ CONVO = [
 
 
 @pytest.fixture(scope="module")
-def meta():
-    if not MODEL.exists():
-        pytest.skip(f"model file not present: {MODEL} (the loader fetches it; the real template needs it)")
+def meta(real_model_path):
     import gguf
 
-    return {k: f.contents() for k, f in gguf.GGUFReader(MODEL).fields.items()}
+    return {k: f.contents() for k, f in gguf.GGUFReader(real_model_path).fields.items()}
 
 
 # -- the real model's template --------------------------------------------------------------------------
@@ -154,7 +149,7 @@ def test_hostile_template_refused(name):
 
 
 def test_endless_loop_stopped_by_deadline(monkeypatch):
-    monkeypatch.setattr(ct_mod, "MAX_SECONDS", 0.3)
+    monkeypatch.setattr(sandbox_mod, "MAX_SECONDS", 0.3)
     src = "{% set s = 'x' * 100000 %}{% for a in s %}{% for b in s %}{% endfor %}{% endfor %}"
     with pytest.raises(QcpuError, match="ran longer than.*--chat-template chatml"):
         ChatTemplate(src).render(CONVO)

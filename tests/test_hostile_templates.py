@@ -14,16 +14,16 @@ import json
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 import qcpu.chat_template as ct_mod
-from qcpu.chat_template import ChatTemplate, _raise_exception, _tojson
+import qcpu.jinja_sandbox as sandbox_mod
+from qcpu.chat_template import ChatTemplate
+from qcpu.jinja_sandbox import _raise_exception, _tojson
 from qcpu.errors import QcpuError
 
-MODEL = Path.home() / ".cache" / "qcpu" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 CONVO = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "hi"},
          {"role": "assistant", "content": "yo"}]
 
@@ -153,7 +153,7 @@ def test_hostile_template_refused(hostile_results, name):
     status, msg, seconds = hostile_results[name]
     assert status == "refused", (status, msg)
     assert "--chat-template chatml" in msg and "\n" not in msg, msg
-    assert seconds < ct_mod.MAX_SECONDS + 2, seconds
+    assert seconds < sandbox_mod.MAX_SECONDS + 2, seconds
 
 
 def test_internals_are_refused_at_load_time():
@@ -165,7 +165,7 @@ def test_internals_are_refused_at_load_time():
 
 
 def test_deadline_stops_a_long_render(monkeypatch):
-    monkeypatch.setattr(ct_mod, "MAX_SECONDS", 0.3)
+    monkeypatch.setattr(sandbox_mod, "MAX_SECONDS", 0.3)
     src = "{% for a in range(10000) %}{% for b in range(100) %}{% endfor %}{% endfor %}"
     with pytest.raises(QcpuError, match="ran longer than 0.3 s.*--chat-template chatml"):
         ChatTemplate(src).render(CONVO)
@@ -267,21 +267,7 @@ def _plain_jinja(src: str, messages, **kw) -> str:
     return env.from_string(src).render(messages=messages, bos_token="", eos_token="", **kw)
 
 
-def _sources() -> dict[str, str]:
-    out = {"chatml": ct_mod.CHATML_TEMPLATE, "tool template": _TOOL_TEMPLATE}
-    if MODEL.exists():
-        from qcpu.gguf_file import GGUFFile
-
-        out["real model"] = GGUFFile(MODEL).metadata["tokenizer.chat_template"]
-    return out
-
-
-@pytest.mark.parametrize("name", ["chatml", "tool template", "real model"])
-def test_ordinary_templates_render_like_plain_jinja(name):
-    sources = _sources()
-    if name not in sources:
-        pytest.skip(f"model file not present: {MODEL}")
-    src = sources[name]
+def _assert_renders_like_plain_jinja(src: str) -> None:
     for convo in _CONVERSATIONS:
         for tools in (None, _TOOLS):
             for extra in ({}, {"enable_thinking": False}):
@@ -289,6 +275,17 @@ def test_ordinary_templates_render_like_plain_jinja(name):
                     got = ChatTemplate(src).render(convo, add_generation_prompt=gen, tools=tools, **extra)
                     want = _plain_jinja(src, convo, add_generation_prompt=gen, tools=tools, **extra)
                     assert got == want
+
+
+@pytest.mark.parametrize("name", ["chatml", "tool template"])
+def test_ordinary_templates_render_like_plain_jinja(name):
+    _assert_renders_like_plain_jinja({"chatml": ct_mod.CHATML_TEMPLATE, "tool template": _TOOL_TEMPLATE}[name])
+
+
+def test_real_model_template_renders_like_plain_jinja(real_model_path):
+    from qcpu.gguf_file import GGUFFile
+
+    _assert_renders_like_plain_jinja(GGUFFile(real_model_path).metadata["tokenizer.chat_template"])
 
 
 def test_filter_tour_renders_like_plain_jinja():
