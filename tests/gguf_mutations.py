@@ -43,7 +43,6 @@ from typing import Callable, Iterator
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFValueType as V
 
-REAL_MODEL = Path.home() / ".cache" / "qcpu" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 REPO = Path(__file__).resolve().parent.parent
 
 _SCALAR_FMT = {V.UINT8: "<B", V.INT8: "<b", V.UINT16: "<H", V.INT16: "<h", V.UINT32: "<I", V.INT32: "<i",
@@ -306,7 +305,9 @@ def tiny_base(tmp_dir: Path, weight_type: T = T.F32) -> Base:
     return Base(f"tiny-{weight_type.name}", read_doc(path))
 
 
-def real_base(path: Path = REAL_MODEL) -> Base:
+def real_base(path: Path) -> Base:
+    """The default model's header; `path` from the tests' real_model_path fixture or, in tools/fuzz_gguf.py,
+    from qcpu.models (no hard-coded location: the cache directory is configurable)."""
     return Base("real", read_doc(path, keep_data=False, max_header=16 << 20))
 
 

@@ -9,7 +9,6 @@ same corpus with thousands of cases.
 from __future__ import annotations
 
 import os
-import signal
 import struct
 import subprocess
 import sys
@@ -36,10 +35,8 @@ def tiny(tmp_path_factory) -> gm.Base:
 
 
 @pytest.fixture(scope="module")
-def real() -> gm.Base:
-    if not gm.REAL_MODEL.exists():
-        pytest.skip(f"model file not present: {gm.REAL_MODEL}")
-    return gm.real_base()
+def real(real_model_path) -> gm.Base:
+    return gm.real_base(real_model_path)
 
 
 def _assert_contract(report: gm.Report, n: int) -> None:
@@ -311,8 +308,8 @@ def test_failed_opens_do_not_leak_mappings_or_descriptors(tiny, tmp_path):
 # -- the real default model -------------------------------------------------------------------------------
 
 @pytest.mark.model
-def test_real_model_opens_quickly_and_exactly(real):
-    path = gm.REAL_MODEL
+def test_real_model_opens_quickly_and_exactly(real, real_model_path):
+    path = real_model_path
     GGUFFile(path)  # page cache warm
     t0 = time.perf_counter()
     f = GGUFFile(path)

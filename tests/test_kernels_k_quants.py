@@ -10,8 +10,6 @@ The NumPy unpacking below is written independently of the Numba kernels (vectori
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numba
 from numba import types
 from numba.extending import intrinsic
@@ -23,7 +21,6 @@ from gguf import quants as gq
 from qcpu.kernels import REGISTRY, kernel_for
 from qcpu.kernels import k_quants as kq
 
-MODEL = Path("/root/.cache/qcpu/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
 K_TYPES = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
 QK = 256
 
@@ -36,14 +33,12 @@ F16_FIELDS = {T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), 
 
 
 @pytest.fixture(scope="module")
-def model_tensors():
+def model_tensors(real_model_path):
     """{type: [(name, uint8[rows, row_bytes], cols)]} for the K-type tensors of the default model."""
-    if not MODEL.exists():
-        pytest.skip(f"model file {MODEL} not present (fetch the default model to run real-tensor tests)")
     from gguf import GGUFReader
 
     out: dict = {}
-    for t in GGUFReader(str(MODEL)).tensors:
+    for t in GGUFReader(str(real_model_path)).tensors:
         if t.tensor_type in K_TYPES:
             out.setdefault(t.tensor_type, []).append((t.name, t.data, int(t.shape[0])))
     return out

@@ -18,7 +18,6 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from gguf import quants as gq
 
 from qcpu.kernels import REGISTRY, floats, legacy, matmul
-from qcpu.models import default_model_path
 
 LEGACY = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
 FLOATS = [T.F32, T.F16, T.BF16]
@@ -43,15 +42,12 @@ TOL_EMU = 1e-5
 
 
 @pytest.fixture(scope="module")
-def model():
+def model(real_model_path):
     """{type: [(name, uint8[rows, row_bytes] or float32[...], cols)]} from the default model."""
-    path = default_model_path()
-    if not path.exists():
-        pytest.skip(f"model file {path} not present (fetch the default model to run real-tensor tests)")
     from gguf import GGUFReader
 
     out: dict = {}
-    for t in GGUFReader(str(path)).tensors:
+    for t in GGUFReader(str(real_model_path)).tensors:
         out.setdefault(t.tensor_type, []).append((t.name, t.data, int(t.shape[0])))
     return out
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+import sys
+from pathlib import Path
+
 import pytest
 
 from qcpu import memory
@@ -74,14 +78,84 @@ def test_default_available_comes_from_the_os(monkeypatch):
     assert check_memory(MODEL_BYTES, 0).available_bytes is None
 
 
-def test_available_memory_is_sane():
+# K and V, 24 layers, 2 kv heads x 64, float16: written out, not taken from qcpu.memory.
+KV_PER_POSITION = 2 * 24 * 2 * 64 * 2
+
+
+def _fits(ctx: int, available: int) -> bool:
+    return MODEL_BYTES + ctx * KV_PER_POSITION + RUNTIME_HEADROOM <= available
+
+
+def _suggested_ctx(msg: str) -> int:
+    m = re.search(r"--ctx (\d+) would fit", msg)
+    assert m, msg
+    return int(m.group(1))
+
+
+@pytest.mark.parametrize("available_mib, ctx", [(780, 16384), (900, 32768), (1000, 131072), (3000, 1 << 20),
+                                                (760, 4096), (1024 + 7, 65536)])
+def test_refusal_names_the_sizes_and_the_largest_ctx_that_fits(available_mib, ctx):
+    """A model + KV cache over the available memory is refused; the message names what is needed and what
+    is available, and a --ctx that fits by the same sum (and is the largest multiple of 256 that does)."""
+    available = available_mib * MiB
+    assert kv_cache_bytes(QWEN05, ctx) == ctx * KV_PER_POSITION
+    assert not _fits(ctx, available)
+    with pytest.raises(QcpuError) as ei:
+        check_memory(MODEL_BYTES, kv_cache_bytes(QWEN05, ctx), available=available, ctx=ctx)
+    msg = str(ei.value)
+    needed = MODEL_BYTES + ctx * KV_PER_POSITION + RUNTIME_HEADROOM
+    assert f"needs about {format_bytes(needed)}" in msg and f"only {format_bytes(available)} is available" in msg
+    assert f"--ctx {ctx}" in msg and "\n" not in msg
+    fit = _suggested_ctx(msg)
+    assert fit % 256 == 0 and 256 <= fit < ctx
+    assert _fits(fit, available) and not _fits(fit + 256, available), fit
+    check = check_memory(MODEL_BYTES, kv_cache_bytes(QWEN05, fit), available=available, ctx=fit)  # accepted
+    assert check.needed_bytes <= available
+
+
+def test_no_ctx_is_suggested_when_not_even_256_positions_fit():
+    available = MODEL_BYTES + RUNTIME_HEADROOM + 255 * KV_PER_POSITION
+    with pytest.raises(QcpuError) as ei:
+        check_memory(MODEL_BYTES, kv_cache_bytes(QWEN05, 4096), available=available, ctx=4096)
+    assert "would fit" not in str(ei.value) and "use a smaller --ctx or a smaller quant" in str(ei.value)
+
+
+def _meminfo_available() -> int:
+    """MemAvailable from /proc/meminfo, read here independently of qcpu.memory."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no MemAvailable in /proc/meminfo")
+
+
+LINUX = pytest.mark.skipif(not Path("/proc/meminfo").exists(), reason="needs Linux's /proc/meminfo")
+SLACK = 256 * MiB  # other processes allocate and free between two readings
+
+
+@LINUX
+@pytest.mark.parametrize("psutil_present", [True, False])
+def test_available_memory_is_the_kernels_figure(monkeypatch, psutil_present):
+    if not psutil_present:  # the fallback: /proc/meminfo read by qcpu itself
+        monkeypatch.setitem(sys.modules, "psutil", None)
     avail = memory.available_memory()
-    assert avail is None or 0 < avail < 1 << 50
+    assert avail is not None and abs(avail - _meminfo_available()) < SLACK, (avail, _meminfo_available())
 
 
-def test_real_machine_default_model_small_ctx_fits():
-    check = check_memory(MODEL_BYTES, kv_cache_bytes(QWEN05, 512))
-    assert check.available_bytes is None or check.needed_bytes <= check.available_bytes
+@LINUX
+def test_this_machine_refuses_a_kv_cache_larger_than_its_memory():
+    """Without `available`, the figure is the OS's: a KV cache twice the machine's available memory is
+    refused, the message's "available" is the kernel's MemAvailable, and the --ctx it names fits in it."""
+    have = _meminfo_available()
+    ctx = (2 * have // KV_PER_POSITION) // 256 * 256
+    with pytest.raises(QcpuError) as ei:
+        check_memory(MODEL_BYTES, kv_cache_bytes(QWEN05, ctx), ctx=ctx)
+    msg = str(ei.value)
+    m = re.search(r"only ([\d.]+) (GiB|MiB) is available", msg)
+    assert m, msg
+    said = float(m.group(1)) * (GiB if m.group(2) == "GiB" else MiB)
+    assert abs(said - have) < SLACK + 0.05 * GiB, (msg, have)  # (rounded to 0.1 GiB in the message)
+    fit = _suggested_ctx(msg)
+    assert _fits(fit, _meminfo_available() + SLACK) and fit < ctx
 
 
 @pytest.mark.parametrize("args", [(-1, 0), (0, -5), (1.5, 0), (True, 0), (0, "1")])

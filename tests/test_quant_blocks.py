@@ -10,6 +10,7 @@ import pytest
 from gguf import GGMLQuantizationType as T
 
 from quant.quantizers import QUANTIZERS, f16_to_f32, f32_to_f16, nearest_int, quantize
+from tests.quant_goldens import ggml_lib, ggml_quantize
 
 GOLDEN = Path(__file__).parent / "golden" / "quant_blocks.npz"
 LEGACY = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
@@ -57,31 +58,18 @@ def test_legacy_equal_gguf_py_on_real_tensors(real_rows, qtype):
         assert np.array_equal(quantize(x, qtype), gguf.quants.quantize(x, qtype)), name
 
 
-def _ggml_lib():
-    pytest.importorskip("llama_cpp")
-    import importlib.util
-    import sys
-
-    spec = importlib.util.spec_from_file_location(
-        "record_quant_goldens", Path(__file__).parent.parent / "tools" / "record_quant_goldens.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("record_quant_goldens", mod)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.mark.model
 @pytest.mark.parametrize("qtype", LEGACY + K_QUANTS, ids=lambda t: t.name)
 def test_equal_live_llama_cpp_on_real_tensors(real_rows, qtype):
     """When llama-cpp-python is installed: more real rows, straight against libggml-base."""
-    rec = _ggml_lib()
-    lib = rec.ggml_lib()
+    pytest.importorskip("llama_cpp")  # an optional extra (`.[llama]`), not a test dependency
+    lib = ggml_lib()
     block = QUANTIZERS[qtype].block_size
     for name, x in real_rows.items():
         if x.shape[1] % block:
             x = x.reshape(-1, 2 * x.shape[1])  # join pairs of 896-rows: 1792 = 7 super-blocks
         assert x.shape[1] % block == 0
-        assert np.array_equal(quantize(x, qtype), rec.ggml_quantize(lib, x, qtype)), name
+        assert np.array_equal(quantize(x, qtype), ggml_quantize(lib, x, qtype)), name
 
 
 def test_float16_rounding_matches_numpy():

@@ -1,9 +1,8 @@
-"""`qcpu convert`: HF Qwen2 checkpoint -> GGUF; round trip through tools/export_hf.py; bad input."""
+"""`qcpu convert`: HF Qwen2 checkpoint -> GGUF; round trip through tests/hf_export.py; bad input."""
 
 from __future__ import annotations
 
 import errno
-import importlib.util
 import json
 import struct
 import subprocess
@@ -19,15 +18,7 @@ from qcpu.gguf_file import GGUFFile
 from quant.convert import convert
 from quant.quantizers import quantize
 from quant.requantize import requantize
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _export_module():
-    spec = importlib.util.spec_from_file_location("export_hf", ROOT / "tools" / "export_hf.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from tests import hf_export
 
 
 # --- round trip on the real model (first 2 layers, bf16, 3 shards) -----------------------------------
@@ -36,7 +27,7 @@ def _export_module():
 @pytest.fixture(scope="module")
 def hf_dir(real_model_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("hf") / "qwen2.5-coder-0.5b-2layers"
-    _export_module().export(real_model_path, out, dtype="bf16", layers=2, shard_size=300_000_000)
+    hf_export.export(real_model_path, out, dtype="bf16", layers=2, shard_size=300_000_000)
     assert len(list(out.glob("*.safetensors"))) == 3
     return out
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import importlib.util
 import json
 import subprocess
 import sys
@@ -17,40 +16,32 @@ from qcpu.errors import QcpuError
 from qcpu.gguf_file import GGUFFile
 from quant import recipes
 from quant.requantize import requantize
+from tests import quant_goldens
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = json.loads((ROOT / "tests" / "golden" / "quant_tiny_llama.json").read_text())
-
-
-def _recorder():
-    spec = importlib.util.spec_from_file_location("record_quant_goldens", ROOT / "tools" / "record_quant_goldens.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-REC = _recorder()
 
 
 @pytest.fixture(scope="module")
 def tiny_sources(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny_f16")
     out = {}
-    for name in REC.TINY_MODELS:
+    for name in quant_goldens.TINY_MODELS:
         path = d / f"{name}.gguf"
-        REC.write_tiny_f16(path, name)
-        assert REC.file_digest(path)[1] == GOLDEN["models"][name]["source_sha256"], "tiny model builder changed"
+        quant_goldens.write_tiny_f16(path, name)
+        assert quant_goldens.file_digest(path)[1] == GOLDEN["models"][name]["source_sha256"], \
+            "tiny model builder changed"
         out[name] = path
     return out
 
 
-@pytest.mark.parametrize("ft", REC.FILE_TYPES)
-@pytest.mark.parametrize("model", list(REC.TINY_MODELS))
+@pytest.mark.parametrize("ft", quant_goldens.FILE_TYPES)
+@pytest.mark.parametrize("model", list(quant_goldens.TINY_MODELS))
 def test_tiny_files_equal_llama_quantize(tiny_sources, tmp_path, model, ft):
     """Every tensor's type and every byte equal what llama_model_quantize wrote (recorded)."""
     out = tmp_path / "out.gguf"
     requantize(tiny_sources[model], out, ft)
-    codes, digest = REC.file_digest(out)
+    codes, digest = quant_goldens.file_digest(out)
     want = GOLDEN["models"][model]["files"][ft]
     assert codes == want["types"]
     assert digest == want["sha256"]
@@ -168,7 +159,7 @@ def test_cli_quantize_refuses_to_overwrite_then_forces(tiny_sources, tmp_path):
     assert out.read_bytes() == b"precious"
     proc = qcpu("quantize", tiny_sources["tied"], out, "Q8_0", "--force")
     assert proc.returncode == 0, proc.stderr
-    assert REC.file_digest(out) == tuple(GOLDEN["models"]["tied"]["files"]["Q8_0"].values())
+    assert quant_goldens.file_digest(out) == tuple(GOLDEN["models"]["tied"]["files"]["Q8_0"].values())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.gguf"]
 
 

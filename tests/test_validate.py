@@ -290,11 +290,8 @@ def test_cli_convert_refuses_an_inf_weight(real_model_path, tmp_path):
     """A tiny HF checkpoint (Qwen's real tokenizer, random f16 weights) with one Inf: one line naming the
     safetensors tensor, its row and column, for a plain and a quantizing conversion; no OUT, no temporary
     file. The same checkpoint without the Inf converts."""
-    import importlib.util
+    from tests import hf_export as export
 
-    spec = importlib.util.spec_from_file_location("export_hf", Path(__file__).parent.parent / "tools" / "export_hf.py")
-    export = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(export)
     meta = GGUFFile(real_model_path).metadata
     tj = export.tokenizer_json(meta)
     vocab = len(meta["tokenizer.ggml.tokens"])
