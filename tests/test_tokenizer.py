@@ -17,7 +17,6 @@ from qcpu.errors import QcpuError
 from qcpu.gguf_file import GGUFFile
 from qcpu.tokenizer import _BYTE_TO_CHAR, MISSING_PRE_WARNING, StreamDecoder, Tokenizer
 
-MODEL = Path.home() / ".cache" / "qcpu" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 GOLDEN = Path(__file__).parent / "golden" / "tokenize.json"
 DEFAULT_PRE_GOLDEN = Path(__file__).parent / "golden" / "tokenize_default_pre.json"
 
@@ -39,10 +38,8 @@ def _read_meta(path: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def meta():
-    if not MODEL.exists():
-        pytest.skip(f"model file not present: {MODEL} (the loader fetches it; tokenizer goldens need it)")
-    return _read_meta(MODEL)
+def meta(real_model_path):
+    return _read_meta(real_model_path)
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +48,11 @@ def tok(meta):
 
 
 @pytest.fixture(scope="module")
-def golden():
+def golden(real_model_path):
     data = json.loads(GOLDEN.read_text(encoding="utf-8"))
-    if MODEL.exists():
-        with open(MODEL, "rb") as f:
-            head = hashlib.sha256(f.read(1 << 20)).hexdigest()
-        if head != data["model_sha256_head"]:
-            pytest.skip(f"{MODEL.name} is not the file the goldens were recorded from; re-run tools/record_tokenizer_goldens.py")
+    with open(real_model_path, "rb") as f:
+        head = hashlib.sha256(f.read(1 << 20)).hexdigest()
+    assert head == data["model_sha256_head"], "not the file the goldens were recorded from"
     return data
 
 
