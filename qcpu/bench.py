@@ -33,6 +33,10 @@ def bench_qcpu(path: Path, n_prompt: int, n_gen: int, repeats: int, threads: int
     from qcpu.model import Qwen2Model
 
     model = Qwen2Model.load(path)
+    trained = model.config.context_length
+    if n_prompt + n_gen > trained:  # beyond it the numbers mean nothing, and a huge -p would exhaust memory
+        raise QcpuError(f"--n-prompt {n_prompt} + --n-gen {n_gen} is more than the {trained} tokens of context "
+                        f"{Path(path).name} was trained for")
     rng = np.random.default_rng(0)
     vocab = model.config.vocab_size
     cache = model.new_cache(n_prompt + n_gen + 8)
@@ -47,9 +51,10 @@ def bench_qcpu(path: Path, n_prompt: int, n_gen: int, repeats: int, threads: int
         pp.append(n_prompt / (time.perf_counter() - t))
         cache.reset()
         model.forward([int(tokens[0])], cache)
+        token = int(tokens[1 if n_prompt > 1 else 0])
         t = time.perf_counter()
         for _ in range(n_gen):
-            model.forward([int(tokens[1])], cache)  # llama-bench's tg: one token fed n_gen times
+            model.forward([token], cache)  # llama-bench's tg: one token fed n_gen times
         tg.append(n_gen / (time.perf_counter() - t))
     weights_bytes = sum(info.nbytes for name, info in model.file.tensors.items() if name != "token_embd.weight")
     return {"pp_tps": statistics.median(pp), "tg_tps": statistics.median(tg), "rss_mb": _rss_mb(),

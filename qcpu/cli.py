@@ -343,6 +343,11 @@ def bench(
 
     for name, value in (("--n-prompt", n_prompt), ("--n-gen", n_gen), ("--repeats", repeats)):
         _positive(name, value)
+    if compare_llama_cpp:
+        import importlib.util
+
+        if importlib.util.find_spec("llama_cpp") is None:  # say so before the minutes qcpu's side takes
+            _fail("--compare-llama-cpp needs llama-cpp-python: pip install -e \".[llama]\"")
     _set_threads(threads)
     n_threads = numba.get_num_threads()
     path = resolve_model(model, err)

@@ -94,6 +94,8 @@ def resolve_model(model: str | None, console=None) -> Path:
     default model when none is given."""
     if model is None:
         return fetch_default_model(console)
+    if not model.strip():
+        raise QcpuError("the model name is empty: give a .gguf path, REPO[:QUANT], or leave it out for the default")
     path = Path(model).expanduser()
     if not path.exists():
         from qcpu import hub

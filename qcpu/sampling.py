@@ -118,13 +118,15 @@ def make_sampler(params: SamplingParams, rng: np.random.Generator | None = None
     def sample(logits: np.ndarray, recent: Sequence[int] = ()) -> int:
         logits = apply_repeat_penalty(np.asarray(logits, dtype=np.float32),
                                       list(recent)[-params.repeat_last_n:], params.repeat_penalty)
-        if params.temperature == 0:
+        if np.float32(params.temperature) == 0:  # llama.cpp's temperature is a float32: 1e-320 is greedy
             return int(np.argmax(logits))
         ids = np.arange(len(logits))
         ids, logits = _keep_top_k(ids, logits, params.top_k)
         ids, logits = _keep_top_p(ids, logits, params.top_p)
         ids, logits = _keep_min_p(ids, logits, params.min_p)
-        probs = _softmax(logits.astype(np.float64) / params.temperature)
+        scaled = logits.astype(np.float64)
+        probs = _softmax((scaled - scaled.max()) / params.temperature)  # shifted first: a tiny temperature
+        # sends the others to -inf, never the top one to +inf (inf - inf would be NaN)
         return int(ids[rng.choice(len(ids), p=probs)])
 
     return sample

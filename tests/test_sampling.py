@@ -335,3 +335,12 @@ def test_new_rng_is_seeded_by_the_params(monkeypatch):
     assert a.random(5).tolist() == b.random(5).tolist() == np.random.default_rng(7).random(5).tolist()
     monkeypatch.setattr(sampling.secrets, "randbelow", lambda n: 11)  # no seed: one is drawn
     assert new_rng(SamplingParams(seed=None)).random(3).tolist() == np.random.default_rng(11).random(3).tolist()
+
+
+@pytest.mark.parametrize("temperature", [1e-320, 1e-300, 1e-40])
+def test_a_tiny_temperature_is_greedy_not_nan(temperature):
+    # llama.cpp's temperature is a float32 (1e-320 and 1e-300 become 0: greedy); a tiny float32 one still
+    # picks the top token. Dividing the raw logits by it used to overflow to inf and give NaN probabilities.
+    logits = np.array([1.0, 3.0, 2.9999, -5.0], dtype=np.float32)
+    sample = make_sampler(SamplingParams(temperature=temperature, top_k=0, top_p=1.0, repeat_penalty=1.0, seed=3))
+    assert {sample(logits) for _ in range(50)} == {1}

@@ -1,0 +1,31 @@
+"""`qcpu bench`'s measuring function on the tiny model: edge sizes run or fail in one line."""
+
+import pytest
+
+from qcpu.bench import bench_qcpu
+from qcpu.errors import QcpuError
+from tests.tiny_model import write_tiny_qwen2
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
+    write_tiny_qwen2(path)  # trained context: 256 tokens
+    return path
+
+
+def test_one_token_prompt(tiny_path):
+    # -p 1 used to index the prompt's second token for tg (IndexError).
+    result = bench_qcpu(tiny_path, n_prompt=1, n_gen=2, repeats=1, threads=1)
+    assert result["pp_tps"] > 0 and result["tg_tps"] > 0
+
+
+@pytest.mark.parametrize("n_prompt,n_gen", [(10**12, 1), (2**62, 4), (250, 7)])
+def test_beyond_the_trained_context_is_one_line(tiny_path, n_prompt, n_gen):
+    # Used to try to allocate the KV cache (MemoryError / "array is too big" tracebacks).
+    with pytest.raises(QcpuError, match="trained for"):
+        bench_qcpu(tiny_path, n_prompt=n_prompt, n_gen=n_gen, repeats=1, threads=1)
+
+
+def test_the_whole_trained_context_runs(tiny_path):
+    assert bench_qcpu(tiny_path, n_prompt=250, n_gen=6, repeats=1, threads=1)["n_prompt"] == 250
