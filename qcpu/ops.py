@@ -11,7 +11,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from qcpu.kernels.floats import f32_to_f16
+from qcpu.kernels.floats import _halves_to_f32, dot_f32, f32_to_f16
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -54,7 +54,8 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 F16_TO_F32 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+# Only FMA contraction, no re-association: fastmath=True would let LLVM split sums at the host's vector width.
+@njit(parallel=True, fastmath={"contract"}, cache=True)
 def _attention(q, k_bits, v_bits, slot_seq, query_seq, scale, lut, out):
     # q[nq, n_heads, hd]; k_bits, v_bits uint16[slots, n_kv, hd]; slot_seq[slots] (-1 = empty);
     # query i sees slot s iff 0 <= slot_seq[s] <= query_seq[i] (causal, order-free over the ring).
@@ -66,16 +67,15 @@ def _attention(q, k_bits, v_bits, slot_seq, query_seq, scale, lut, out):
         h = task % n_heads
         kvh = h // group
         scores = np.empty(n_slots, dtype=np.float32)
+        k_row = np.empty(hd, dtype=np.float32)
         best = -np.inf
         for s in range(n_slots):
             seq = slot_seq[s]
             if seq < 0 or seq > query_seq[i]:
                 scores[s] = -np.inf
                 continue
-            acc = np.float32(0.0)
-            for d in range(hd):
-                acc += q[i, h, d] * lut[k_bits[s, kvh, d]]
-            acc *= scale
+            _halves_to_f32(k_bits[s, kvh], k_row)  # F16C where the CPU has it
+            acc = dot_f32(q[i, h], k_row) * scale  # summed in one fixed order on every CPU
             scores[s] = acc
             if acc > best:
                 best = acc

@@ -1,5 +1,6 @@
 """qcpu against llama.cpp on the real default model, through golden files recorded from llama-cpp-python
-(tools/record_llama_goldens.py): same prompt tokens, same greedy continuation, close logits, same perplexity."""
+(tools/record_llama_goldens.py): same prompt tokens, close logits at every position of llama.cpp's greedy
+continuation, same perplexity."""
 
 import json
 from pathlib import Path
@@ -13,7 +14,20 @@ GOLDEN = Path(__file__).parent / "golden"
 DATA = Path(__file__).parent / "data"
 GREEDY = json.loads((GOLDEN / "greedy.json").read_text())
 CASES = {c["name"]: c for c in GREEDY["cases"]}
-NEAR_TIE = 0.1  # logits; see test_greedy_continuation_equals_llama_cpp
+
+# This model's logits carry ~0.2 of rounding noise (8-bit activation quantization at every product turns
+# last-bit differences into whole steps): llama.cpp itself, fed the same tokens as one batch instead of
+# one at a time, differs from its own golden by median 0.19, max 0.37 over the top-64, top1-top2 margin
+# by up to 0.30, and flips factual step 5 (margin 0.175). Measured for qcpu on an AVX2 host over all 266
+# positions, by default and under 8 other numerics (Numba's portable IR without FMA, each OpenBLAS kernel
+# the host runs, numpy without AVX2, all three at once): max diff <= 0.60, per-case median <= 0.22,
+# margin error <= 0.60, mean diff <= 0.13, top-1 flips only at margins <= 0.175. The tolerances sit
+# 1.2-1.5x above those; logits scaled by 1.01 fail the median in 3 of 5 cases, by 1.03 the max, median
+# and mean checks, and an off-by-one causal mask every check (max diff 8.5).
+LOGIT_TOL = 0.8  # max |ours - llama.cpp| over llama.cpp's top-64 logits, at any position
+MEDIAN_TOL = 0.27  # median over a case's positions of that max: the sensitive check (noise averages out)
+MEAN_TOL = 0.2  # |mean of our logits - llama.cpp's| over the whole vocabulary, at any position
+TOP1_MARGIN = 0.75  # where llama.cpp's top-1 leads its runner-up by more, our argmax must be the same token
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -25,50 +39,38 @@ def test_chat_template_and_tokenizer_give_llama_cpp_prompt(real_engine, name):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_greedy_continuation_equals_llama_cpp(real_engine, name, record_property):
+def test_teacher_forced_logits_match_llama_cpp(real_engine, name, record_property):
+    """Feed llama.cpp's own greedy tokens (the prompt in one prefill, then one token per forward, as it was
+    recorded) and compare the logits at every position. Teacher forcing keeps both runs on the same
+    context, so one near-tie decided the other way cannot derail the rest of the comparison, and the
+    test measures our distance to llama.cpp rather than two machines' roundings compounded."""
     case = CASES[name]
+    steps, gen = case["steps"], case["generated_ids"]
+    assert [s["ids"][0] for s in steps] == gen  # the golden is a greedy run: token i is step i's argmax
     engine = real_engine
     engine.reset()
-    want = case["generated_ids"]
-    logits = engine.prefill(case["prompt_ids"])
-    first = logits.copy()
-    got, after_16 = [], None
-    for i in range(len(want)):
-        token = int(np.argmax(logits))
-        got.append(token)
-        if token in engine.tokenizer.eot_ids:
-            break
-        logits = engine.model.forward([token], engine.cache)[-1]
-        if i == 15:
-            after_16 = logits.copy()
+    logits = engine.feed(case["prompt_ids"])
+    diffs, mean_diffs, flips = [], [], []
+    for i, step in enumerate(steps):
+        ids = np.array(step["ids"])
+        diffs.append(float(np.abs(logits[ids] - np.array(step["logits"], dtype=np.float32)).max()))
+        mean_diffs.append(abs(float(logits.astype(np.float64).mean()) - step["mean"]))
+        if int(np.argmax(logits)) != gen[i]:
+            flips.append((i, step["margin"]))
+        if i + 1 < len(steps):
+            logits = engine.feed([gen[i]])
 
-    diverged = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
-    print(f"{name}: {sum(a == b for a, b in zip(got, want))}/{len(want)} greedy tokens equal, "
-          f"first divergence at {diverged}")
-    # Our logits sit within ~1e-3 relative of llama.cpp's (the same distance as llama.cpp's own batched
-    # vs one-token paths), so a step where llama.cpp's top two logits are closer than NEAR_TIE may go
-    # either way; everything before the first such step must be identical, and where no such step
-    # exists the whole continuation must be.
-    margins = case["step_top1_top2_margin"]
-    first_tie = next((i for i, m in enumerate(margins) if m < NEAR_TIE), len(want))
-    if diverged is not None:
-        assert diverged >= first_tie, f"diverged at {diverged}, llama.cpp margin {margins[diverged]:.3f}"
-        assert margins[diverged] < NEAR_TIE
-    for where, ours in (("first", first), ("after_16", after_16)):
-        ref = case[where]
-        if ref is None or ours is None:
-            continue
-        ids = np.array(ref["ids"])
-        diff = np.abs(ours[ids] - np.array(ref["logits"])).max()
-        record_property(f"{where}_max_abs_logit_diff", float(diff))
-        print(f"{name} {where}: max |logit - llama.cpp| over its top-64 = {diff:.4f}")
-        assert int(np.argmax(ours)) == ids[0]  # top-1 agrees
-        # llama.cpp's own batched and one-token paths differ by up to ~0.5 on this model (measured:
-        # n_batch 512 vs 1 on one prompt), from summation order and fp16 rounding in attention.
-        assert diff < 0.4
-        assert abs(float(ours.mean()) - ref["mean"]) < 0.15  # same noise floor as above
-    if diverged is None:
-        assert got == want
+    worst = int(np.argmax(diffs))
+    record_property("max_abs_logit_diff", max(diffs))
+    record_property("median_max_abs_logit_diff", float(np.median(diffs)))
+    record_property("top1_flip_margins", [m for _, m in flips])
+    print(f"{name}: {len(steps)} positions, max |logit - llama.cpp| over its top-64 {max(diffs):.4f} "
+          f"(at {worst}), median {np.median(diffs):.4f}; max |mean diff| {max(mean_diffs):.4f}; "
+          f"top-1 differs at {flips or 'no position'}")
+    assert max(diffs) < LOGIT_TOL, f"position {worst}: max |logit - llama.cpp| = {max(diffs):.4f}"
+    assert np.median(diffs) < MEDIAN_TOL
+    assert max(mean_diffs) < MEAN_TOL
+    assert [(i, m) for i, m in flips if m > TOP1_MARGIN] == [], "top-1 differs where llama.cpp's is clear"
 
 
 def test_perplexity_within_one_percent_of_llama_cpp(real_engine):

@@ -2,16 +2,19 @@
 
 llama.cpp (through llama-cpp-python, the ``llama`` extra) is the reference oracle.
 
-    /work/venv/bin/python tools/record_llama_goldens.py [--model MODEL.gguf] [--only greedy|perplexity]
+    python tools/record_llama_goldens.py [--model MODEL.gguf] [--only greedy|perplexity]
 
 Writes:
-  tests/golden/greedy.json      greedy (argmax of raw logits) chat continuations of 5 ChatML prompts
+  tests/golden/greedy.json      greedy (argmax of raw logits) chat continuations of 5 ChatML prompts, with
+                                llama.cpp's top-64 logits at EVERY generated position (the test feeds these
+                                same tokens, teacher-forced, and compares position by position)
   tests/golden/perplexity.json  llama-perplexity's method over tests/data/ppl_text.txt, n_ctx=512
   tests/data/ppl_text.txt       (only if missing) a verbatim leading excerpt of the GPL-3 text
 
 Everything runs single-sequence on the CPU with n_threads=2, flash attention explicitly disabled and the
 default (f16) KV cache.  No llama.cpp sampler is involved: the argmax is taken here on the logits that
-llama_get_logits_ith returns.  Takes ~1-2 minutes on 2 cores.
+llama_get_logits_ith returns.  Takes about a minute on 2 idle cores, many times longer when other processes
+compete for them.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import hashlib
 import json
 import math
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -44,8 +48,8 @@ GREEDY_N_CTX = 2048
 GREEDY_N_BATCH = 512
 MAX_NEW_TOKENS = 80
 EOT_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|>
-TOP_K = 64
-LATE_STEP = 16  # also record top-K logits after this many generated tokens
+TOP_K = 64  # logits recorded per generated position
+DECIMALS = 4  # logits rounded to this many decimals in the file (keeps it ~250 KB); 5e-5 << any tolerance
 
 DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
@@ -115,36 +119,36 @@ def _last_logits(llm, n_vocab: int) -> np.ndarray:
 def _topk(logits: np.ndarray, k: int = TOP_K) -> dict:
     # stable sort on -logit: ties are ordered by ascending token id
     order = np.argsort(-logits, kind="stable")[:k]
-    return {"ids": [int(i) for i in order], "logits": [float(logits[i]) for i in order]}
-
-
-def _stats(logits: np.ndarray) -> dict:
-    x = logits.astype(np.float64)
-    return {"mean": float(x.mean()), "std": float(x.std())}  # population std (ddof=0)
+    return {"ids": [int(i) for i in order], "logits": [round(float(logits[i]), DECIMALS) for i in order]}
 
 
 def greedy_run(llm, n_vocab: int, prompt_ids: list[int]) -> dict:
+    """llama.cpp's greedy continuation; per generated position (teacher-forced on its own tokens, as
+    greedy decoding is) the top-K logits, the top1-top2 margin and the mean over the full vocabulary."""
     llm.reset()  # n_tokens = 0; eval() then removes every KV cell from position 0 on
     llm.eval(prompt_ids)
     logits = _last_logits(llm, n_vocab)
-    first_logits = logits
-    late_logits = None
     gen: list[int] = []
-    top1: list[float] = []
-    margin: list[float] = []
+    steps: list[dict] = []
+    raw: list[np.ndarray] = []  # full logits, only to check determinism
     while len(gen) < MAX_NEW_TOKENS:
-        if len(gen) == LATE_STEP:
-            late_logits = logits
         tok = int(np.argmax(logits))
         two = np.partition(logits, -2)[-2:]
-        top1.append(float(logits[tok]))
-        margin.append(float(two.max() - two.min()))
+        steps.append({**_topk(logits), "margin": round(float(two.max() - two.min()), 6),
+                      "mean": round(float(logits.astype(np.float64).mean()), 6)})
+        raw.append(logits)
         gen.append(tok)
         if tok in EOT_IDS:
             break
         llm.eval([tok])
         logits = _last_logits(llm, n_vocab)
-    return {"gen": gen, "first": first_logits, "late": late_logits, "top1": top1, "margin": margin}
+    return {"gen": gen, "steps": steps, "raw": raw}
+
+
+def _compact(text: str) -> str:
+    """json.dumps(indent=1) output with every list of plain numbers put on one line."""
+    # A real newline after '[' only occurs in the layout, never inside a JSON string (escaped there).
+    return re.sub(r"\[\n[-0-9.eE+,\s]+\]", lambda m: "[" + ",".join(m.group(0)[1:-1].split()).replace(",,", ",") + "]", text)
 
 
 def record_greedy(model_path: Path, info: dict) -> dict:
@@ -175,14 +179,11 @@ def record_greedy(model_path: Path, info: dict) -> dict:
         ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
         r1 = greedy_run(llm, n_vocab, ids)
         r2 = greedy_run(llm, n_vocab, ids)
-        same_tokens = r1["gen"] == r2["gen"]
-        same_first = bool(np.array_equal(r1["first"], r2["first"]))
-        same_late = (r1["late"] is None and r2["late"] is None) or (
-            r1["late"] is not None and r2["late"] is not None and bool(np.array_equal(r1["late"], r2["late"]))
-        )
-        deterministic = same_tokens and same_first and same_late
+        # bit-identical logits at every position on a second run
+        deterministic = r1["gen"] == r2["gen"] and all(np.array_equal(x, y) for x, y in zip(r1["raw"], r2["raw"]))
         all_deterministic &= deterministic
         gen = r1["gen"]
+        margins = [s["margin"] for s in r1["steps"]]
         case = {
             "name": p["name"],
             "messages": p["messages"],
@@ -191,29 +192,23 @@ def record_greedy(model_path: Path, info: dict) -> dict:
             "generated_ids": gen,
             "stopped_on_eot": bool(gen and gen[-1] in EOT_IDS),
             "generated_text": llm.detokenize(gen, special=True).decode("utf-8", errors="replace"),
-            "first": {**_topk(r1["first"]), **_stats(r1["first"])},
-            "after_16": (
-                {"n_generated_before": LATE_STEP, **_topk(r1["late"]), **_stats(r1["late"])}
-                if r1["late"] is not None
-                else None
-            ),
-            "step_top1_logit": r1["top1"],
-            "step_top1_top2_margin": r1["margin"],
-            "deterministic": {"same_tokens": same_tokens, "same_first_logits": same_first, "same_after_16_logits": same_late},
+            "deterministic": deterministic,
+            "steps": r1["steps"],
         }
         cases.append(case)
         print(
             f"  greedy {p['name']:<12} prompt={len(ids):3d} gen={len(gen):2d} eot={case['stopped_on_eot']!s:<5} "
-            f"det={deterministic} min_margin={min(r1['margin']):.4f}  {case['generated_text'][:60]!r}"
+            f"det={deterministic} min_margin={min(margins):.4f}  {case['generated_text'][:60]!r}"
         )
     print(f"  greedy: {time.time() - t0:.0f}s")
     out = {
         "description": "llama.cpp greedy (argmax of raw logits, no sampler/penalties) chat continuations of "
         "Qwen2.5 ChatML prompts. generated_ids includes the end-of-turn id if one was produced. "
-        "'first' is at the last prompt position (chooses generated_ids[0]); 'after_16' is after 16 generated "
-        "tokens were fed (chooses generated_ids[16]), null if generation stopped earlier. top-k 'ids' are sorted "
-        "by descending logit, ties by ascending id. mean/std are over the full float32 logits in float64, "
-        "population std. step_* are per generated token: the argmax logit and the gap to the runner-up.",
+        "steps[i] holds the logits that chose generated_ids[i]: step 0 at the last prompt position (after the "
+        "prompt in one llama_decode), step i after generated_ids[:i] were fed one token per llama_decode. "
+        f"'ids'/'logits' are the top-{TOP_K} sorted by descending logit, ties by ascending id, logits rounded "
+        f"to {DECIMALS} decimals; 'margin' is top1 - top2 and 'mean' the mean of all n_vocab float32 logits "
+        "(in float64), both unrounded but for 6 decimals.",
         **info,
         "settings": {
             "n_ctx": GREEDY_N_CTX,
@@ -430,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in (None, "greedy"):
         g = record_greedy(args.model, info)
         GREEDY_OUT.parent.mkdir(parents=True, exist_ok=True)
-        GREEDY_OUT.write_text(json.dumps(g, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        GREEDY_OUT.write_text(_compact(json.dumps(g, ensure_ascii=False, indent=1)) + "\n", encoding="utf-8")
         print(f"greedy: {len(g['cases'])} prompts, deterministic={g['deterministic']}, "
               f"{GREEDY_OUT.stat().st_size / 1024:.1f} KiB -> {GREEDY_OUT.relative_to(ROOT)}")
     if args.only in (None, "perplexity"):

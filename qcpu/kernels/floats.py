@@ -110,16 +110,81 @@ def dequantize_f32(w, out):
         out[r, :] = wf[r, :]
 
 
-@njit(cache=True, parallel=True, fastmath=True)
+def _make_dot(bf16):
+    """Intrinsic dot(a, b) -> float32: sum(a * b) over a[n] (float32, or bfloat16 bits if bf16) and float32
+    b[n], both contiguous, in one order on every CPU: ggml's AVX2 f32/f16 one (four <8 x float>
+    accumulators over steps of 32 with FMA; then acc0+acc2, acc1+acc3, their sum, and the 8 lanes
+    pairwise; the tail last). A fastmath loop would instead be split at the host's own vector width and
+    interleave, so an AVX-512 host would round differently from an AVX2 one."""
+    a_dtype = types.uint16 if bf16 else types.float32
+
+    @intrinsic
+    def dot(typingctx, a, b):
+        if not (isinstance(a, types.Array) and isinstance(b, types.Array) and a.dtype == a_dtype
+                and b.dtype == types.float32 and a.ndim == b.ndim == 1 and a.layout == b.layout == "C"):
+            return None
+        sig = types.float32(a, b)
+
+        def codegen(context, bld, signature, args):
+            aa, bb = (context.make_array(t)(context, bld, v) for t, v in zip(signature.args, args))
+            n = bld.extract_value(aa.shape, 0)
+            f32, i32 = ir.FloatType(), ir.IntType(32)
+            pa = bld.bitcast(aa.data, (ir.IntType(16) if bf16 else f32).as_pointer())
+            pb = bld.bitcast(bb.data, f32.as_pointer())
+
+            def load_a(at, width):
+                if width == 1:
+                    v = bld.load(bld.gep(pa, [at]))
+                else:
+                    v = bld.load(bld.bitcast(bld.gep(pa, [at]), ir.VectorType(pa.type.pointee, width).as_pointer()), align=2)
+                if not bf16:
+                    return v
+                wide = i32 if width == 1 else ir.VectorType(i32, width)
+                bits = bld.shl(bld.zext(v, wide), ir.Constant(wide, 16) if width == 1 else ir.Constant(wide, [16] * width))
+                return bld.bitcast(bits, f32 if width == 1 else ir.VectorType(f32, width))
+
+            def contract(instr):  # FMA, as ggml's _mm256_fmadd_ps, where the target has it
+                instr.flags.append("contract")
+                return instr
+
+            def lanes(idx):
+                return ir.Constant(ir.VectorType(i32, len(idx)), idx)
+
+            v8 = ir.VectorType(f32, 8)
+            accs = [cgutils.alloca_once_value(bld, ir.Constant(v8, [0.0] * 8)) for _ in range(4)]
+            n32 = bld.lshr(n, ir.Constant(n.type, 5))
+            with cgutils.for_range(bld, n32) as loop:
+                base = bld.shl(loop.index, ir.Constant(n.type, 5))
+                for j, acc in enumerate(accs):
+                    at = bld.add(base, ir.Constant(n.type, 8 * j))
+                    y = bld.load(bld.bitcast(bld.gep(pb, [at]), v8.as_pointer()), align=4)
+                    bld.store(contract(bld.fadd(contract(bld.fmul(load_a(at, 8), y)), bld.load(acc))), acc)
+            s = [bld.load(acc) for acc in accs]
+            v = bld.fadd(bld.fadd(s[0], s[2]), bld.fadd(s[1], s[3]))
+            v = bld.fadd(bld.shuffle_vector(v, v, lanes([0, 1, 2, 3])), bld.shuffle_vector(v, v, lanes([4, 5, 6, 7])))
+            v = bld.fadd(bld.shuffle_vector(v, v, lanes([0, 2])), bld.shuffle_vector(v, v, lanes([1, 3])))
+            total = cgutils.alloca_once_value(
+                bld, bld.fadd(bld.extract_element(v, ir.Constant(i32, 0)), bld.extract_element(v, ir.Constant(i32, 1))))
+            with cgutils.for_range(bld, n, start=bld.shl(n32, ir.Constant(n.type, 5))) as loop:
+                y = bld.load(bld.gep(pb, [loop.index]))
+                bld.store(contract(bld.fadd(bld.load(total), contract(bld.fmul(load_a(loop.index, 1), y)))), total)
+            return bld.load(total)
+
+        return sig, codegen
+
+    return dot
+
+
+dot_f32, dot_bf16 = _make_dot(False), _make_dot(True)
+
+
+# No fastmath in the matvecs: their sums are _make_dot's, in its fixed order.
+@njit(cache=True, parallel=True)
 def matvec_f32(w, x, out):
     _check(w, x.shape[0], out.shape[0], 4, "matvec: weight row bytes do not match the activation length")
     wf = w.view(np.float32)
-    n = x.shape[0]
     for r in prange(w.shape[0]):
-        acc = np.float32(0.0)
-        for i in range(n):
-            acc += wf[r, i] * x[i]
-        out[r] = acc
+        out[r] = dot_f32(wf[r], x)
 
 
 # ---- F16 --------------------------------------------------------------------------------------------
@@ -178,10 +243,10 @@ def round_to_f16(x):
 _ROWS_PER_CHUNK = 16
 
 
-@njit(cache=True, parallel=True, fastmath=True)
+@njit(cache=True, parallel=True)
 def matvec_f16(w, x, out):
     """Each row is widened into a per-chunk float32 scratch row (preallocated, stays in L1/L2), then
-    dotted with x by a plain vectorized loop."""
+    dotted with x (dot_f32)."""
     _check(w, x.shape[0], out.shape[0], 2, "matvec: weight row bytes do not match the activation length")
     wh = w.view(np.uint16)
     xh = round_to_f16(x)
@@ -192,10 +257,7 @@ def matvec_f16(w, x, out):
         buf = scratch[c]
         for r in range(c * _ROWS_PER_CHUNK, min(rows, (c + 1) * _ROWS_PER_CHUNK)):
             _halves_to_f32(wh[r], buf)
-            acc = np.float32(0.0)
-            for i in range(n):
-                acc += buf[i] * xh[i]
-            out[r] = acc
+            out[r] = dot_f32(buf, xh)
 
 
 # ---- BF16 -------------------------------------------------------------------------------------------
@@ -217,17 +279,13 @@ def round_to_bf16(x):
     return y
 
 
-@njit(cache=True, parallel=True, fastmath=True)
+@njit(cache=True, parallel=True)
 def matvec_bf16(w, x, out):
     _check(w, x.shape[0], out.shape[0], 2, "matvec: weight row bytes do not match the activation length")
     wh = w.view(np.uint16)
     xb = round_to_bf16(x)
-    n = x.shape[0]
     for r in prange(w.shape[0]):
-        acc = np.float32(0.0)
-        for i in range(n):
-            acc += bf16_to_f32(wh[r, i]) * xb[i]
-        out[r] = acc
+        out[r] = dot_bf16(wh[r], xb)
 
 
 register(GGMLQuantizationType.F32, dequantize_f32, matvec_f32)

@@ -377,13 +377,18 @@ _dot_q5_1 = _make_row_dot(*_Q5_1)
 _dot_q8_0 = _make_row_dot(*_Q8_0)
 
 
+# The matvecs are not fastmath: Numba hands the flag down to what they call, where it turned quantize_q8_0's
+# amax/127 into a multiply by a reciprocal, and let LLVM re-associate the block sums per target CPU. The dot
+# asks for FMA contraction itself (_contract), which is all it needs.
+
+
 @njit(cache=True, inline="always")
 def _check_matvec(w, x, out, type_size):
     if x.shape[0] % QK != 0 or w.shape[1] != (x.shape[0] // QK) * type_size or w.shape[0] != out.shape[0]:
         raise ValueError("matvec: weight row bytes do not match the activation length")
 
 
-@njit(cache=True, parallel=True, fastmath=True)
+@njit(cache=True, parallel=True)
 def matvec_q4_0(w, x, out):
     _check_matvec(w, x, out, _Q4_0[0])
     xq, xd = quantize_q8_0(x)
@@ -392,7 +397,7 @@ def matvec_q4_0(w, x, out):
         out[r] = _dot_q4_0(w[r], xq, xd, xd, xc)
 
 
-@njit(cache=True, parallel=True, fastmath=True)
+@njit(cache=True, parallel=True)
 def matvec_q5_0(w, x, out):
     _check_matvec(w, x, out, _Q5_0[0])
     xq, xd = quantize_q8_0(x)
@@ -401,7 +406,7 @@ def matvec_q5_0(w, x, out):
         out[r] = _dot_q5_0(w[r], xq, xd, xd, xc)
 
 
-@njit(cache=True, parallel=True, fastmath=True)
+@njit(cache=True, parallel=True)
 def matvec_q8_0(w, x, out):
     _check_matvec(w, x, out, _Q8_0[0])
     xq, xd = quantize_q8_0(x)
@@ -409,7 +414,7 @@ def matvec_q8_0(w, x, out):
         out[r] = _dot_q8_0(w[r], xq, xd, xd, xd)
 
 
-@njit(cache=True, parallel=True, fastmath=True)
+@njit(cache=True, parallel=True)
 def matvec_q4_1(w, x, out):
     _check_matvec(w, x, out, _Q4_1[0])
     xq, xd, xs = quantize_q8_1(x)
@@ -417,7 +422,7 @@ def matvec_q4_1(w, x, out):
         out[r] = _dot_q4_1(w[r], xq, xd, xs, xs)
 
 
-@njit(cache=True, parallel=True, fastmath=True)
+@njit(cache=True, parallel=True)
 def matvec_q5_1(w, x, out):
     _check_matvec(w, x, out, _Q5_1[0])
     xq, xd, xs = quantize_q8_1(x)
