@@ -34,7 +34,7 @@ from typing import Callable, Optional
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
-from gguf import GGUFValueType, LlamaFileType, TokenType
+from gguf import LlamaFileType, TokenType
 
 from qcpu.errors import QcpuError
 from qcpu.validate import check_rows

@@ -112,7 +112,7 @@ def test_conversation_commands_and_ctrl_c(real_model_path, tmp_path):
         # /save, /reset, /load: the round trip is equal and the loaded conversation is back in the cache.
         s.command("/reset", "conversation cleared")
         assert s.save()["messages"] == []
-        s.command(f"/load save1.json", r"loaded 4 messages")
+        s.command("/load save1.json", r"loaded 4 messages")
         assert s.save() == a
         assert "teal" in s.ask("Remind me: what is my favourite colour? One word.").lower()
 

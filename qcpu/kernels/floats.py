@@ -11,8 +11,6 @@ are widened with F16C's vcvtph2ps through a small LLVM IR intrinsic when the CPU
 
 from __future__ import annotations
 
-import llvmlite.binding as llb
-import numba
 import numpy as np
 from gguf import GGMLQuantizationType
 from llvmlite import ir
@@ -21,21 +19,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from qcpu.kernels import register
-
-
-def cpu_features() -> set[str]:
-    """CPU features Numba compiles for: the host's, unless NUMBA_CPU_NAME/NUMBA_CPU_FEATURES name
-    another target (e.g. for caches shared between machines)."""
-    if numba.config.CPU_NAME and numba.config.CPU_NAME != "host":
-        flags = numba.config.CPU_FEATURES or ""
-    else:
-        flags = llb.get_host_cpu_features().flatten()
-    return {f[1:] for f in flags.split(",") if f.startswith("+")}
-
-
-# F16C: x86's half<->float conversion instructions. Without them LLVM would lower a half conversion
-# to a runtime-library call Numba does not provide, so the IR paths that convert halves need it.
-F16C = "f16c" in cpu_features()
+from qcpu.kernels.cpu import F16C
 
 
 @njit(cache=True)

@@ -31,7 +31,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from qcpu.kernels import register
-from qcpu.kernels.floats import cpu_features
+from qcpu.kernels.cpu import F16C, X86_AVX2
 from qcpu.kernels.llvm_ir import _F32, _F64, _I8, _I16, _I32, _I64, _lanes, _splat, _vec  # noqa: F401
 
 QK_K = 256
@@ -43,9 +43,8 @@ Q4_K_BYTES = 144  # d @0, dmin @2, scales[12] @4 (6-bit scales + mins), qs[128] 
 Q5_K_BYTES = 176  # d @0, dmin @2, scales[12] @4 (as Q4_K), qh[32] @16, qs[128] @48
 Q6_K_BYTES = 210  # ql[128] @0, qh[64] @128, scales[16] (int8) @192, d @208
 
-# The x86 instructions are used when the host has them (Numba's cache is keyed on the CPU, so cached
-# code never runs on a CPU without them).
-HAS_AVX2 = {"avx2", "f16c"} <= cpu_features()
+# The x86 path needs both: pmaddubsw/pmaddwd, and F16C for the block scales it converts in-register.
+HAS_AVX2 = X86_AVX2 and F16C
 
 
 # ----------------------------------------------------------------------------------------------------

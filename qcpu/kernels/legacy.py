@@ -45,14 +45,13 @@ from numba.extending import intrinsic
 
 from qcpu.kernels import register
 from qcpu.kernels.llvm_ir import _F32, _F64, _I8, _I16, _I32, _I64, _lanes, _splat, _vec  # noqa: F401
-from qcpu.kernels.floats import F16C, cpu_features, f16_to_f32, f32_to_f16
+from qcpu.kernels.cpu import F16C, X86_AVX2
+from qcpu.kernels.floats import f16_to_f32, f32_to_f16
 
 QK = 32  # weights per block, all five types
 
 
 # x86 with AVX2: use pmaddubsw/pmaddwd as llama.cpp's AVX2 kernels do; F16C for the scale decode.
-# (Numba's cache is keyed on the CPU, so cached code never meets a CPU without what it was built for.)
-X86_AVX2 = "avx2" in cpu_features()
 _F16C = F16C
 
 # ---- activation quantizers (x float32[cols] -> int8 quants + per-block scales) -------------------
