@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from qcpu.errors import QcpuError
-from qcpu.generate import Piece, Stats
+from qcpu.generate import Piece, Stats, common_prefix
 from qcpu.sampling import new_rng, resolve_seed
 from qcpu.text_input import read_text_file
 
@@ -26,15 +26,6 @@ SAVE_FORMAT = "qcpu-chat"
 SAVE_VERSION = 1
 # llama-cli refuses a prompt longer than n_ctx - 4 ("prompt is too long"); the kept prefix obeys the same.
 PREFIX_MARGIN = 4
-
-
-def _common_prefix(a, b) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 @dataclass
@@ -120,7 +111,7 @@ class Chat:
         head = [{"role": "system", "content": system}] if system else []
         a = tpl.render(head + [{"role": "user", "content": "a"}], add_generation_prompt=False)
         b = tpl.render(head + [{"role": "user", "content": "b"}], add_generation_prompt=False)
-        prefix = a[:_common_prefix(a, b)]
+        prefix = a[:common_prefix(a, b)]
         cut = prefix.rfind("\n")  # the common text ends inside the user header; keep whole lines
         prefix = prefix[:cut + 1] if cut >= 0 else ""
         tokens = self.engine.tokenizer.encode(prefix) if prefix else []

@@ -27,6 +27,16 @@ DEFAULT_CTX = 4096  # tokens of KV cache when the user names none (capped to the
 PREFILL_CHUNK = 256  # tokens per prefill pass: large enough for BLAS, small enough for the ring
 
 
+def common_prefix(a: Sequence, b: Sequence) -> int:
+    """Length of the longest common prefix of two sequences (token ids, or text)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 @dataclass
 class Stats:
     prompt_tokens: int = 0
@@ -169,11 +179,7 @@ class Engine:
         tokens = [int(t) for t in tokens]
         keep = self.n_kept if keep is None else keep
         held = self._tokens
-        common = 0
-        for a, b in zip(tokens, held):
-            if a != b:
-                break
-            common += 1
+        common = common_prefix(tokens, held)
         if keep != self.n_kept or common < min(keep, len(tokens)):
             self.reset(keep)  # the kept prefix itself changed
             return tokens
