@@ -223,3 +223,38 @@ def export(model: Path, out: Path, dtype: str = "bf16", layers: int | None = Non
         (out / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
     return out
+
+
+# -- a tiny random HF checkpoint (1 layer, dim 32), for convert's tests ------------------------------------
+
+def tiny_config(vocab: int, arch: str = "Qwen2ForCausalLM") -> dict:
+    """config.json of a 1-layer Qwen2 with dim 32, 4 heads (2 KV), FFN 64, tied embeddings."""
+    return {"architectures": [arch], "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": vocab, "rms_norm_eps": 1e-6,
+            "max_position_embeddings": 64, "rope_theta": 10000.0, "tie_word_embeddings": True}
+
+
+def tiny_tensors(vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random float16 weights of `tiny_config(vocab)`, by HF name."""
+    rng = np.random.default_rng(seed)
+    w = lambda *s: rng.standard_normal(s).astype(np.float16)  # noqa: E731
+    p = "model.layers.0."
+    return {"model.embed_tokens.weight": w(vocab, 32), "model.norm.weight": w(32),
+            p + "input_layernorm.weight": w(32), p + "post_attention_layernorm.weight": w(32),
+            p + "self_attn.q_proj.weight": w(32, 32), p + "self_attn.q_proj.bias": w(32),
+            p + "self_attn.k_proj.weight": w(16, 32), p + "self_attn.k_proj.bias": w(16),
+            p + "self_attn.v_proj.weight": w(16, 32), p + "self_attn.v_proj.bias": w(16),
+            p + "self_attn.o_proj.weight": w(32, 32), p + "mlp.gate_proj.weight": w(64, 32),
+            p + "mlp.up_proj.weight": w(64, 32), p + "mlp.down_proj.weight": w(32, 64)}
+
+
+def write_arrays(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    """In-memory float32/float16 arrays -> one .safetensors file."""
+    header, blobs, off = {}, [], 0
+    for name, a in tensors.items():
+        dt = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}[a.dtype]
+        header[name] = {"dtype": dt, "shape": list(a.shape), "data_offsets": [off, off + a.nbytes]}
+        blobs.append(a.tobytes())
+        off += a.nbytes
+    h = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(h)) + h + b"".join(blobs))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import json
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -149,39 +148,17 @@ def _raise_enospc(*_):
 # --- bad input (tiny fake checkpoints; fail before the tokenizer is needed) ------------------------
 
 
-def _write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
-    header, blobs, off = {}, [], 0
-    for name, a in tensors.items():
-        dt = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}[a.dtype]
-        header[name] = {"dtype": dt, "shape": list(a.shape), "data_offsets": [off, off + a.nbytes]}
-        blobs.append(a.tobytes())
-        off += a.nbytes
-    h = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(h)) + h + b"".join(blobs))
-
-
 def _tiny_hf(d: Path, arch="Qwen2ForCausalLM", shards=1) -> Path:
     d.mkdir(parents=True, exist_ok=True)
-    cfg = {"architectures": [arch], "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 16, "rms_norm_eps": 1e-6,
-           "max_position_embeddings": 64, "rope_theta": 10000.0, "tie_word_embeddings": True}
-    (d / "config.json").write_text(json.dumps(cfg))
-    rng = np.random.default_rng(0)
-    w = lambda *s: rng.standard_normal(s).astype(np.float16)  # noqa: E731
-    t = {"model.embed_tokens.weight": w(16, 32), "model.norm.weight": w(32),
-         "model.layers.0.input_layernorm.weight": w(32), "model.layers.0.post_attention_layernorm.weight": w(32),
-         "model.layers.0.self_attn.q_proj.weight": w(32, 32), "model.layers.0.self_attn.q_proj.bias": w(32),
-         "model.layers.0.self_attn.k_proj.weight": w(16, 32), "model.layers.0.self_attn.k_proj.bias": w(16),
-         "model.layers.0.self_attn.v_proj.weight": w(16, 32), "model.layers.0.self_attn.v_proj.bias": w(16),
-         "model.layers.0.self_attn.o_proj.weight": w(32, 32), "model.layers.0.mlp.gate_proj.weight": w(64, 32),
-         "model.layers.0.mlp.up_proj.weight": w(64, 32), "model.layers.0.mlp.down_proj.weight": w(32, 64)}
+    (d / "config.json").write_text(json.dumps(hf_export.tiny_config(16, arch)))
+    t = hf_export.tiny_tensors(16)
     if shards == 1:
-        _write_safetensors(d / "model.safetensors", t)
+        hf_export.write_arrays(d / "model.safetensors", t)
     else:
         names = sorted(t)
         half = {n: f"model-0000{1 + (i >= len(names) // 2)}-of-00002.safetensors" for i, n in enumerate(names)}
         for fn in set(half.values()):
-            _write_safetensors(d / fn, {n: t[n] for n in names if half[n] == fn})
+            hf_export.write_arrays(d / fn, {n: t[n] for n in names if half[n] == fn})
         (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": half}))
     (d / "tokenizer.json").write_text("{}")
     (d / "tokenizer_config.json").write_text("{}")
@@ -242,7 +219,7 @@ def test_cli_convert_bad_input(tmp_path, case, expect):
             del t["model.layers.0.mlp.down_proj.weight"]
         else:
             t["model.layers.0.mlp.extra.weight"] = np.zeros((2, 2), np.float16)
-        _write_safetensors(d / "model.safetensors", t)
+        hf_export.write_arrays(d / "model.safetensors", t)
     elif case == "no_weights":
         (d / "model.safetensors").unlink()
     elif case == "exists":

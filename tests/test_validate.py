@@ -300,27 +300,10 @@ def test_cli_convert_refuses_an_inf_weight(real_model_path, tmp_path):
     d.mkdir()
     (d / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False))
     (d / "tokenizer_config.json").write_text(json.dumps(export.tokenizer_config(meta, tj, 64), ensure_ascii=False))
-    cfg = {"architectures": ["Qwen2ForCausalLM"], "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": vocab, "rms_norm_eps": 1e-6,
-           "max_position_embeddings": 64, "rope_theta": 10000.0, "tie_word_embeddings": True}
-    (d / "config.json").write_text(json.dumps(cfg))
-    rng = np.random.default_rng(0)
-    w = lambda *s: rng.standard_normal(s).astype(np.float16)  # noqa: E731
-    t = {"model.embed_tokens.weight": w(vocab, 32), "model.norm.weight": w(32),
-         "model.layers.0.input_layernorm.weight": w(32), "model.layers.0.post_attention_layernorm.weight": w(32),
-         "model.layers.0.self_attn.q_proj.weight": w(32, 32), "model.layers.0.self_attn.q_proj.bias": w(32),
-         "model.layers.0.self_attn.k_proj.weight": w(16, 32), "model.layers.0.self_attn.k_proj.bias": w(16),
-         "model.layers.0.self_attn.v_proj.weight": w(16, 32), "model.layers.0.self_attn.v_proj.bias": w(16),
-         "model.layers.0.self_attn.o_proj.weight": w(32, 32), "model.layers.0.mlp.gate_proj.weight": w(64, 32),
-         "model.layers.0.mlp.up_proj.weight": w(64, 32), "model.layers.0.mlp.down_proj.weight": w(32, 64)}
+    (d / "config.json").write_text(json.dumps(export.tiny_config(vocab)))
+    t = export.tiny_tensors(vocab)
     t["model.layers.0.mlp.up_proj.weight"][40, 17] = np.inf
-    header, blobs, off = {}, [], 0
-    for name, a in t.items():
-        header[name] = {"dtype": "F16", "shape": list(a.shape), "data_offsets": [off, off + a.nbytes]}
-        blobs.append(a.tobytes())
-        off += a.nbytes
-    h = json.dumps(header).encode()
-    (d / "model.safetensors").write_bytes(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+    export.write_arrays(d / "model.safetensors", t)
 
     out_dir = tmp_path / "out"
     out_dir.mkdir()
@@ -330,8 +313,7 @@ def test_cli_convert_refuses_an_inf_weight(real_model_path, tmp_path):
                              f"data: value {40 * 32 + 17} (row 40, column 17) is +Inf")
         assert list(out_dir.iterdir()) == []
     t["model.layers.0.mlp.up_proj.weight"][40, 17] = 0.5  # the same checkpoint, clean, converts
-    blobs = [a.tobytes() for a in t.values()]
-    (d / "model.safetensors").write_bytes(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+    export.write_arrays(d / "model.safetensors", t)
     proc = qcpu("convert", d, out_dir / "o.gguf", "--type", "f16", "--quiet")
     assert proc.returncode == 0, proc.stderr
 
