@@ -14,7 +14,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from qcpu.errors import QcpuError, one_line
+from qcpu.errors import QcpuError, say
 from qcpu.text_input import clean_arg, read_text_file
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -25,17 +25,8 @@ MODEL_HELP = ("Path to a .gguf file (qwen2 architecture), or REPO[:QUANT] on the
               "Omitted: the default model, fetched once.")
 
 
-def _say_error(message: str) -> None:
-    # Plain write, not Rich: an error is one line whatever the terminal's width.
-    try:
-        sys.stderr.write(f"qcpu: {one_line(message)}\n")
-        sys.stderr.flush()
-    except (OSError, ValueError):
-        pass
-
-
 def _fail(message: str, code: int = 1) -> None:
-    _say_error(message)
+    say(message)
     raise typer.Exit(code)
 
 
@@ -387,20 +378,20 @@ def main() -> None:
         rc = app(standalone_mode=False)
         sys.exit(rc if isinstance(rc, int) else 0)
     except QcpuError as e:
-        _say_error(str(e))
+        say(str(e))
         sys.exit(1)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        err.print("qcpu: interrupted")
+        say("interrupted")
         sys.exit(130)
     except Exception as e:
         # Usage errors from Typer's click (vendored in recent Typer, so matched by shape): one line, exit 2.
         if hasattr(e, "format_message") and hasattr(e, "exit_code"):
-            _say_error(e.format_message().replace("\n", " "))
+            say(e.format_message().replace("\n", " "))
             sys.exit(e.exit_code)
         if type(e).__name__ == "Abort":  # click's form of Ctrl-C
-            _say_error("interrupted")
+            say("interrupted")
             sys.exit(130)
         raise
 

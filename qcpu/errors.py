@@ -14,11 +14,15 @@ def one_line(message: object) -> str:
     return line.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def say(message: object) -> None:
+    """Print `qcpu: MESSAGE` as one line on stderr: plain, not Rich, so no terminal width wraps it."""
+    try:
+        sys.stderr.write(f"qcpu: {one_line(message)}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):  # stderr closed: saying so is not worth dying for
+        pass
+
+
 def warn(message: str) -> None:
     """Print `qcpu: warning: MESSAGE` as one line on stderr and go on (llama.cpp's LOG_WRN habit)."""
-    line = one_line(message)
-    try:
-        sys.stderr.write(f"qcpu: warning: {line}\n")
-        sys.stderr.flush()
-    except (OSError, ValueError):  # stderr closed: a warning is not worth dying for
-        pass
+    say(f"warning: {message}")

@@ -142,10 +142,6 @@ class Engine:
         live = c.slot_seq[c.slot_seq >= c.keep]
         return int(live.min()) if len(live) else c.n_seen
 
-    @property
-    def cache_nbytes(self) -> int:
-        return self._cache.nbytes
-
     # -- changing what the cache holds --------------------------------------------------------------
     def reset(self, keep: int = 0) -> None:
         """Empty the cache; the first `keep` tokens fed from now on are never evicted."""
@@ -229,8 +225,6 @@ class Engine:
         if logits is None:
             raise QcpuError("nothing to feed")
         return np.concatenate(outs) if all_logits else logits[-1]
-
-    prefill = feed  # llama.cpp's word for feeding a prompt
 
     # -- generation ---------------------------------------------------------------------------------
     def generate_tokens(self, prompt: Sequence[int], params: SamplingParams, max_tokens: int,

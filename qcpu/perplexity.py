@@ -25,7 +25,7 @@ def perplexity(engine, text: str, ctx: int, progress=None) -> dict:
     * the logits at positions j in [ctx//2, ctx-1) score token j+1 of the chunk (the original tokens):
       nll += log_sum_exp(logits[j]) - logits[j][token], in float64.
 
-    `engine` is a qcpu.generate.Engine (tokenizer, reset(), prefill(all_logits=True) -> float32
+    `engine` is a qcpu.generate.Engine (tokenizer, reset(), feed(all_logits=True) -> float32
     [n, vocab], capacity); `ctx` is the chunk length in tokens.  `progress`, if given, has a
     rich-style `print(str)` for a line per chunk.
 
@@ -63,7 +63,7 @@ def perplexity(engine, text: str, ctx: int, progress=None) -> dict:
         if bos is not None:
             chunk = [bos] + chunk[1:]  # every chunk starts with BOS, in place of its first token
         engine.reset()
-        logits = engine.prefill(chunk, all_logits=True).astype(np.float64)  # [ctx, vocab]
+        logits = engine.feed(chunk, all_logits=True).astype(np.float64)  # [ctx, vocab]
         # Position j predicts token j+1: score j in [first, ctx - 1).
         scored = logits[first:ctx - 1]
         peak = scored.max(axis=1, keepdims=True)

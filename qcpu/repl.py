@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.text import Text
 
 from qcpu.conversation import Chat, Turn
-from qcpu.errors import QcpuError, one_line
+from qcpu.errors import QcpuError, say
 from qcpu.generate import Stats
 from qcpu.sampling import resolve_seed
 from qcpu.text_input import StdinLines
@@ -151,9 +151,7 @@ class Repl:
         if self.interactive:
             self.out.print(Text(f"qcpu: {message}", style="red" if self.color else ""))
         else:
-            # One line whatever the width (Rich would wrap it); a script sees a non-zero exit.
-            sys.stderr.write(f"qcpu: {one_line(message)}\n")
-            sys.stderr.flush()
+            say(message)  # one line whatever the width; a script sees a non-zero exit
             self.exit_code = 1
 
     def _body(self, text: str):

@@ -29,7 +29,7 @@ def decode_utf8(data: bytes, source: str) -> str:
     return text
 
 
-def read_text_file(path: str | Path, what: str = "") -> str:
+def read_text_file(path: str | Path) -> str:
     """The whole file as text (invalid UTF-8 replaced, with a warning).
 
     Raises QcpuError (one line) when the path is missing, a directory, or unreadable."""
@@ -42,7 +42,7 @@ def read_text_file(path: str | Path, what: str = "") -> str:
         raise QcpuError(f"{path}: is a directory, not a text file") from None
     except OSError as e:
         raise QcpuError(f"{path}: cannot read ({e.strerror or e})") from None
-    return decode_utf8(data, what or str(path))
+    return decode_utf8(data, str(path))
 
 
 def clean_arg(text: str | None, source: str) -> str | None:
@@ -60,7 +60,7 @@ def clean_arg(text: str | None, source: str) -> str | None:
 
 
 class StdinLines:
-    """Lines of standard input read as bytes, so invalid UTF-8 never raises; counts bad lines per stream."""
+    """Lines of standard input read as bytes, so invalid UTF-8 never raises (each bad line warns)."""
 
     def __init__(self, stream=None):
         self.stream = stream if stream is not None else sys.stdin
