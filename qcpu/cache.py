@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from qcpu.errors import QcpuError
-from qcpu.ops import apply_rope, rope_cos_sin
+from qcpu.rope import apply_rope, rope_cos_sin
 
 
 class RingKVCache:

@@ -16,10 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
+from qcpu.attention import attention
 from qcpu.cache import RingKVCache
 from qcpu.config import ModelConfig
 from qcpu.gguf_file import GGUFFile
-from qcpu.ops import apply_rope, attention, rms_norm, rope_cos_sin, silu
+from qcpu.ops import rms_norm, silu
+from qcpu.rope import apply_rope, rope_cos_sin
 from qcpu.weights import ModelWeights
 
 
