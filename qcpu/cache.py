@@ -17,16 +17,16 @@ from __future__ import annotations
 import numpy as np
 
 from qcpu.errors import QcpuError
-from qcpu.rope import apply_rope, rope_cos_sin
+from qcpu.rope import Rope, apply_rope
 
 
 class RingKVCache:
     def __init__(self, n_layers: int, capacity: int, n_kv_heads: int, head_dim: int,
-                 rope_theta: float, max_position: int, keep: int = 0):
+                 rope: Rope, max_position: int, keep: int = 0):
         if capacity < 2:
             raise QcpuError(f"context size {capacity} is too small")
         self.capacity = capacity
-        self.rope_theta = rope_theta
+        self.rope = rope
         self.max_position = min(max_position, 2 * capacity)
         self.keep = keep
         self.k = np.zeros((n_layers, capacity, n_kv_heads, head_dim), dtype=np.float16)
@@ -89,7 +89,7 @@ class RingKVCache:
         moved = delta != 0
         if moved.any():
             slots = live[moved]
-            cos, sin = rope_cos_sin(delta[moved], self.k.shape[-1], self.rope_theta)
+            cos, sin = self.rope.shift_cos_sin(delta[moved])
             for layer in range(self.k.shape[0]):
                 k = self.k[layer, slots].astype(np.float32)
                 self.k[layer, slots] = apply_rope(k, cos, sin).astype(np.float16)

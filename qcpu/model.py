@@ -21,7 +21,7 @@ from qcpu.cache import RingKVCache
 from qcpu.config import ModelConfig
 from qcpu.gguf_file import GGUFFile
 from qcpu.ops import rms_norm, silu
-from qcpu.rope import apply_rope, rope_cos_sin
+from qcpu.rope import Rope, apply_rope
 from qcpu.weights import ModelWeights
 
 
@@ -30,6 +30,7 @@ class Qwen2Model:
         self.file = gguf
         self.config = ModelConfig.from_gguf(gguf)
         self.weights = ModelWeights.from_gguf(gguf, self.config)
+        self.rope = Rope.from_config(self.config)
 
     @classmethod
     def load(cls, path: str | Path) -> "Qwen2Model":
@@ -37,7 +38,7 @@ class Qwen2Model:
 
     def new_cache(self, capacity: int, keep: int = 0) -> RingKVCache:
         c = self.config
-        return RingKVCache(c.n_layers, capacity, c.n_kv_heads, c.head_dim, c.rope_theta,
+        return RingKVCache(c.n_layers, capacity, c.n_kv_heads, c.head_dim, self.rope,
                            max_position=c.context_length, keep=keep)
 
     def forward(self, tokens, cache: RingKVCache, all_logits: bool = False) -> np.ndarray:
@@ -55,7 +56,7 @@ class Qwen2Model:
     def _layers(self, tokens, cache, slots, positions, seqs, all_logits):
         c, w = self.config, self.weights
         n = len(tokens)
-        cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta)
+        cos, sin = self.rope.cos_sin(positions)
 
         x = w.token_embd.take_rows(tokens)  # [n, dim]
         for layer, lw in enumerate(w.layers):

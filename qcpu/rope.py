@@ -6,6 +6,8 @@ so rotated keys match its bit-for-bit closely even at large positions.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 
@@ -31,3 +33,27 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     x0, x1 = x[..., :half], x[..., half:]
     c, s = cos[:, None, :], sin[:, None, :]
     return np.concatenate((x0 * c - x1 * s, x0 * s + x1 * c), axis=-1)
+
+
+@dataclass(frozen=True)
+class Rope:
+    """How positions become rotations for one model: base frequency and (later) scaling.
+
+    `cos_sin(positions)` gives the tables that rotate queries and keys at those positions;
+    `shift_cos_sin(deltas)` the tables that move already-rotated keys by `deltas` positions (a context
+    shift: llama.cpp's build_rope_shift)."""
+
+    head_dim: int
+    theta: float
+
+    @classmethod
+    def from_config(cls, config) -> "Rope":
+        return cls(head_dim=config.head_dim, theta=config.rope_theta)
+
+    def cos_sin(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """float32[n, head_dim // 2] cos and sin for int positions[n]."""
+        return rope_cos_sin(positions, self.head_dim, self.theta)
+
+    def shift_cos_sin(self, deltas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """float32[n, head_dim // 2] cos and sin that move stored keys by int deltas[n] positions."""
+        return rope_cos_sin(deltas, self.head_dim, self.theta)
