@@ -1,6 +1,26 @@
 """Attention over the KV cache: softmax(q.k / sqrt(head_dim)) . v, causal by stream index.
 
-Rounds q and the probabilities to fp16 as llama.cpp's (non-flash) attention does.
+The cache is float16 `k, v[n_slots, n_kv_heads, head_dim]` with `slot_seq[n_slots]`: the stream index of
+the token in each slot (-1: empty). Query i (stream index `query_seq[i]`) sees slot s iff
+0 <= slot_seq[s] <= query_seq[i], so the kernels need no particular slot order and accept holes. Only the
+slots passed in are visited: the cache passes its used prefix, so the cost follows the tokens held, not
+the capacity.
+
+- One query (decode): flash-decoding (Dao et al., 2023). Keys are split into blocks of `BLOCK` slots;
+  each (kv head, block) task widens its keys with F16C once and scores them against all the queries of
+  the GQA group; then exps per head; then each task sums weights times values and the per-block partial
+  sums are added in block order.
+- Many queries (prefill): tiled online softmax (FlashAttention, Dao et al., 2022): per kv head the
+  queries of its group are one [n * group, head_dim] matrix; each tile of `TILE` keys is widened,
+  scored by one BLAS matmul, masked only where it can hide something (holes, or keys newer than the
+  oldest query), and folded into running reference point / sum / output. Scratch is one tile of
+  scores: a few MB whatever the context length.
+
+Roundings: q is rounded to fp16 (llama.cpp converts it to K's type), and so are the weights exp(s - m)
+before they multiply V (llama.cpp rounds the normalized probabilities: the same relative error). m is
+the row's maximum rounded up to a multiple of ln 2, so moving it as tiles arrive rescales by exact
+powers of two and both kernels round every weight identically; the output is divided by the float64
+sum of the exps at the end (ggml's soft_max sums in double).
 """
 
 from __future__ import annotations
@@ -10,87 +30,260 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from qcpu.kernels.floats import _halves_to_f32, dot_f32, f32_to_f16
+from qcpu.kernels.floats import _halves_to_f32, dot_f32
 
-# The KV cache holds float16 (half the memory of float32, as llama.cpp's default). Numba has no float16,
-# so kernels read the raw bits through this 256 KiB table, which stays in L2.
-F16_TO_F32 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
-
-
-# Only FMA contraction, no re-association: fastmath=True would let LLVM split sums at the host's vector width.
-@njit(parallel=True, fastmath={"contract"}, cache=True)
-def _attention(q, k_bits, v_bits, slot_seq, query_seq, scale, lut, out):
-    # q[nq, n_heads, hd]; k_bits, v_bits uint16[slots, n_kv, hd]; slot_seq[slots] (-1 = empty);
-    # query i sees slot s iff 0 <= slot_seq[s] <= query_seq[i] (causal, order-free over the ring).
-    nq, n_heads, hd = q.shape
-    n_slots, n_kv = k_bits.shape[0], k_bits.shape[1]
-    group = n_heads // n_kv
-    for task in prange(nq * n_heads):
-        i = task // n_heads
-        h = task % n_heads
-        kvh = h // group
-        scores = np.empty(n_slots, dtype=np.float32)
-        k_row = np.empty(hd, dtype=np.float32)
-        best = -np.inf
-        for s in range(n_slots):
-            seq = slot_seq[s]
-            if seq < 0 or seq > query_seq[i]:
-                scores[s] = -np.inf
-                continue
-            _halves_to_f32(k_bits[s, kvh], k_row)  # F16C where the CPU has it
-            acc = dot_f32(q[i, h], k_row) * scale  # summed in one fixed order on every CPU
-            scores[s] = acc
-            if acc > best:
-                best = acc
-        total = 0.0  # float64, as ggml's soft_max sums
-        for s in range(n_slots):
-            if scores[s] != -np.inf:
-                e = np.float32(math.exp(scores[s] - best))
-                scores[s] = e
-                total += e
-            else:
-                scores[s] = 0.0
-        inv_total = np.float32(1.0 / total)
-        for d in range(hd):
-            out[i, h, d] = 0.0
-        for s in range(n_slots):
-            p = scores[s]
-            if p != 0.0:
-                p = lut[f32_to_f16(p * inv_total)]  # llama.cpp rounds the probabilities to fp16 for V
-                for d in range(hd):
-                    out[i, h, d] += p * lut[v_bits[s, kvh, d]]
+BLOCK = 256  # keys per decode task: enough tasks for 2..16 threads at 4K+ tokens, little merging
+TILE = 512  # keys per prefill tile: a [256 * group, 512] float32 score tile is a few MB
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, slot_seq: np.ndarray, query_seq: np.ndarray) -> np.ndarray:
-    """Scaled dot-product attention of q[n, n_heads, hd] over float16 k, v[slots, n_kv_heads, hd].
-
-    Rounds q and the probabilities to fp16 as llama.cpp's (non-flash) attention does. One query (decode):
-    a Numba kernel reading the fp16 cache in place. Many (prefill): BLAS over the live slots.
-    """
+    """Scaled dot-product attention of q float32[n, n_heads, head_dim] over the float16 cache
+    k, v[n_slots, n_kv_heads, head_dim] (slot_seq int64[n_slots], query_seq int64[n]: see the module
+    docstring). Returns float32[n, n_heads, head_dim]. n_heads must be a multiple of n_kv_heads (GQA).
+    A query that sees no slot gets zeros."""
     scale = np.float32(1.0 / math.sqrt(q.shape[-1]))
-    q = q.astype(np.float16).astype(np.float32)
+    q = q.astype(np.float16).astype(np.float32)  # llama.cpp converts q to K's type (F16) for K.Q
     if q.shape[0] == 1:
-        out = np.empty(q.shape, dtype=np.float32)
-        _attention(q, k.view(np.uint16), v.view(np.uint16), slot_seq, query_seq, scale, F16_TO_F32, out)
-        return out
-    return _attention_batched(q, k, v, slot_seq, query_seq, scale)
+        return _decode(q[0], k.view(np.uint16), v.view(np.uint16), slot_seq, int(query_seq[0]), scale)[None]
+    return _prefill(q, k, v, slot_seq, query_seq, scale)
 
 
-def _attention_batched(q, k, v, slot_seq, query_seq, scale):
-    nq, n_heads, hd = q.shape
-    n_kv = k.shape[1]
+# ---- shared scalar pieces (inlined, so the loops around them vectorize) --------------------------
+
+_LOG2E = np.float32(1.4426950408889634)
+_LN2_HI = np.float32(0.693359375)  # ln 2 split so n * _LN2_HI is exact (Cody and Waite)
+_LN2_LO = np.float32(-2.12194440e-4)
+_LN2 = np.float32(0.6931471805599453)
+_NONE = np.int64(-(1 << 40))  # no reference point yet: nothing seen
+
+
+@njit(cache=True, inline="always")
+def _exp(x):
+    """exp(x) for float32 x <= 0 (softmax arguments), 0 below -87 (and for -inf): range reduction
+    x = n ln2 + r, |r| <= ln2 / 2, then a degree-6 Taylor polynomial (error < 1.2e-7 relative) scaled by
+    2**n through the exponent bits. Branch-free so loops over it vectorize: np.exp/math.exp are calls."""
+    xc = max(x, np.float32(-87.0))
+    n = np.rint(xc * _LOG2E)
+    r = (xc - n * _LN2_HI) - n * _LN2_LO
+    p = np.float32(1.0 / 720.0)
+    p = p * r + np.float32(1.0 / 120.0)
+    p = p * r + np.float32(1.0 / 24.0)
+    p = p * r + np.float32(1.0 / 6.0)
+    p = p * r + np.float32(0.5)
+    p = p * r + np.float32(1.0)
+    p = p * r + np.float32(1.0)
+    two_n = np.uint32((np.int32(n) + np.int32(127)) << np.int32(23)).view(np.float32)
+    return p * two_n if x >= np.float32(-87.0) else np.float32(0.0)
+
+
+@njit(cache=True, inline="always")
+def _round_f16(p):
+    """A probability p in [0, 1] rounded to the nearest binary16 value, as a float32 (llama.cpp feeds V
+    fp16 probabilities). Below 2**-14 halves are multiples of 2**-24: adding and removing 0.5 rounds
+    there (half-even, in float32's own addition). Above, Veltkamp's split with 2**13 + 1 keeps the 11
+    leading significand bits, rounded to nearest."""
+    sub = (p + np.float32(0.5)) - np.float32(0.5)
+    t = p * np.float32(8193.0)
+    hi = t - (t - p)
+    return sub if p < np.float32(6.103515625e-05) else hi
+
+
+# ---- decode: one query ---------------------------------------------------------------------------
+
+# Only FMA contraction, no re-association: sums keep one order on every CPU.
+@njit(parallel=True, fastmath={"contract"}, cache=True)
+def _decode_scores(q, k_bits, slot_seq, query_seq, scale, scores, block_max):
+    # scores[n_heads, n_slots] = q.k * scale (-inf where hidden); block_max[n_heads, n_blocks]
+    n_heads, hd = q.shape
+    n_slots, n_kv = k_bits.shape[0], k_bits.shape[1]
     group = n_heads // n_kv
-    live = np.flatnonzero((slot_seq >= 0) & (slot_seq <= query_seq.max()))
-    keys = k[live].astype(np.float32).transpose(1, 2, 0)  # [n_kv, hd, L]
-    values = v[live].astype(np.float32).transpose(1, 0, 2)  # [n_kv, L, hd]
-    # queries of one kv head's group side by side: [n_kv, nq * group, hd]
-    qg = q.reshape(nq, n_kv, group, hd).transpose(1, 0, 2, 3).reshape(n_kv, nq * group, hd)
-    scores = np.matmul(qg, keys) * scale  # [n_kv, nq * group, L]
-    hidden = slot_seq[live][None, :] > np.repeat(query_seq, group)[:, None]  # causal mask [nq * group, L]
-    scores[:, hidden] = -np.inf
-    scores -= scores.max(axis=-1, keepdims=True)
-    np.exp(scores, out=scores)
-    inv_total = (1.0 / scores.sum(axis=-1, keepdims=True, dtype=np.float64)).astype(np.float32)
-    probs = (scores * inv_total).astype(np.float16).astype(np.float32)
-    out = np.matmul(probs, values)  # [n_kv, nq * group, hd]
-    return out.reshape(n_kv, nq, group, hd).transpose(1, 0, 2, 3).reshape(nq, n_heads, hd)
+    n_blocks = block_max.shape[1]
+    for task in prange(n_kv * n_blocks):
+        kvh, b = task // n_blocks, task % n_blocks
+        k_row = np.empty(hd, dtype=np.float32)
+        best = np.full(group, -np.inf, dtype=np.float32)
+        for s in range(b * BLOCK, min(n_slots, (b + 1) * BLOCK)):
+            seq = slot_seq[s]
+            if seq < 0 or seq > query_seq:
+                for g in range(group):
+                    scores[kvh * group + g, s] = -np.inf
+                continue
+            _halves_to_f32(k_bits[s, kvh], k_row)  # once for the whole group
+            for g in range(group):
+                x = dot_f32(q[kvh * group + g], k_row) * scale
+                scores[kvh * group + g, s] = x
+                best[g] = max(best[g], x)
+        for g in range(group):
+            block_max[kvh * group + g, b] = best[g]
+
+
+@njit(cache=True, inline="always")
+def _ln2_steps_above(x):
+    """The smallest k with k * ln 2 >= x (x finite): softmax's reference point. Moving it costs an exact
+    power of two, so probabilities rounded to fp16 do not depend on where the running maximum stood."""
+    return np.int64(math.ceil(x * _LOG2E))
+
+
+@njit(cache=True, inline="always")
+def _two_to(k):
+    """2.0 ** k as float32 for int k (0 below the normal range)."""
+    return np.uint32((k + 127) << 23).view(np.float32) if k > -127 else np.float32(0.0)
+
+
+@njit(parallel=True, fastmath={"contract"}, cache=True)
+def _decode_softmax(scores, block_max, total):
+    # scores -> fp16-rounded exp(s - m), m = the max rounded up to a multiple of ln 2; total[h] the
+    # float64 sum of the unrounded exps (ggml's soft_max sums in double), to divide the output by.
+    n_heads, n_slots = scores.shape
+    for h in prange(n_heads):
+        top = np.float32(-np.inf)
+        for b in range(block_max.shape[1]):
+            top = max(top, block_max[h, b])
+        if top == -np.inf:
+            scores[h, :] = 0.0
+            total[h] = 0.0
+            continue
+        m = np.float32(_ln2_steps_above(top)) * _LN2
+        row = scores[h]
+        lanes = np.zeros(8, dtype=np.float64)  # eight fixed lanes: vectorizes without re-association
+        n8 = n_slots // 8 * 8
+        for s in range(0, n8, 8):
+            for j in range(8):
+                e = _exp(row[s + j] - m)
+                lanes[j] += e
+                row[s + j] = _round_f16(e)
+        t = lanes.sum()
+        for s in range(n8, n_slots):
+            e = _exp(row[s] - m)
+            t += e
+            row[s] = _round_f16(e)
+        total[h] = t
+
+
+@njit(parallel=True, fastmath={"contract"}, cache=True)
+def _decode_values(probs, v_bits, partial):
+    # partial[n_blocks, n_heads, hd] = sum over the block's slots of p * v
+    n_heads, n_slots = probs.shape
+    n_kv, hd = v_bits.shape[1], v_bits.shape[2]
+    group = n_heads // n_kv
+    n_blocks = partial.shape[0]
+    for task in prange(n_kv * n_blocks):
+        kvh, b = task // n_blocks, task % n_blocks
+        v_row = np.empty(hd, dtype=np.float32)
+        acc = np.zeros((group, hd), dtype=np.float32)
+        for s in range(b * BLOCK, min(n_slots, (b + 1) * BLOCK)):
+            seen = False
+            for g in range(group):
+                seen |= probs[kvh * group + g, s] != 0.0
+            if not seen:
+                continue
+            _halves_to_f32(v_bits[s, kvh], v_row)
+            for g in range(group):
+                p = probs[kvh * group + g, s]
+                for d in range(hd):
+                    acc[g, d] += p * v_row[d]
+        for g in range(group):
+            partial[b, kvh * group + g, :] = acc[g]
+
+
+def _decode(q, k_bits, v_bits, slot_seq, query_seq, scale):
+    n_heads, hd = q.shape
+    n_slots = k_bits.shape[0]
+    n_blocks = max(1, -(-n_slots // BLOCK))
+    scores = np.empty((n_heads, n_slots), dtype=np.float32)
+    block_max = np.empty((n_heads, n_blocks), dtype=np.float32)
+    total = np.empty(n_heads, dtype=np.float64)
+    _decode_scores(q, k_bits, slot_seq, query_seq, scale, scores, block_max)
+    _decode_softmax(scores, block_max, total)
+    partial = np.empty((n_blocks, n_heads, hd), dtype=np.float32)
+    _decode_values(scores, v_bits, partial)
+    out = partial.sum(axis=0) if n_blocks > 1 else partial[0]
+    return _normalize(out, total)
+
+
+def _normalize(acc, total):
+    """acc float32[R, hd] / total float64[R]; rows that saw no slot (total 0) are zeros."""
+    seen = total > 0
+    out = np.zeros_like(acc)
+    out[seen] = acc[seen] * (1.0 / total[seen]).astype(np.float32)[:, None]
+    return out
+
+
+# ---- prefill: many queries -----------------------------------------------------------------------
+
+@njit(parallel=True, fastmath={"contract"}, cache=True)
+def _fold_tile(s, row_seq, tile_seq, masked, m, l, alpha):
+    """One tile of online softmax. s float32[R, T]: raw scaled scores in, fp16-rounded exp(s - m) out,
+    with m[R] (int64: the reference point in steps of ln 2, as in decode) raised to cover this tile and
+    l[R] (float64 sum of the unrounded exps) rescaled and extended; alpha[R] = 2 ** (m_old - m_new), the
+    exact factor the caller rescales its output rows by."""
+    R, T = s.shape
+    for r in prange(R):
+        row = s[r]
+        if masked:
+            q_seq = row_seq[r]
+            for t in range(T):
+                seq = tile_seq[t]
+                if seq < 0 or seq > q_seq:
+                    row[t] = -np.inf
+        lanes = np.full(8, -np.inf, dtype=np.float32)
+        T8 = T // 8 * 8
+        for t in range(0, T8, 8):
+            for j in range(8):
+                lanes[j] = max(lanes[j], row[t + j])
+        top = lanes.max()
+        for t in range(T8, T):
+            top = max(top, row[t])
+        if top == -np.inf:  # nothing visible in this tile
+            row[:] = 0.0
+            alpha[r] = 1.0
+            continue
+        k = max(m[r], _ln2_steps_above(top))
+        ref = np.float32(k) * _LN2
+        sums = np.zeros(8, dtype=np.float64)
+        for t in range(0, T8, 8):
+            for j in range(8):
+                e = _exp(row[t + j] - ref)
+                sums[j] += e
+                row[t + j] = _round_f16(e)
+        total = sums.sum()
+        for t in range(T8, T):
+            e = _exp(row[t] - ref)
+            total += e
+            row[t] = _round_f16(e)
+        a = _two_to(m[r] - k) if m[r] > _NONE else np.float32(0.0)
+        alpha[r] = a
+        l[r] = l[r] * a + total
+        m[r] = k
+
+
+def _prefill(q, k, v, slot_seq, query_seq, scale):
+    nq, n_heads, hd = q.shape
+    n_slots, n_kv = k.shape[0], k.shape[1]
+    group = n_heads // n_kv
+    out = np.zeros((nq, n_heads, hd), dtype=np.float32)
+    row_seq = np.repeat(np.asarray(query_seq, dtype=np.int64), group)  # row i * group + g: query i
+    q_lo, q_hi = int(query_seq.min()), int(query_seq.max())
+    R = nq * group
+    m = np.empty(R, dtype=np.int64)
+    l = np.empty(R, dtype=np.float64)
+    alpha = np.empty(R, dtype=np.float32)
+    for kvh in range(n_kv):
+        qg = np.ascontiguousarray(q[:, kvh * group:(kvh + 1) * group].reshape(R, hd))
+        acc = np.zeros((R, hd), dtype=np.float32)
+        m[:] = _NONE
+        l[:] = 0.0
+        for lo in range(0, n_slots, TILE):
+            tile_seq = slot_seq[lo:lo + TILE]
+            live = tile_seq >= 0
+            if not live.any() or tile_seq[live].min() > q_hi:
+                continue
+            masked = bool(not live.all() or tile_seq.max() > q_lo)
+            keys = k[lo:lo + TILE, kvh].astype(np.float32)  # [T, hd]
+            s = qg @ keys.T
+            s *= scale
+            _fold_tile(s, row_seq, tile_seq, masked, m, l, alpha)
+            acc *= alpha[:, None]
+            acc += s @ v[lo:lo + TILE, kvh].astype(np.float32)
+        out[:, kvh * group:(kvh + 1) * group] = _normalize(acc, l).reshape(nq, group, hd)
+    return out

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from qcpu.errors import QcpuError
 
 RUNTIME_HEADROOM = 256 << 20  # bytes: interpreter, libraries, tokenizer, activations, scratch
-KV_BYTES_PER_VALUE = 2  # RingKVCache stores keys and values as float16
+KV_BYTES_PER_VALUE = 2  # KVCache stores keys and values as float16
 
 
 @dataclass(frozen=True)

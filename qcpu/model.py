@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from qcpu.attention import attention
-from qcpu.cache import RingKVCache
+from qcpu.cache import KVCache
 from qcpu.config import ModelConfig
 from qcpu.gguf_file import GGUFFile
 from qcpu.ops import rms_norm, silu
@@ -36,12 +36,11 @@ class Qwen2Model:
     def load(cls, path: str | Path) -> "Qwen2Model":
         return cls(GGUFFile(path))
 
-    def new_cache(self, capacity: int, keep: int = 0) -> RingKVCache:
+    def new_cache(self, capacity: int, keep: int = 0) -> KVCache:
         c = self.config
-        return RingKVCache(c.n_layers, capacity, c.n_kv_heads, c.head_dim, self.rope,
-                           max_position=c.context_length, keep=keep)
+        return KVCache(c.n_layers, capacity, c.n_kv_heads, c.head_dim, self.rope, keep=keep)
 
-    def forward(self, tokens, cache: RingKVCache, all_logits: bool = False) -> np.ndarray:
+    def forward(self, tokens, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Run tokens[n] after what the cache holds; logits float32[n or 1, vocab] (last position only
         unless all_logits)."""
         tokens = np.asarray(tokens, dtype=np.int64)
@@ -66,7 +65,7 @@ class Qwen2Model:
             v = (lw.wv @ h + lw.bv).reshape(n, c.n_kv_heads, c.head_dim)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             cache.write(layer, slots, k, v)
-            a = attention(q, cache.k[layer], cache.v[layer], cache.slot_seq, seqs)  # [n, n_heads, hd]
+            a = attention(q, *cache.layer(layer), seqs)  # [n, n_heads, hd]
             x = x + lw.wo @ a.reshape(n, c.n_heads * c.head_dim)
 
             h = rms_norm(x, lw.ffn_norm, c.rms_eps)

@@ -22,12 +22,11 @@ MODEL_BYTES = 491_400_064
 
 
 def test_kv_cache_bytes_matches_the_cache():
-    from qcpu.cache import RingKVCache
+    from qcpu.cache import KVCache
 
     from qcpu.rope import Rope
 
-    cache = RingKVCache(QWEN05.n_layers, 1024, QWEN05.n_kv_heads, QWEN05.head_dim, Rope.from_config(QWEN05),
-                        max_position=QWEN05.context_length)
+    cache = KVCache(QWEN05.n_layers, 1024, QWEN05.n_kv_heads, QWEN05.head_dim, Rope.from_config(QWEN05))
     assert kv_cache_bytes(QWEN05, 1024) == cache.k.nbytes + cache.v.nbytes == 12 * MiB
     assert kv_cache_bytes(QWEN05, 32768) == 384 * MiB
 

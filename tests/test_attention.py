@@ -1,0 +1,86 @@
+"""Attention kernels (decode: flash-decoding; prefill: tiled online softmax) against float64 NumPy, over a
+cache with holes, slots in any order and queries that see nothing."""
+
+import numpy as np
+import pytest
+
+from qcpu import attention as att
+
+
+def reference(q, k, v, slot_seq, query_seq):
+    """softmax(q.k / sqrt(hd)) v in float64 over the slots each query may see (0 <= seq <= its own)."""
+    nq, n_heads, hd = q.shape
+    group = n_heads // k.shape[1]
+    out = np.zeros((nq, n_heads, hd))
+    for i in range(nq):
+        seen = (slot_seq >= 0) & (slot_seq <= query_seq[i])
+        if not seen.any():
+            continue
+        for h in range(n_heads):
+            keys, values = k[seen, h // group].astype(np.float64), v[seen, h // group].astype(np.float64)
+            s = keys @ q[i, h].astype(np.float64) / np.sqrt(hd)
+            p = np.exp(s - s.max())
+            out[i, h] = (p / p.sum()) @ values
+    return out
+
+
+def cache_with_holes(rng, n_slots, n_kv, hd, hole_fraction=0.1):
+    k = (rng.standard_normal((n_slots, n_kv, hd)) * 2).astype(np.float16)
+    v = rng.standard_normal((n_slots, n_kv, hd)).astype(np.float16)
+    seq = rng.permutation(n_slots + 40)[:n_slots].astype(np.int64)  # any slot order, gaps in the stream
+    seq[rng.random(n_slots) < hole_fraction] = -1
+    return k, v, seq
+
+
+# (slots, queries, heads, kv heads, head dim): several decode blocks / prefill tiles, GQA and MHA
+SHAPES = [(5, 1, 4, 4, 16), (att.BLOCK * 3 + 17, 1, 14, 2, 64), (900, 37, 14, 2, 64),
+          (att.TILE * 2 + 100, 300, 8, 2, 32), (64, 64, 2, 1, 128)]
+
+
+@pytest.mark.parametrize("n_slots,nq,n_heads,n_kv,hd", SHAPES)
+def test_attention_matches_float64(n_slots, nq, n_heads, n_kv, hd):
+    rng = np.random.default_rng(n_slots + nq)
+    k, v, seq = cache_with_holes(rng, n_slots, n_kv, hd)
+    query_seq = np.sort(rng.choice(np.arange(n_slots // 2, n_slots + 40), nq, replace=False)).astype(np.int64)
+    q = (rng.standard_normal((nq, n_heads, hd)) * 2).astype(np.float32)
+    ours = att.attention(q, k, v, seq, query_seq)
+    # q rounded to fp16 as the kernels (and llama.cpp) do; probabilities to fp16: ~1e-3 relative at most
+    ref = reference(q.astype(np.float16).astype(np.float32), k, v, seq, query_seq)
+    assert ours.shape == ref.shape and ours.dtype == np.float32
+    assert np.abs(ours - ref).max() < 2e-3 * np.abs(ref).max()
+
+
+def test_a_query_that_sees_nothing_gets_zeros_and_the_others_are_unaffected():
+    rng = np.random.default_rng(1)
+    k, v, _ = cache_with_holes(rng, 50, 2, 16, 0)
+    seq = np.arange(10, 60, dtype=np.int64)
+    q = rng.standard_normal((3, 4, 16)).astype(np.float32)
+    query_seq = np.array([5, 30, 59])  # the first is older than every cached token
+    out = att.attention(q, k, v, seq, query_seq)
+    assert not out[0].any()
+    ref = reference(q.astype(np.float16).astype(np.float32), k, v, seq, query_seq)
+    assert np.abs(out - ref).max() < 2e-3 * np.abs(ref).max()
+    one = att.attention(q[:1], k, v, seq, query_seq[:1])  # decode path too
+    assert not one.any()
+
+
+def test_decode_and_prefill_agree_on_the_same_query():
+    """The newest query through both kernels: same roundings (fp16 q and probabilities), other orders."""
+    rng = np.random.default_rng(2)
+    k, v, seq = cache_with_holes(rng, 1500, 2, 64)
+    q = rng.standard_normal((2, 14, 64)).astype(np.float32)
+    query_seq = np.array([seq.max() - 1, seq.max()])
+    both = att.attention(q, k, v, seq, query_seq)
+    alone = att.attention(q[1:], k, v, seq, query_seq[1:])
+    assert np.abs(both[1] - alone[0]).max() < 1e-3 * np.abs(alone).max()
+
+
+def test_exp_and_fp16_rounding_helpers():
+    x = -np.concatenate([np.linspace(0, 90, 100001), [np.inf]]).astype(np.float32)
+    ours = np.array([att._exp(t) for t in x[::97]] + [att._exp(x[-1])], dtype=np.float32)
+    exact = np.exp(x[::97].astype(np.float64))
+    rel = np.abs(ours[:-1] - exact) / np.maximum(exact, 1e-300)
+    assert rel[exact > 1e-37].max() < 3e-7 and ours[-1] == 0.0
+    p = np.concatenate([np.random.default_rng(3).random(20000), np.geomspace(1e-9, 1, 20000)]).astype(np.float32)
+    rounded = np.array([att._round_f16(t) for t in p], dtype=np.float32)
+    assert (rounded == p.astype(np.float16).astype(np.float32)).mean() > 0.9999  # ties may differ

@@ -1,0 +1,102 @@
+"""The KV cache's context shift: bounded memory, kept prefix, contiguous positions, and logits equal to a
+fresh pass over what it holds after any sequence of discards."""
+
+import numpy as np
+import pytest
+
+from qcpu.model import Qwen2Model
+from tests.reference import reference_logits
+from tests.tiny_model import write_tiny_qwen2
+
+
+def rel_err(a, b):
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
+    built = write_tiny_qwen2(path, seed=1)
+    return Qwen2Model.load(path), built
+
+
+@pytest.fixture(scope="module")
+def one_layer(tmp_path_factory):
+    path = tmp_path_factory.mktemp("one") / "one.gguf"
+    built = write_tiny_qwen2(path, seed=6, n_layers=1)
+    return Qwen2Model.load(path), built
+
+
+@pytest.mark.parametrize("keep", [0, 5])
+def test_cache_keeps_prefix_never_grows_and_holds_the_newest_tokens_contiguously(tiny, keep):
+    model, built = tiny
+    capacity = 16
+    cache = model.new_cache(capacity, keep=keep)
+    k_id, nbytes = id(cache.k), cache.nbytes
+    tokens = np.random.default_rng(4).integers(0, built["config"]["vocab_size"], 100)
+    model.forward(tokens[:8], cache)
+    for t in tokens[8:]:
+        model.forward([t], cache)
+        n = cache.n_held
+        assert n <= capacity
+        held = cache.slot_seq[:n]
+        assert list(held[:keep]) == list(range(keep))  # the system prompt stays, in its slots
+        # then the newest tokens, in stream order, with none missing: positions 0..n-1 are contiguous
+        assert list(held[keep:]) == list(range(cache.n_seen - (n - keep), cache.n_seen))
+        assert (cache.slot_seq[n:] == -1).all()
+    assert id(cache.k) == k_id and cache.nbytes == nbytes
+    assert cache.n_seen == 100 and cache.n_evicted == 100 - cache.n_held
+
+
+def test_a_full_cache_discards_half_of_the_window_at_once(tiny):
+    model, built = tiny
+    cache = model.new_cache(20, keep=4)
+    model.forward(np.arange(20), cache)
+    assert cache.n_held == 20
+    model.forward([7], cache)  # llama.cpp's n_discard = (n_past - n_keep) / 2
+    assert cache.n_evicted == 8 and cache.n_held == 13
+    model.forward(np.arange(30, 40), cache)  # half of the 9 non-kept, rounded down
+    assert cache.n_evicted == 12 and cache.n_held == 19
+    model.forward(np.arange(40, 54), cache)  # a batch that needs more than half: exactly what it needs
+    assert cache.n_evicted == 25 and cache.n_held == 20
+    assert list(cache.slot_seq[:20]) == [0, 1, 2, 3] + list(range(29, 45))
+
+
+@pytest.mark.parametrize("keep", [0, 4])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_logits_after_any_discards_equal_a_fresh_pass_over_what_is_held(one_layer, keep, seed):
+    """With one layer, cached keys/values depend only on their token and position (deeper layers would
+    remember discarded context, as in llama.cpp), so after every discard the logits must equal a fresh
+    pass over kept prefix + survivors at positions 0..n-1, and the float64 reference."""
+    model, built = one_layer
+    rng = np.random.default_rng(seed)
+    capacity = 24
+    tokens = rng.integers(0, built["config"]["vocab_size"], 200)
+    cache = model.new_cache(capacity, keep=keep)
+    fed, checked = 0, 0
+    while fed < len(tokens) - 12:
+        n = int(rng.integers(1, 9))  # batches of any size: decode and prefill paths
+        before = cache.n_evicted
+        logits = model.forward(tokens[fed:fed + n], cache)[-1]
+        fed += n
+        if cache.n_evicted == before:
+            continue
+        held = np.concatenate([tokens[:keep], tokens[fed - (cache.n_held - keep):fed]])
+        assert list(cache.slot_seq[:cache.n_held]) == list(range(keep)) + list(range(fed - (cache.n_held - keep), fed))
+        fresh = model.forward(held, model.new_cache(capacity))[0]
+        ref = reference_logits(built["weights"], built["config"], held)[-1]
+        assert rel_err(logits, ref) < 5e-3
+        assert rel_err(logits, fresh) < 5e-3
+        checked += 1
+    assert checked >= 3
+
+
+def test_truncate_after_discards_keeps_the_prefix_it_still_holds(tiny):
+    model, built = tiny
+    cache = model.new_cache(16, keep=2)
+    model.forward(np.arange(16), cache)
+    model.forward(np.arange(4), cache)  # discards 7, holds 13
+    assert cache.n_held == 13 and cache.n_seen == 20
+    cache.truncate(18)
+    assert cache.n_held == 11 and cache.n_seen == 18
+    assert list(cache.slot_seq[:11]) == [0, 1] + list(range(9, 18))
