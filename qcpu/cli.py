@@ -7,6 +7,7 @@ traceback.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Optional
@@ -52,7 +53,7 @@ def _set_threads(threads: Optional[int]) -> int:
 
 
 def _load_engine(model: Optional[str], ctx: Optional[int], threads: Optional[int], chat_template: Optional[str] = None,
-                 check_tensors: bool = False):
+                 check_tensors: bool = False, rope=None):
     from qcpu.generate import Engine
     from qcpu.models import resolve_model
 
@@ -60,7 +61,22 @@ def _load_engine(model: Optional[str], ctx: Optional[int], threads: Optional[int
     _set_threads(threads)
     path = resolve_model(model, err)
     with err.status(f"loading {path.name}", spinner="dots"):
-        return Engine.load(path, ctx=ctx, chat_template=chat_template, check_tensors=check_tensors)
+        return Engine.load(path, ctx=ctx, chat_template=chat_template, check_tensors=check_tensors, rope=rope)
+
+
+def _rope(scaling: str | None, scale: float | None, orig_ctx: int | None, freq_base: float | None):
+    """llama.cpp's --rope-scaling/--rope-scale/--yarn-orig-ctx/--rope-freq-base as RopeOverrides (None: the
+    file's); a bad value is a usage error (exit 2)."""
+    from qcpu.config import RopeOverrides
+    from qcpu.rope import ROPE_SCALING_TYPES
+
+    if scaling is not None and scaling not in ROPE_SCALING_TYPES:
+        raise typer.BadParameter(f"--rope-scaling must be one of {', '.join(ROPE_SCALING_TYPES)}, got {scaling!r}")
+    for name, value in (("--rope-scale", scale), ("--rope-freq-base", freq_base)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise typer.BadParameter(f"{name} must be a positive number, got {value}")
+    _positive("--yarn-orig-ctx", orig_ctx)
+    return RopeOverrides(scaling, scale, orig_ctx, freq_base) or None
 
 
 def _sampling(temp, top_k, top_p, min_p, repeat_penalty, seed):
@@ -97,6 +113,16 @@ System = typer.Option(None, "--system", "-s", help="System prompt.")
 ChatTemplateOpt = typer.Option(None, "--chat-template", help="'chatml' to ignore the file's template.")
 CheckTensors = typer.Option(False, "--check-tensors",
                             help="Check every tensor for NaN/Inf (block scales, float values) before running.")
+RopeScaling = typer.Option(None, "--rope-scaling", metavar="{none,linear,yarn}", show_default=False,
+                           help="RoPE scaling method (default: the model file's).")
+RopeScale = typer.Option(None, "--rope-scale", metavar="N", show_default=False,
+                         help="RoPE context scaling factor: stretches the trained context N times (with "
+                              "--rope-scaling yarn or linear; default: the file's).")
+YarnOrigCtx = typer.Option(None, "--yarn-orig-ctx", metavar="N", show_default=False,
+                           help="YaRN: the model's original training context (default: the file's, else its "
+                                "trained context).")
+RopeFreqBase = typer.Option(None, "--rope-freq-base", metavar="F", show_default=False,
+                            help="RoPE base frequency (default: the file's).")
 
 
 def _stream_reply(engine, prompt_tokens, params, max_tokens, show_stats: bool) -> str:
@@ -133,6 +159,8 @@ def generate(
     ctx: Optional[int] = Ctx, threads: Optional[int] = Threads, chat_template: Optional[str] = ChatTemplateOpt,
     stats: bool = typer.Option(False, "--stats", help="Print speed and the seed on stderr at the end."),
     check_tensors: bool = CheckTensors,
+    rope_scaling: Optional[str] = RopeScaling, rope_scale: Optional[float] = RopeScale,
+    yarn_orig_ctx: Optional[int] = YarnOrigCtx, rope_freq_base: Optional[float] = RopeFreqBase,
 ):
     """Render one chat turn through the model's template and stream the reply to stdout."""
     model, message = _model_and(first, second)
@@ -140,7 +168,8 @@ def generate(
     chat_template = clean_arg(chat_template, "--chat-template")
     params = _sampling(temp, top_k, top_p, min_p, repeat_penalty, seed)
     _positive("--max-tokens", max_tokens)
-    engine = _load_engine(model, ctx, threads, chat_template, check_tensors)
+    rope = _rope(rope_scaling, rope_scale, yarn_orig_ctx, rope_freq_base)
+    engine = _load_engine(model, ctx, threads, chat_template, check_tensors, rope)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": message}]
     prompt = engine.chat_prompt_tokens(messages)
     _stream_reply(engine, prompt, params, max_tokens, stats)
@@ -156,6 +185,8 @@ def chat(
     markdown: bool = typer.Option(False, "--markdown", "-m", help="Render replies as Markdown (as they grow)."),
     no_color: bool = typer.Option(False, "--no-color", help="No colours or styles (also: NO_COLOR=1)."),
     check_tensors: bool = CheckTensors,
+    rope_scaling: Optional[str] = RopeScaling, rope_scale: Optional[float] = RopeScale,
+    yarn_orig_ctx: Optional[int] = YarnOrigCtx, rope_freq_base: Optional[float] = RopeFreqBase,
 ):
     """Multi-turn chat in the terminal.
 
@@ -176,10 +207,11 @@ def chat(
     params = _sampling(temp, top_k, top_p, min_p, repeat_penalty, seed)
     _positive("--max-tokens", max_tokens)
     _positive("--ctx", ctx)
+    rope = _rope(rope_scaling, rope_scale, yarn_orig_ctx, rope_freq_base)
     _set_threads(threads)
     path = resolve_model(model, err)
     code = run_chat(path, params=params, max_tokens=max_tokens, system=system, ctx=ctx, chat_template=chat_template,
-                    markdown=markdown, color=not no_color, check_tensors=check_tensors)
+                    markdown=markdown, color=not no_color, check_tensors=check_tensors, rope=rope)
     if code:
         raise typer.Exit(code)
 
@@ -203,9 +235,13 @@ def info(model: Optional[str] = ModelArg):
     from qcpu.config import ModelConfig
     from qcpu.gguf_file import GGUFFile
     from qcpu.models import resolve_model
+    from qcpu.rope import Rope
 
     f = GGUFFile(resolve_model(model, err))
     cfg = ModelConfig.from_gguf(f)
+    rope = Rope.from_config(cfg)
+    beyond = (f"up to {cfg.max_context} with its rope scaling" if cfg.rope_scaled
+              else "a larger --ctx needs --rope-scaling yarn --rope-scale N")
     types = Counter(GGMLQuantizationType(t.ggml_type).name for t in f.tensors.values())
     n_params = sum(int(__import__("numpy").prod(t.shape)) for t in f.tensors.values())
     tokens = f.get("tokenizer.ggml.tokens") or []
@@ -213,8 +249,11 @@ def info(model: Optional[str] = ModelArg):
         "file": str(f.path), "size": f"{f.size / 2**20:.1f} MiB", "name": cfg.name,
         "architecture": f.get("general.architecture"), "parameters": f"{n_params / 1e9:.3f} B",
         "layers": cfg.n_layers, "dim": cfg.dim, "ffn_dim": cfg.ffn_dim, "heads": cfg.n_heads,
-        "kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "context_length": f"{cfg.context_length} tokens (trained; a larger --ctx is capped to it)",
-        "rope_theta": cfg.rope_theta, "rms_eps": cfg.rms_eps,
+        "kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "context_length": f"{cfg.context_length} tokens (trained; {beyond})",
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": rope.describe() + (f" (mscale {rope.mscale:.4f})" if rope.ext_factor else "")
+                        + (", rope_freqs" if cfg.rope_freqs else ""),
+        "rms_eps": cfg.rms_eps,
         "file_type": _file_type_name(f.get("general.file_type")),
         "tied_embeddings": "output.weight" not in f.tensors,
         "tensor_types": ", ".join(f"{k} x{v}" for k, v in types.most_common()),
@@ -266,6 +305,8 @@ def perplexity(
     threads: Optional[int] = Threads,
     as_json: bool = typer.Option(False, "--json", help='Print {"perplexity": ...}.'),
     check_tensors: bool = CheckTensors,
+    rope_scaling: Optional[str] = RopeScaling, rope_scale: Optional[float] = RopeScale,
+    yarn_orig_ctx: Optional[int] = YarnOrigCtx, rope_freq_base: Optional[float] = RopeFreqBase,
 ):
     """Perplexity of a text, by llama-perplexity's method."""
     from qcpu.perplexity import perplexity as compute
@@ -273,8 +314,9 @@ def perplexity(
     model, file_name = _model_and(first, second)
     file = Path(file_name)
     _positive("--ctx", ctx)
+    rope = _rope(rope_scaling, rope_scale, yarn_orig_ctx, rope_freq_base)
     text = read_text_file(file)
-    engine = _load_engine(model, ctx, threads, check_tensors=check_tensors)
+    engine = _load_engine(model, ctx, threads, check_tensors=check_tensors, rope=rope)
     result = compute(engine, text, ctx, progress=None if as_json else err)
     if as_json:
         print(json.dumps(result))

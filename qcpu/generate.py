@@ -17,9 +17,11 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from qcpu.chat_template import ChatTemplate
-from qcpu.errors import QcpuError, warn
+from qcpu.config import RopeOverrides
+from qcpu.errors import QcpuError
 from qcpu.memory import check_memory, kv_cache_bytes
 from qcpu.model import Qwen2Model
+from qcpu.rope import Rope
 from qcpu.sampling import SamplingParams, make_sampler
 from qcpu.tokenizer import StreamDecoder, Tokenizer
 
@@ -72,14 +74,21 @@ class Engine:
 
     def __init__(self, model: Qwen2Model, tokenizer: Tokenizer, template: ChatTemplate, ctx: int | None = None):
         """`ctx`: KV cache capacity in tokens; None: DEFAULT_CTX or the trained context if smaller. A ctx
-        above the trained context is capped to it with a warning. Raises QcpuError if it cannot fit memory."""
+        above the trained context needs rope scaling (linear or YaRN, from the file or the command line) and
+        may reach the original context times its factor (config.max_context). Raises QcpuError (one line)
+        for a ctx beyond that, or if it cannot fit memory."""
         self.model, self.tokenizer, self.template = model, tokenizer, template
+        cfg = model.config
         if ctx is None:
-            ctx = min(DEFAULT_CTX, model.config.context_length)
-        elif ctx > model.config.context_length:
-            warn(f"--ctx {ctx} is above the model's trained context of {model.config.context_length} tokens: "
-                 f"using {model.config.context_length}")
-            ctx = model.config.context_length
+            ctx = min(DEFAULT_CTX, cfg.context_length)
+        elif ctx > cfg.context_length and not cfg.rope_scaled:
+            factor = -(-ctx // cfg.context_length)
+            raise QcpuError(f"--ctx {ctx} is above the model's trained context of {cfg.context_length} tokens; "
+                            f"to stretch it, add rope scaling: --rope-scaling yarn --rope-scale {factor} "
+                            f"--yarn-orig-ctx {cfg.context_length}")
+        elif ctx > cfg.max_context:
+            raise QcpuError(f"--ctx {ctx} is above the {cfg.max_context} tokens the model's rope scaling "
+                            f"({model.rope.describe()}) reaches; raise --rope-scale")
         # Say so clearly, before allocating, instead of being killed by the OS halfway.
         check_memory(model.file.size, kv_cache_bytes(model.config, ctx), ctx=ctx)
         self._cache = model.new_cache(ctx)
@@ -87,10 +96,15 @@ class Engine:
 
     @classmethod
     def load(cls, path: str | Path, ctx: int | None = None, chat_template: str | None = None,
-             check_tensors: bool = False) -> "Engine":
+             check_tensors: bool = False, rope: RopeOverrides | None = None) -> Engine:
         """Open a GGUF file (see __init__ for `ctx`). `check_tensors`: validate every block's scales and
-        every float value first (llama.cpp's --check-tensors). Raises QcpuError (one line) for a bad file."""
+        every float value first (llama.cpp's --check-tensors). `rope`: rope settings over the file's
+        (--rope-scaling, --rope-scale, --yarn-orig-ctx, --rope-freq-base). Raises QcpuError (one line) for a
+        bad file or setting."""
         model = Qwen2Model.load(path)
+        if rope:
+            model.config = model.config.with_rope_overrides(rope)
+            model.rope = Rope.from_config(model.config)
         if check_tensors:
             from qcpu.validate import check_tensors as validate
 

@@ -484,13 +484,13 @@ def history_path() -> Path:
 
 
 def load_chat(path: Path, *, params, max_tokens: int, system: str | None, ctx: int | None,
-              chat_template: str | None, console: Console | None, check_tensors: bool = False) -> Chat:
+              chat_template: str | None, console: Console | None, check_tensors: bool = False, rope=None) -> Chat:
     """Load the model, compile the kernels and read the system prompt into the cache, with a progress bar
     on `console` (None: silently)."""
     from qcpu.generate import Engine
 
     if console is None:
-        chat = Chat(Engine.load(path, ctx=ctx, chat_template=chat_template, check_tensors=check_tensors), params, max_tokens, system)
+        chat = Chat(Engine.load(path, ctx=ctx, chat_template=chat_template, check_tensors=check_tensors, rope=rope), params, max_tokens, system)
         chat.refill()
         return chat
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -498,7 +498,7 @@ def load_chat(path: Path, *, params, max_tokens: int, system: str | None, ctx: i
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=True) as progress:
         task = progress.add_task(f"reading {path.name}", total=3)
-        engine = Engine.load(path, ctx=ctx, chat_template=chat_template, check_tensors=check_tensors)
+        engine = Engine.load(path, ctx=ctx, chat_template=chat_template, check_tensors=check_tensors, rope=rope)
         chat = Chat(engine, params, max_tokens, system)
         progress.update(task, advance=1, description="compiling kernels")
 
@@ -514,7 +514,7 @@ def load_chat(path: Path, *, params, max_tokens: int, system: str | None, ctx: i
 
 
 def run_chat(path: Path, *, params, max_tokens: int, system: str | None, ctx: int | None, chat_template: str | None = None,
-             markdown: bool = False, color: bool = True, check_tensors: bool = False) -> int:
+             markdown: bool = False, color: bool = True, check_tensors: bool = False, rope=None) -> int:
     """Run `qcpu chat` until the user leaves; the exit status. Raises QcpuError if it cannot start."""
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     if os.environ.get("NO_COLOR"):
@@ -522,7 +522,7 @@ def run_chat(path: Path, *, params, max_tokens: int, system: str | None, ctx: in
     status_console = Console(stderr=True, highlight=False, color_system="auto" if color else None) if interactive else None
     t0 = time.perf_counter()
     chat = load_chat(path, params=params, max_tokens=max_tokens, system=system, ctx=ctx,
-                     chat_template=chat_template, console=status_console, check_tensors=check_tensors)
+                     chat_template=chat_template, console=status_console, check_tensors=check_tensors, rope=rope)
     cfg = chat.engine.model.config
     label = f"{cfg.name} · {quant_name(chat.engine)}"
     repl = Repl(chat, interactive=interactive, markdown=markdown, color=color,

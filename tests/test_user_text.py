@@ -6,7 +6,7 @@
 2. A system prompt that leaves no room in the context: one line naming its size and a --ctx that holds it;
    non-zero exit when piped or one-shot; the interactive conversation keeps the old one (tests/test_repl_chat).
 6. Seeds: an unseeded run shows the seed it drew, and that seed replays the text.
-9. --ctx above the trained context: one warning line, then the trained context is used.
+9. --ctx above the trained context: refused in one line naming the rope scaling that would allow it.
 """
 
 import json
@@ -152,8 +152,12 @@ def test_bad_seed_is_a_usage_error(tiny_path):
 
 def test_ctx_above_trained_context_says_so(tiny_path):
     proc = qcpu("generate", tiny_path, "hi", "-n", "2", "--ctx", "100000")
-    assert proc.returncode == 0, proc.stderr
-    assert warnings_in(proc.stderr) == ["qcpu: warning: --ctx 100000 is above the model's trained context of "
-                                        "256 tokens: using 256"]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "qcpu: --ctx 100000 is above the model's trained context of 256 tokens; to stretch it, add rope "
+        "scaling: --rope-scaling yarn --rope-scale 391 --yarn-orig-ctx 256"]
+    # with rope scaling it runs
+    ok = qcpu("generate", tiny_path, "hi", "-n", "2", "--ctx", "1024", "--rope-scaling", "yarn", "--rope-scale", "4")
+    assert ok.returncode == 0, ok.stderr
     info = qcpu("info", tiny_path)
-    assert re.search(r"context_length: 256 tokens \(trained; a larger --ctx is capped to it\)", info.stdout)
+    assert re.search(r"context_length: 256 tokens \(trained; a larger --ctx needs --rope-scaling", info.stdout)
