@@ -1,8 +1,8 @@
 """Block quantizers: float32 rows -> GGML blocks, byte for byte what llama.cpp writes.
 
 One table, `QUANTIZERS`, keyed by GGML type (the counterpart of `qcpu.kernels.REGISTRY`, which holds the
-dequantizers). Every quantized type goes through one Numba kernel, `_quantize_rows`, that runs rows in
-parallel and dispatches each block to its type's block function.
+dequantizers). Every quantized type goes through one Numba kernel, made per type by `_rows_kernel`, that
+runs rows in parallel and calls the type's block function on each block.
 
 Reference: ggml/src/ggml-quants.c of the llama.cpp vendored by llama-cpp-python 0.3.36 —
 quantize_row_{q4_0,q4_1,q5_0,q5_1,q8_0}_ref and quantize_row_q{2,3,4,5,6}_K_ref, which is what
@@ -14,24 +14,26 @@ Exactness rules followed throughout:
   * no fused multiply-add (ggml-base is built without FMA; Numba does not contract without fastmath);
   * `nearest_int` is ggml's add-1.5*2^23 trick (round half to even, with its exact out-of-range bits);
   * float16 stores round to nearest even (ggml's GGML_FP32_TO_FP16) and the K-quants re-read the stored
-    half (GGML_FP16_TO_FP32) before using it, as the C code does.
+    half (GGML_FP16_TO_FP32) before using it, as the C code does (qcpu.kernels.halves' conversions).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
+import numba
 import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 from llvmlite import ir
-import numba
 from numba import njit, prange, types
-from numba.core.extending import intrinsic
+from numba.core.extending import intrinsic, overload
 
 from qcpu.errors import QcpuError
+from qcpu.kernels import specialise
+from qcpu.kernels.halves import bf16_bits, f16_to_f32, f32_to_f16, put_f16
 
 F = np.float32
 QK_K = 256
@@ -39,7 +41,7 @@ GROUP_MAX_EPS = F(1e-15)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Scalar helpers: bit casts, float16, nearest_int
+# Scalar helpers: bit cast, nearest_int
 
 
 @intrinsic
@@ -52,52 +54,6 @@ def _f32_bits(typingctx, x):
         return builder.bitcast(args[0], ir.IntType(32))
 
     return types.uint32(types.float32), codegen
-
-
-@njit(cache=True)
-def f32_to_f16(f):
-    """float32 -> IEEE half bits, round to nearest even; overflow -> inf, NaN -> 0x7E00 (ggml's rule).
-
-    float32 bits: s eeeeeeee mmmmmmmmmmmmmmmmmmmmmmm   (bias 127)
-    half bits:    s eeeee mmmmmmmmmm                   (bias 15)
-    """
-    bits = np.int64(_f32_bits(f))
-    sign = (bits >> 16) & 0x8000
-    a = bits & 0x7FFFFFFF
-    if a > 0x7F800000:  # NaN
-        return np.uint16(sign | 0x7E00)
-    if a >= 0x477FF000:  # >= 65520: rounds past the largest half (65504)
-        return np.uint16(sign | 0x7C00)
-    if a < 0x38800000:  # below 2^-14: a half subnormal, in units of 2^-24 (exact in float64)
-        return np.uint16(sign | int(np.rint(abs(np.float64(f)) * 16777216.0)))
-    # Normal half: rebias the exponent (127 -> 15) and round the mantissa from 23 to 10 bits, ties to
-    # even; a carry out of the mantissa correctly bumps the exponent.
-    a = a - 0x38000000
-    return np.uint16(sign | ((a + 0xFFF + ((a >> 13) & 1)) >> 13))
-
-
-# 2^(max(e,1) - 25) for each half exponent e: a half (e, m) is (m + 1024*(e>0)) * _HALF_STEP[e].
-_HALF_STEP = np.array([2.0 ** (max(e, 1) - 25) for e in range(32)], dtype=np.float32)
-
-
-@njit(cache=True)
-def f16_to_f32(h):
-    """IEEE half bits -> float32 (exact: every finite half is a float32)."""
-    h = np.int64(h)
-    e = (h >> 10) & 0x1F
-    m = h & 0x3FF
-    if e == 31:
-        v = F(np.inf) if m == 0 else F(np.nan)
-    else:
-        v = F(m | ((e > 0) << 10)) * _HALF_STEP[e]
-    return -v if h & 0x8000 else v
-
-
-@njit(cache=True)
-def _put_f16(y, o, h):
-    """Store half bits little-endian at y[o:o+2]."""
-    y[o] = h & 0xFF
-    y[o + 1] = (h >> 8) & 0xFF
 
 
 @njit(cache=True)
@@ -217,43 +173,47 @@ def _affine_levels(x, xo, L, top):
 
 
 @njit(cache=True)
-def _block_q4_0(x, xo, y, yo, L):
+def _block_q4_0(x, xo, y, yo, s):
     # d:f16 @0 | qs[16] @2 (weights j and j+16 in the low / high nibble of byte j)
+    L = s[0]
     d = _symmetric_levels(x, xo, L, 8, 15)
-    _put_f16(y, yo, f32_to_f16(d))
+    put_f16(y, yo, f32_to_f16(d))
     _pack_nibbles(L, 0, y, yo + 2, 16)
 
 
 @njit(cache=True)
-def _block_q5_0(x, xo, y, yo, L):
+def _block_q5_0(x, xo, y, yo, s):
     # d:f16 @0 | qh:u32 @2 (5th bit of each weight) | qs[16] @6
+    L = s[0]
     d = _symmetric_levels(x, xo, L, 16, 31)
-    _put_f16(y, yo, f32_to_f16(d))
+    put_f16(y, yo, f32_to_f16(d))
     _pack_fifth_bits32(L, 0, y, yo + 2)
     _pack_nibbles(L, 0, y, yo + 6, 16)
 
 
 @njit(cache=True)
-def _block_q4_1(x, xo, y, yo, L):
+def _block_q4_1(x, xo, y, yo, s):
     # d:f16 @0 | m:f16 @2 | qs[16] @4
+    L = s[0]
     d, m = _affine_levels(x, xo, L, 15)
-    _put_f16(y, yo, f32_to_f16(d))
-    _put_f16(y, yo + 2, f32_to_f16(m))
+    put_f16(y, yo, f32_to_f16(d))
+    put_f16(y, yo + 2, f32_to_f16(m))
     _pack_nibbles(L, 0, y, yo + 4, 16)
 
 
 @njit(cache=True)
-def _block_q5_1(x, xo, y, yo, L):
+def _block_q5_1(x, xo, y, yo, s):
     # d:f16 @0 | m:f16 @2 | qh:u32 @4 | qs[16] @8
+    L = s[0]
     d, m = _affine_levels(x, xo, L, 31)
-    _put_f16(y, yo, f32_to_f16(d))
-    _put_f16(y, yo + 2, f32_to_f16(m))
+    put_f16(y, yo, f32_to_f16(d))
+    put_f16(y, yo + 2, f32_to_f16(m))
     _pack_fifth_bits32(L, 0, y, yo + 4)
     _pack_nibbles(L, 0, y, yo + 8, 16)
 
 
 @njit(cache=True)
-def _block_q8_0(x, xo, y, yo, L):
+def _block_q8_0(x, xo, y, yo, s):
     # d:f16 @0 | qs: int8[32] @2;  d = max|x| / 127, q = roundf(x / d) (half away from zero)
     amax = F(0)
     for j in range(32):
@@ -261,7 +221,7 @@ def _block_q8_0(x, xo, y, yo, L):
         amax = amax if amax > v else v
     d = amax / F(127)
     idd = F(1) / d if d != 0 else F(0)
-    _put_f16(y, yo, f32_to_f16(d))
+    put_f16(y, yo, f32_to_f16(d))
     for j in range(32):
         v = x[xo + j] * idd
         r = math.floor(abs(np.float64(v)) + 0.5)  # exact: float32 + 0.5 fits a float64
@@ -479,8 +439,8 @@ def _k_scale_min_levels(x, xo, y, yo, L, Laux, w, scales, mins, nmax, rmin, nste
     _pack_scale_min_k4(ls, lm, y, yo + 4)
     dh = f32_to_f16(max_scale / F(63))
     mh = f32_to_f16(max_min / F(63))
-    _put_f16(y, yo, dh)
-    _put_f16(y, yo + 2, mh)
+    put_f16(y, yo, dh)
+    put_f16(y, yo + 2, mh)
     for j in range(8):
         sc, m = _get_scale_min_k4(j, y, yo + 4)
         d = f16_to_f32(dh) * F(sc)
@@ -536,7 +496,7 @@ def _block_q6_K(x, xo, y, yo, s):
         return
     iscale = F(-128) / max_scale
     dh = f32_to_f16(F(1) / iscale)
-    _put_f16(y, yo + 208, dh)
+    put_f16(y, yo + 208, dh)
     for ib in range(16):
         y[yo + 192 + ib] = min(127, nearest_int(iscale * scales[ib])) & 0xFF
     for j in range(16):
@@ -586,7 +546,7 @@ def _block_q3_K(x, xo, y, yo, s):
         dh = f32_to_f16(F(1) / iscale)
     else:
         dh = f32_to_f16(F(0))
-    _put_f16(y, yo + 108, dh)
+    put_f16(y, yo + 108, dh)
     for j in range(16):
         lo4 = (np.int64(y[so + j]) & 0xF) if j < 8 else (np.int64(y[so + j - 8]) >> 4)
         sc = (lo4 | (((np.int64(y[so + 8 + j % 4]) >> (2 * (j // 4))) & 3) << 4)) - 32
@@ -635,8 +595,8 @@ def _block_q2_K(x, xo, y, yo, s):
         mh = f32_to_f16(max_min / F(15))
     else:
         mh = f32_to_f16(F(0))
-    _put_f16(y, yo + 80, dh)
-    _put_f16(y, yo + 82, mh)
+    put_f16(y, yo + 80, dh)
+    put_f16(y, yo + 82, mh)
     for j in range(16):
         sm = np.int64(y[yo + j])
         d = f16_to_f32(dh) * F(sm & 0xF)
@@ -649,60 +609,48 @@ def _block_q2_K(x, xo, y, yo, s):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The one driver
+# The one driver, specialised per type
 
 
-@njit(cache=True)
-def _quantize_row(kind, xr, yr, nb, block, type_size, s):
-    """One row, nb blocks of type `kind` (the GGML type id). The branch is taken once per row, each
-    with its own block loop, so the compiler sees a tight loop around one inlined block function."""
-    L = s[0]
-    if kind == 2:
-        for b in range(nb):
-            _block_q4_0(xr, b * block, yr, b * type_size, L)
-    elif kind == 3:
-        for b in range(nb):
-            _block_q4_1(xr, b * block, yr, b * type_size, L)
-    elif kind == 6:
-        for b in range(nb):
-            _block_q5_0(xr, b * block, yr, b * type_size, L)
-    elif kind == 7:
-        for b in range(nb):
-            _block_q5_1(xr, b * block, yr, b * type_size, L)
-    elif kind == 8:
-        for b in range(nb):
-            _block_q8_0(xr, b * block, yr, b * type_size, L)
-    elif kind == 10:
-        for b in range(nb):
-            _block_q2_K(xr, b * block, yr, b * type_size, s)
-    elif kind == 11:
-        for b in range(nb):
-            _block_q3_K(xr, b * block, yr, b * type_size, s)
-    elif kind == 12:
-        for b in range(nb):
-            _block_q4_K(xr, b * block, yr, b * type_size, s)
-    elif kind == 13:
-        for b in range(nb):
-            _block_q5_K(xr, b * block, yr, b * type_size, s)
-    elif kind == 14:
-        for b in range(nb):
-            _block_q6_K(xr, b * block, yr, b * type_size, s)
+_BLOCKS = {T.Q4_0: _block_q4_0, T.Q4_1: _block_q4_1, T.Q5_0: _block_q5_0, T.Q5_1: _block_q5_1,
+           T.Q8_0: _block_q8_0, T.Q2_K: _block_q2_K, T.Q3_K: _block_q3_K, T.Q4_K: _block_q4_K,
+           T.Q5_K: _block_q5_K, T.Q6_K: _block_q6_K}
 
 
-@njit(cache=True, parallel=True)
-def _quantize_rows(x, out, kind, block, type_size, n_tasks):
-    """x: float32[rows, cols] -> out: uint8[rows, cols/block*type_size].
+def _block(kind, x, xo, y, yo, s):
+    """Quantize one block x[xo:] into y[yo:] as GGML type `kind`, with scratch s. Only callable from
+    Numba code with a constant kind: the overload resolves it to _BLOCKS[kind] at compile time."""
+    raise NotImplementedError
 
-    kind is the GGML type id. Rows are split into n_tasks contiguous runs done in parallel; each run
-    allocates its scratch (levels and per-sub-block values) once."""
-    rows, cols = x.shape
-    nb = cols // block
-    per = (rows + n_tasks - 1) // n_tasks
-    for task in prange(n_tasks):
-        s = (np.zeros(256, np.int64), np.zeros(32, np.int64), np.zeros(32, np.float32),
-             np.zeros(16, np.float32), np.zeros(16, np.float32))
-        for r in range(task * per, min(rows, (task + 1) * per)):
-            _quantize_row(kind, x[r], out[r], nb, block, type_size, s)
+
+@overload(_block, prefer_literal=True)
+def _block_of_kind(kind, x, xo, y, yo, s):
+    if isinstance(kind, types.IntegerLiteral):
+        fn = _BLOCKS[kind.literal_value]
+        return lambda kind, x, xo, y, yo, s: fn(x, xo, y, yo, s)
+    return None
+
+
+def _rows_kernel(ggml_type: T):
+    """The jitted quantize_rows(x, out, n_tasks): x float32[rows, cols] -> out uint8[rows,
+    cols/block*type_size] as ggml_type. Rows are split into n_tasks contiguous runs done in parallel; each
+    run allocates its scratch (levels and per-sub-block values) once."""
+    kind = int(ggml_type)
+    block, type_size = GGML_QUANT_SIZES[ggml_type]
+
+    def quantize_rows(x, out, n_tasks):
+        rows, cols = x.shape
+        nb = cols // block
+        per = (rows + n_tasks - 1) // n_tasks
+        for task in prange(n_tasks):
+            s = (np.zeros(256, np.int64), np.zeros(32, np.int64), np.zeros(32, np.float32),
+                 np.zeros(16, np.float32), np.zeros(16, np.float32))
+            for r in range(task * per, min(rows, (task + 1) * per)):
+                xr, yr = x[r], out[r]
+                for b in range(nb):
+                    _block(kind, xr, b * block, yr, b * type_size, s)
+
+    return specialise(quantize_rows, f"quantize_rows_{ggml_type.name.lower()}", parallel=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -719,13 +667,8 @@ def _to_f16(x: np.ndarray) -> np.ndarray:
 
 
 def _to_bf16(x: np.ndarray) -> np.ndarray:
-    """ggml_compute_fp32_to_bf16: round to nearest even on the top 16 bits; NaN forced quiet."""
-    n = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    nan = (n & 0x7FFFFFFF) > 0x7F800000
-    rounded = ((n.astype(np.uint64) + (0x7FFF + ((n >> 16) & 1))) >> 16).astype(np.uint16)
-    if nan.any():
-        rounded = np.where(nan, ((n >> 16) | 64).astype(np.uint16), rounded)
-    return rounded.view(np.uint8)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return bf16_bits(x.reshape(-1)).view(np.uint8).reshape(x.shape[0], -1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -758,19 +701,18 @@ def _register(ggml_type: T, fn: Callable[[np.ndarray], np.ndarray]) -> None:
 
 def _block_quantizer(ggml_type: T) -> Callable[[np.ndarray], np.ndarray]:
     block, type_size = GGML_QUANT_SIZES[ggml_type]
-    kind = int(ggml_type)
+    kernel = _rows_kernel(ggml_type)
 
     def quantize_rows(x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty((x.shape[0], x.shape[1] // block * type_size), dtype=np.uint8)
-        n_tasks = max(1, min(x.shape[0], 4 * numba.get_num_threads()))
-        _quantize_rows(x, out, kind, block, type_size, n_tasks)
+        kernel(x, out, max(1, min(x.shape[0], 4 * numba.get_num_threads())))
         return out
 
     return quantize_rows
 
 
-for _t in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K):
+for _t in _BLOCKS:
     _register(_t, _block_quantizer(_t))
 _register(T.F32, _to_f32)
 _register(T.F16, _to_f16)

@@ -11,11 +11,10 @@ The NumPy unpacking below is written independently of the Numba kernels (vectori
 from __future__ import annotations
 
 import numba
-from numba import types
-from numba.extending import intrinsic
 import numpy as np
 import pytest
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as T
 from gguf import quants as gq
 
 from qcpu.kernels import REGISTRY, kernel_for
@@ -148,7 +147,7 @@ def run_matvec(qtype, w, x, simd=True):
     if simd:
         kernel_for(qtype).matvec(w, x, out)
     else:
-        getattr(kq, f"_matvec_{qtype.name[:2].lower()}_K")(w, x, out, False)
+        kq.make_matvec(qtype, avx2=False, f16c=False)(w, x, out)
     return out
 
 
@@ -160,44 +159,6 @@ def test_all_k_types_registered():
     for qtype in K_TYPES:
         assert qtype in REGISTRY
         assert REGISTRY[qtype].block_size == QK
-
-
-@numba.njit
-def _decode_all_halves(bits):
-    out = np.empty(bits.shape[0] // 2, np.float32)
-    for i in range(out.shape[0]):
-        out[i] = kq._f16(bits, 2 * i)
-    return out
-
-
-def _half_ir(simd):
-    @intrinsic
-    def half_at(typingctx, row, o):
-        def codegen(context, b, signature, args):
-            base = context.make_array(signature.args[0])(context, b, args[0]).data
-            return kq._half(b, b.gep(base, [args[1]]), 0, simd and kq.HAS_AVX2)
-
-        return types.float32(row, o), codegen
-
-    @numba.njit
-    def decode(bits):
-        out = np.empty(bits.shape[0] // 2, np.float32)
-        for i in range(out.shape[0]):
-            out[i] = half_at(bits, 2 * i)
-        return out
-
-    return decode
-
-
-@pytest.mark.parametrize("decode", [_decode_all_halves, _half_ir(True), _half_ir(False)],
-                         ids=["numba", "ir-native", "ir-portable"])
-def test_f16_decode_every_half(decode):
-    halves = np.arange(1 << 16, dtype=np.uint16)
-    ours = decode(halves.view(np.uint8))
-    ref = halves.view(np.float16).astype(np.float32)
-    finite = np.isfinite(ref)
-    assert np.array_equal(ours[finite].view(np.uint32), ref[finite].view(np.uint32))  # incl. -0, subnormals
-    assert np.array_equal(np.isnan(ours), np.isnan(ref)) and np.array_equal(ours[np.isinf(ref)], ref[np.isinf(ref)])
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -14,10 +14,11 @@ from __future__ import annotations
 import numba
 import numpy as np
 import pytest
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as T
 from gguf import quants as gq
 
-from qcpu.kernels import REGISTRY, floats, legacy, matmul
+from qcpu.kernels import REGISTRY, legacy, matmul
 
 LEGACY = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
 FLOATS = [T.F32, T.F16, T.BF16]
@@ -194,69 +195,12 @@ def check_matvec(qtype, w, x):
 
 
 # --------------------------------------------------------------------------------------------------
-# Registry, binary16 helpers, activation quantizers
+# Registry, activation quantizers
 
 
 def test_registered():
     for t in LEGACY + FLOATS:
         assert t in REGISTRY, t.name
-
-
-def test_f16_decode_all_65536_patterns():
-    @numba.njit
-    def dec(h):
-        out = np.empty(h.shape[0], np.float32)
-        for i in range(h.shape[0]):
-            out[i] = floats.f16_to_f32(h[i])
-        return out
-
-    h = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
-    assert np.array_equal(dec(h).view(np.uint32), h.view(np.float16).astype(np.float32).view(np.uint32))
-
-
-def test_f16_row_conversion_both_paths():
-    h = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
-    want = h.view(np.float16).astype(np.float32).view(np.uint32)
-    got = np.empty(h.size, np.float32)
-    floats._halves_to_f32_portable(h, got)
-    assert np.array_equal(got.view(np.uint32), want)
-    if floats.F16C:
-        conv = floats._halves_to_f32_f16c
-
-        @numba.njit
-        def run(src, dst):
-            conv(src, dst)
-
-        for n in (h.size, 13):  # the 8-wide body and the scalar tail
-            got = np.zeros(n, np.float32)
-            run(h[-n:], got)
-            # vcvtph2ps quiets signalling NaNs; every other pattern must match exactly
-            keep = ~np.isnan(h[-n:].view(np.float16))
-            assert np.array_equal(got.view(np.uint32)[keep], want[-n:][keep])
-            assert np.isnan(got[~keep]).all()
-
-
-def test_f16_encode_rounds_like_numpy():
-    @numba.njit
-    def enc(f):
-        out = np.empty(f.shape[0], np.uint16)
-        for i in range(f.shape[0]):
-            out[i] = floats.f32_to_f16(f[i])
-        return out
-
-    rng = np.random.default_rng(1)
-    halves = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
-    fin = np.sort(halves[np.isfinite(halves)].astype(np.float64))
-    mids = ((fin[1:] + fin[:-1]) / 2).astype(np.float32)  # exact ties: round-half-even decides
-    f = np.concatenate([
-        mids, np.nextafter(mids, np.float32(np.inf)), np.nextafter(mids, np.float32(-np.inf)),
-        fin.astype(np.float32),
-        (rng.standard_normal(200_000) * 10.0 ** rng.integers(-9, 6, 200_000)).astype(np.float32),
-        np.array([np.inf, -np.inf, 65519.99, 65520.0, -65520.0, 1e-30, -0.0, 3e38], np.float32),
-    ])
-    with np.errstate(over="ignore"):
-        want = f.astype(np.float16).view(np.uint16)
-    assert np.array_equal(enc(f), want)
 
 
 @pytest.mark.parametrize("with_sum", [False, True], ids=["q8_0", "q8_1"])
@@ -320,12 +264,7 @@ def test_dequantize_random_float_bits(qtype):
 
 def test_dequantize_portable_half_decode_all_scales():
     """Dequantize built without F16C (integer half decode in IR), over every non-NaN fp16 scale."""
-    deq = legacy._make_row_dequantize(*legacy.LAYOUTS[T.Q8_0], f16c=False)
-
-    @numba.njit
-    def run(w, out):
-        for r in range(w.shape[0]):
-            deq(w[r], out[r])
+    run, _ = legacy.make_kernels(T.Q8_0, avx2=False, f16c=False)
 
     h = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
     h = h[~np.isnan(h.view(np.float16))]
@@ -408,20 +347,7 @@ def test_matvec_zero_activation_and_threads(qtype, real_floats):
 def generic_matvec(qtype):
     """The target-independent IR path (what CPUs without AVX2 and F16C run), built here so it is tested
     on every machine, whichever path the registry picked."""
-    dot = legacy._make_row_dot(*legacy.LAYOUTS[qtype], avx2=False, f16c=False)
-    if qtype in ACT_Q8_1:
-        @numba.njit
-        def mv(w, x, out):
-            xq, xd, xs = legacy.quantize_q8_1(x)
-            for r in range(w.shape[0]):
-                out[r] = dot(w[r], xq, xd, xs, xs)
-    else:
-        @numba.njit
-        def mv(w, x, out):
-            xq, xd = legacy.quantize_q8_0(x)
-            for r in range(w.shape[0]):
-                out[r] = dot(w[r], xq, xd, xd, xd)
-    return mv
+    return legacy.make_kernels(qtype, avx2=False, f16c=False)[1]
 
 
 @pytest.mark.parametrize("qtype", LEGACY, ids=lambda t: t.name)

@@ -9,17 +9,60 @@ Kernel contract (all arrays C-contiguous):
   matvec(w, x, out)    w: uint8[rows, row_bytes]; x: float32[cols]; out: float32[rows]
                        (the decode hot path: x is quantized once to the type's activation format and
                         multiplied with integer dot products, as llama.cpp's vec_dot does)
+
+A family writes each entry point once, as a factory over its layout constants, and `specialise` jits one
+copy per type (Numba needs one compiled function per specialisation; see its docstring for the cache).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from numba import njit, types
 
 from qcpu.errors import QcpuError
+
+
+def _plain(v) -> bool:
+    return v is None or isinstance(v, (bool, int, float, str)) or (isinstance(v, tuple) and all(map(_plain, v)))
+
+
+def specialise(py_func, name: str, **jit_options):
+    """njit(cache=True) a factory's closure as its own function `name`.
+
+    The closure may capture only plain values (ints, bools, strings, tuples of them), and that is checked:
+    Numba's cache key hashes the pickled closure cells, and plain values pickle the same in every process,
+    whereas an intrinsic or a jitted function pickles with a per-process uuid, so closing over one would
+    recompile at every start. Per-type code is reached through module-level generic intrinsics that read
+    those constants as literals (Numba types a captured value as a literal and prunes branches on it), so
+    the result is as fast as a hand-written copy. The own name gives each specialisation its own cache
+    index and symbol names, so specialisations compiled by different processes never share a symbol.
+    """
+    cells = [c.cell_contents for c in py_func.__closure__ or ()]
+    if not all(map(_plain, cells)):
+        raise TypeError(f"{name}: a specialisation may only capture plain constants, not {cells!r}")
+    py_func.__name__ = py_func.__qualname__ = name
+    return njit(cache=True, **jit_options)(py_func)
+
+
+def literal_values(ty):
+    """Inside an intrinsic's typer: the Python values of a tuple type of literals (a specialisation's
+    layout constants), else None (Numba then retries with the literal types)."""
+    if isinstance(ty, types.BaseTuple) and all(isinstance(t, types.Literal) for t in ty):
+        return tuple(t.literal_value for t in ty)
+    return None
+
+
+@njit(cache=True, inline="always")
+def check_rows(w, rows, cols, block, type_size, what):
+    """Raise ValueError(what) unless w is uint8[rows, cols/block*type_size] with contiguous rows."""
+    if cols % block or w.shape[1] != cols // block * type_size or w.shape[0] != rows:
+        raise ValueError(what)
+    if w.shape[0] and w.strides[1] != 1:
+        raise ValueError(what)
 
 
 @dataclass(frozen=True)
@@ -102,5 +145,5 @@ def matmul(w: np.ndarray, ggml_type: int, x: np.ndarray) -> np.ndarray:
 
 
 # Importing a family module registers its types.
-from qcpu.kernels import floats, legacy, k_quants  # noqa: E402,F401
-from qcpu.kernels.activations import ACTIVATION_ROUNDING  # noqa: E402
+from qcpu.kernels import floats, k_quants, legacy  # noqa: F401
+from qcpu.kernels.activations import ACTIVATION_ROUNDING

@@ -23,16 +23,29 @@ Saturation never happens: |u*qx| pair sums <= 2*63*127 = 16002 < 32767.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
-from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
-from qcpu.kernels import register
+from qcpu.kernels import check_rows, literal_values, register, specialise
 from qcpu.kernels.cpu import F16C, X86_AVX2
-from qcpu.kernels.llvm_ir import _F32, _F64, _I8, _I16, _I32, _I64, _lanes, _splat, _vec  # noqa: F401
+from qcpu.kernels.halves import f16_at, ir_half_at
+from qcpu.kernels.llvm_ir import (
+    _F64,
+    _I8,
+    _I16,
+    _I32,
+    _I64,
+    _call,
+    _lanes,
+    _load,
+    _splat,
+    _vec,
+)
 
 QK_K = 256
 
@@ -43,33 +56,8 @@ Q4_K_BYTES = 144  # d @0, dmin @2, scales[12] @4 (6-bit scales + mins), qs[128] 
 Q5_K_BYTES = 176  # d @0, dmin @2, scales[12] @4 (as Q4_K), qh[32] @16, qs[128] @48
 Q6_K_BYTES = 210  # ql[128] @0, qh[64] @128, scales[16] (int8) @192, d @208
 
-# The x86 path needs both: pmaddubsw/pmaddwd, and F16C for the block scales it converts in-register.
-HAS_AVX2 = X86_AVX2 and F16C
-
-
 # ----------------------------------------------------------------------------------------------------
 # Small loads shared by the dequantizers and the matvecs
-
-
-# 2^(e - 25) for each 5-bit half exponent e (e = 0, subnormal, shares e = 1's step).
-_HALF_STEP = np.array([2.0 ** (max(e, 1) - 25) for e in range(32)], dtype=np.float32)
-
-
-@njit(cache=True, inline="always")
-def _f16(row, o):
-    """The IEEE half at row[o:o+2] (little-endian) as float32, exactly.
-
-    Bit layout: row[o+1] = [ sign | e4..e0 | m9 m8 ],  row[o] = [ m7..m0 ];
-    value = (m + 1024 * (e > 0)) * 2^(max(e, 1) - 25), or inf/nan when e = 31.
-    """
-    h = np.int32(row[o]) | (np.int32(row[o + 1]) << 8)
-    e = (h >> 10) & 0x1F
-    m = h & 0x3FF
-    if e == 31:
-        v = np.float32(np.inf) if m == 0 else np.float32(np.nan)
-    else:
-        v = np.float32(m + (1024 if e > 0 else 0)) * _HALF_STEP[e]
-    return -v if h & 0x8000 else v
 
 
 @intrinsic
@@ -139,12 +127,7 @@ def _byte(word, j):
 # ((d * scale) * q - dmin * min). The bit layouts are drawn where they are unpacked.
 
 
-@njit(cache=True, inline="always")
-def _check_dequantize(w, out, size):
-    if out.shape[0] != w.shape[0] or out.shape[1] % QK_K or w.shape[1] != out.shape[1] // QK_K * size:
-        raise ValueError("dequantize: weight row bytes do not match the output shape")
-    if w.shape[0] and w.strides[1] != 1:
-        raise ValueError("dequantize: weight rows must be contiguous")
+_DEQ_SHAPE = "dequantize: weight row bytes do not match the output shape (or rows not contiguous)"
 
 
 @njit(parallel=True, cache=True)
@@ -152,13 +135,13 @@ def dequantize_q2_K(w, out):
     # qs[64] @16 in two halves of 32 bytes; byte l of half n holds the 2-bit quants of values
     #   v = 128n + 32j + l   in bits 2j+1..2j   (j = 0..3):  [ j=3 | j=2 | j=1 | j=0 ]
     # Sub-block s = v // 16 has scale = scales[s] & 15 and min = scales[s] >> 4.
-    _check_dequantize(w, out, Q2_K_BYTES)
+    check_rows(w, out.shape[0], out.shape[1], QK_K, Q2_K_BYTES, _DEQ_SHAPE)
     for r in prange(w.shape[0]):
         row, y = w[r], out[r]
         for blk in range(out.shape[1] // QK_K):
             o = blk * Q2_K_BYTES
-            d = _f16(row, o + 80)
-            dmin = _f16(row, o + 82)
+            d = f16_at(row, o + 80)
+            dmin = f16_at(row, o + 82)
             for n in range(2):
                 for half in range(2):  # l in [16 half, 16 half + 16) lies in sub-block 8n + 2j + half
                     s0, s1, s2, s3 = row[o + 8 * n + half], row[o + 8 * n + half + 2], row[o + 8 * n + half + 4], row[o + 8 * n + half + 6]
@@ -179,12 +162,12 @@ def dequantize_q2_K(w, out):
 def dequantize_q3_K(w, out):
     # Low 2 bits: qs[64] @32, laid out as Q2_K's. Third bit: hmask[32] @0, byte l, bit 4n + j, for
     # value v = 128n + 32j + l. The quant is low2 - 4 when that bit is CLEAR, else low2 (-4..3).
-    _check_dequantize(w, out, Q3_K_BYTES)
+    check_rows(w, out.shape[0], out.shape[1], QK_K, Q3_K_BYTES, _DEQ_SHAPE)
     for r in prange(w.shape[0]):
         row, y = w[r], out[r]
         for blk in range(out.shape[1] // QK_K):
             o = blk * Q3_K_BYTES
-            d = _f16(row, o + 108)
+            d = f16_at(row, o + 108)
             lo, hi = _scales_q3_K(row, o + 96)
             for n in range(2):
                 sw = hi if n else lo  # scales 8n .. 8n + 7
@@ -207,13 +190,13 @@ def dequantize_q3_K(w, out):
 def dequantize_q4_K(w, out):
     # qs[128] @16 in four groups of 32 bytes; byte l of group j holds
     #   [ value 64j + 32 + l (sub-block 2j+1) | value 64j + l (sub-block 2j) ]   4 bits each, 0..15
-    _check_dequantize(w, out, Q4_K_BYTES)
+    check_rows(w, out.shape[0], out.shape[1], QK_K, Q4_K_BYTES, _DEQ_SHAPE)
     for r in prange(w.shape[0]):
         row = w[r]
         for blk in range(out.shape[1] // QK_K):
             o = blk * Q4_K_BYTES
-            d = _f16(row, o)
-            dmin = _f16(row, o + 2)
+            d = f16_at(row, o)
+            dmin = f16_at(row, o + 2)
             sc, mn = _scale_min_k4(row, o + 4)
             for j in range(4):
                 d1 = d * np.float32(_byte(sc, 2 * j))
@@ -231,13 +214,13 @@ def dequantize_q4_K(w, out):
 def dequantize_q5_K(w, out):
     # Low 4 bits: qs[128] @48, laid out as Q4_K's. Fifth bit (+16): qh[32] @16, byte l, bit s, for
     # value v = 32s + l (s = sub-block 0..7). Quants 0..31.
-    _check_dequantize(w, out, Q5_K_BYTES)
+    check_rows(w, out.shape[0], out.shape[1], QK_K, Q5_K_BYTES, _DEQ_SHAPE)
     for r in prange(w.shape[0]):
         row = w[r]
         for blk in range(out.shape[1] // QK_K):
             o = blk * Q5_K_BYTES
-            d = _f16(row, o)
-            dmin = _f16(row, o + 2)
+            d = f16_at(row, o)
+            dmin = f16_at(row, o + 2)
             sc, mn = _scale_min_k4(row, o + 4)
             for j in range(4):
                 d1 = d * np.float32(_byte(sc, 2 * j))
@@ -259,12 +242,12 @@ def dequantize_q6_K(w, out):
     #   low 4 bits:  ql[32 * (k & 1) + l], nibble k >> 1    ql byte: [ k=2|3 | k=0|1 ]
     #   high 2 bits: qh[l], bits 2k+1..2k                    qh byte: [ k=3 | k=2 | k=1 | k=0 ]
     # and the quant is stored - 32. Sub-block v // 16 has the int8 scale scales[v // 16] (@192).
-    _check_dequantize(w, out, Q6_K_BYTES)
+    check_rows(w, out.shape[0], out.shape[1], QK_K, Q6_K_BYTES, _DEQ_SHAPE)
     for r in prange(w.shape[0]):
         row, y = w[r], out[r]
         for blk in range(out.shape[1] // QK_K):
             o = blk * Q6_K_BYTES
-            d = _f16(row, o + 208)
+            d = f16_at(row, o + 208)
             for n in range(2):
                 for half in range(2):  # l in [16 half, 16 half + 16) lies in sub-block 8n + 2k + half
                     d0 = d * np.float32(np.int8(row[o + 192 + 8 * n + half]))
@@ -322,10 +305,8 @@ def quantize_q8_K(x, qs, d, bsums):
 @njit(cache=True)
 def _prepare(w, x, out, size):
     """Shape checks, then x -> Q8_K (qs, d, bsums)."""
-    if x.shape[0] % QK_K or w.shape[1] != x.shape[0] // QK_K * size or out.shape[0] != w.shape[0]:
-        raise ValueError("matvec: weight row bytes do not match the activation length")
-    if w.shape[0] and w.strides[1] != 1:
-        raise ValueError("matvec: weight rows must be contiguous")
+    check_rows(w, out.shape[0], x.shape[0], QK_K, size,
+               "matvec: weight row bytes do not match the activation length (or rows not contiguous)")
     nb = x.shape[0] // QK_K
     qs = np.empty(nb * QK_K, np.int8)
     d = np.empty(nb, np.float32)
@@ -343,54 +324,25 @@ def _shuffle(b, v, idx):
     return b.shuffle_vector(v, v, _lanes(idx))
 
 
-def _load(b, base, offset, ty):
-    """Unaligned load of `ty` at byte pointer base + offset (blocks are 84..210 bytes, unaligned)."""
-    p = b.gep(base, [offset if isinstance(offset, ir.Value) else ir.Constant(_I64, offset)])
-    return b.load(b.bitcast(p, ty.as_pointer()), align=1)
-
-
-def _x86(b, name, ret, args, vals):
-    return b.call(cgutils.get_or_insert_function(b.module, ir.FunctionType(ret, args), name), vals)
-
-
-def _maddubs(b, u, y, simd):
+def _maddubs(b, u, y, avx2):
     """pmaddubsw: <32 x u8> u, <32 x i8> y -> <16 x i16>, lane k = u[2k]*y[2k] + u[2k+1]*y[2k+1]."""
-    if simd:
-        return _x86(b, "llvm.x86.avx2.pmadd.ub.sw", _vec(16, _I16), [_vec(32, _I8)] * 2, [u, y])
+    if avx2:
+        return _call(b, "llvm.x86.avx2.pmadd.ub.sw", _vec(16, _I16), u, y)
     p = b.mul(b.zext(u, _vec(32, _I16)), b.sext(y, _vec(32, _I16)))  # cannot overflow: see top
     return b.add(_shuffle(b, p, range(0, 32, 2)), _shuffle(b, p, range(1, 32, 2)))
 
 
-def _madd(b, p, s, simd):
+def _madd(b, p, s, avx2):
     """pmaddwd: <16 x i16> p, s -> <8 x i32>, lane k = p[2k]*s[2k] + p[2k+1]*s[2k+1]."""
-    if simd:
-        return _x86(b, "llvm.x86.avx2.pmadd.wd", _vec(8, _I32), [_vec(16, _I16)] * 2, [p, s])
+    if avx2:
+        return _call(b, "llvm.x86.avx2.pmadd.wd", _vec(8, _I32), p, s)
     e = b.mul(b.sext(_shuffle(b, p, range(0, 16, 2)), _vec(8, _I32)), b.sext(_shuffle(b, s, range(0, 16, 2)), _vec(8, _I32)))
     o = b.mul(b.sext(_shuffle(b, p, range(1, 16, 2)), _vec(8, _I32)), b.sext(_shuffle(b, s, range(1, 16, 2)), _vec(8, _I32)))
     return b.add(e, o)
 
 
 def _hsum(b, v):
-    return b.call(cgutils.get_or_insert_function(
-        b.module, ir.FunctionType(_I32, [_vec(8, _I32)]), "llvm.vector.reduce.add.v8i32"), [v])
-
-
-def _half(b, blk, offset, simd):
-    """The fp16 at blk + offset as float32: vcvtph2ps with F16C, else exact integer bit work."""
-    h = _load(b, blk, offset, _I16)
-    if simd:
-        return b.fpext(b.bitcast(h, ir.HalfType()), _F32)
-    h = b.zext(h, _I32)
-    em = b.and_(h, ir.Constant(_I32, 0x7FFF))
-    # normal: exponent/mantissa moved into float32 position, exponent rebiased by 127 - 15;
-    # subnormal: mantissa * 2^-24 (exact; no denormal float32 operand, so safe under DAZ)
-    normal = b.bitcast(b.add(b.shl(em, ir.Constant(_I32, 13)), ir.Constant(_I32, (127 - 15) << 23)), _F32)
-    sub = b.fmul(b.sitofp(em, _F32), ir.Constant(_F32, 2.0**-24))
-    mag = b.select(b.icmp_unsigned("<", em, ir.Constant(_I32, 0x0400)), sub, normal)
-    mag = b.select(b.icmp_unsigned(">=", em, ir.Constant(_I32, 0x7C00)),  # inf / nan, payload kept
-                   b.bitcast(b.or_(b.shl(em, ir.Constant(_I32, 13)), ir.Constant(_I32, 0x7F800000)), _F32), mag)
-    sign = b.shl(b.and_(h, ir.Constant(_I32, 0x8000)), ir.Constant(_I32, 16))
-    return b.bitcast(b.or_(b.bitcast(mag, _I32), sign), _F32)
+    return _call(b, "llvm.vector.reduce.add.v8i32", _I32, v)
 
 
 def _word_bytes(b, w0, w1):
@@ -486,157 +438,80 @@ _TYPES = {  # kind: (quant emitter, offset, d field, dmin field or None)
 }
 
 
-def _make_block_dot(kind, simd):
-    """Intrinsic dot(row u8[], o, qx i8[], dx f32[], bsums i16[], blk, w0, w1) -> float64: the
-    contribution of the weight block at row[o:] times Q8_K activation block blk."""
+@intrinsic
+def _block_dot(typingctx, row, o, qx, dx, bsums, blk, w0, w1, spec):
+    """dot(row u8[], o, qx i8[], dx f32[], bsums i16[], blk, w0, w1, spec) -> float64: the contribution
+    of the weight block at row[o:] times Q8_K activation block blk. spec: a specialisation's literal
+    (kind, avx2, f16c) -- the type (a _TYPES key) and the instructions the emitted code may use."""
+    layout = literal_values(spec)
+    if layout is None:
+        return None
+    kind, avx2, f16c = layout
     quants, offset, d_at, dmin_at = _TYPES[kind]
-    simd = simd and HAS_AVX2
 
-    @intrinsic
-    def block_dot(typingctx, row, o, qx, dx, bsums, blk, w0, w1):
-        sig = types.float64(row, o, qx, dx, bsums, blk, w0, w1)
+    def codegen(context, b, signature, args):
+        o_, blk_, w0_, w1_ = args[1], args[5], args[6], args[7]
+        data = [context.make_array(signature.args[i])(context, b, args[i]).data for i in (0, 2, 3, 4)]
+        wb = b.gep(data[0], [o_])  # this weight block
+        xb = b.gep(data[1], [b.mul(blk_, ir.Constant(_I64, QK_K))])  # its activations
+        bs = _load(b, b.bitcast(data[3], _I8.as_pointer()), b.mul(blk_, ir.Constant(_I64, 32)), _vec(16, _I16))
+        sc, mn = _scales_16(b, wb, w0_, w1_, kind)
+        acc = ir.Constant(_vec(8, _I32), [0] * 8)
+        for g, u in enumerate(quants(b, wb)):
+            y = _load(b, xb, 32 * g, _vec(32, _I8))
+            # pair sums k < 8 lie in sixteen 2g, k >= 8 in sixteen 2g + 1
+            acc = b.add(acc, _madd(b, _maddubs(b, u, y, avx2), _shuffle(b, sc, [2 * g] * 8 + [2 * g + 1] * 8), avx2))
+        if offset:  # q = u - offset: subtract offset * sum_s scale_s * bsums_s
+            acc = b.sub(acc, b.mul(_madd(b, sc, bs, avx2), _splat(_I32, 8, offset)))
+        dxv = b.load(b.gep(data[2], [blk_]))
+        res = b.fmul(b.fpext(b.fmul(ir_half_at(b, wb, d_at, f16c), dxv), _F64), b.sitofp(_hsum(b, acc), _F64))
+        if dmin_at is not None:
+            msum = _hsum(b, _madd(b, mn, bs, avx2))
+            mterm = b.fmul(b.fpext(b.fmul(ir_half_at(b, wb, dmin_at, f16c), dxv), _F64), b.sitofp(msum, _F64))
+            res = b.fsub(res, mterm)
+        return res
 
-        def codegen(context, b, signature, args):
-            row_, o_, qx_, dx_, bs_, blk_, w0_, w1_ = args
-            data = [context.make_array(signature.args[i])(context, b, args[i]).data for i in (0, 2, 3, 4)]
-            wb = b.gep(data[0], [o_])  # this weight block
-            xb = b.gep(data[1], [b.mul(blk_, ir.Constant(_I64, QK_K))])  # its activations
-            bs = _load(b, b.bitcast(data[3], _I8.as_pointer()), b.mul(blk_, ir.Constant(_I64, 32)), _vec(16, _I16))
-            sc, mn = _scales_16(b, wb, w0_, w1_, kind)
-            acc = ir.Constant(_vec(8, _I32), [0] * 8)
-            for g, u in enumerate(quants(b, wb)):
-                y = _load(b, xb, 32 * g, _vec(32, _I8))
-                # pair sums k < 8 lie in sixteen 2g, k >= 8 in sixteen 2g + 1
-                acc = b.add(acc, _madd(b, _maddubs(b, u, y, simd), _shuffle(b, sc, [2 * g] * 8 + [2 * g + 1] * 8), simd))
-            if offset:  # q = u - offset: subtract offset * sum_s scale_s * bsums_s
-                acc = b.sub(acc, b.mul(_madd(b, sc, bs, simd), _splat(_I32, 8, offset)))
-            dxv = b.load(b.gep(data[2], [blk_]))
-            res = b.fmul(b.fpext(b.fmul(_half(b, wb, d_at, simd), dxv), _F64), b.sitofp(_hsum(b, acc), _F64))
-            if dmin_at is not None:
-                msum = _hsum(b, _madd(b, mn, bs, simd))
-                mterm = b.fmul(b.fpext(b.fmul(_half(b, wb, dmin_at, simd), dxv), _F64), b.sitofp(msum, _F64))
-                res = b.fsub(res, mterm)
-            return res
-
-        return sig, codegen
-
-    return block_dot
-
-
-_dot_q2_K, _dot_q2_K_ir = _make_block_dot("q2_K", True), _make_block_dot("q2_K", False)
-_dot_q3_K, _dot_q3_K_ir = _make_block_dot("q3_K", True), _make_block_dot("q3_K", False)
-_dot_q4_K, _dot_q4_K_ir = _make_block_dot("q4_K", True), _make_block_dot("q4_K", False)
-_dot_q5_K, _dot_q5_K_ir = _make_block_dot("q5_K", True), _make_block_dot("q5_K", False)
-_dot_q6_K, _dot_q6_K_ir = _make_block_dot("q6_K", True), _make_block_dot("q6_K", False)
+    return types.float64(row, o, qx, dx, bsums, blk, w0, w1, spec), codegen
 
 
 # ----------------------------------------------------------------------------------------------------
-# Matvecs: rows in parallel; each row sums its block dots in float64. simd=False selects the
-# target-independent IR (for tests on AVX2 hosts; on other hosts both paths are that IR). Numba needs
-# each intrinsic named at its call site, hence one body per type. No fastmath: nothing here gains.
+# Matvecs: one factory, one specialisation per type. Rows in parallel; each row sums its block dots in
+# float64. No fastmath: nothing here gains.
 
 
-@njit(parallel=True, cache=True)
-def _matvec_q2_K(w, x, out, simd):
-    qx, dx, bsums = _prepare(w, x, out, Q2_K_BYTES)
-    for r in prange(w.shape[0]):
-        row, acc = w[r], 0.0
-        for blk in range(dx.shape[0]):
-            if simd:
-                acc += _dot_q2_K(row, blk * Q2_K_BYTES, qx, dx, bsums, blk, 0, 0)
-            else:
-                acc += _dot_q2_K_ir(row, blk * Q2_K_BYTES, qx, dx, bsums, blk, 0, 0)
-        out[r] = acc
+@functools.cache
+def make_matvec(qtype, avx2=X86_AVX2, f16c=F16C):
+    """matvec(w uint8[rows, row_bytes], x float32[cols], out float32[rows]) for one K-quant type, jitted:
+    w holds ggml-common.h's block_q*_K, x is quantized to Q8_K, and each block is ggml_vec_dot_q*_K_q8_K.
+
+    avx2 / f16c: the instructions the emitted code may use (default: this CPU's); the tests also build the
+    target-independent IR (both False) on every machine.
+    """
+    kind = qtype.name[:2].lower() + "_K"  # the _TYPES key
+    spec = (kind, avx2, f16c)  # captured constants only (see qcpu.kernels.specialise)
+    size = GGML_QUANT_SIZES[qtype][1]
+    name = kind + ("" if (avx2, f16c) == (X86_AVX2, F16C) else f"_avx2{avx2:d}_f16c{f16c:d}")
+
+    def matvec(w, x, out):
+        qx, dx, bsums = _prepare(w, x, out, size)
+        for r in prange(w.shape[0]):
+            row, acc = w[r], 0.0
+            for blk in range(dx.shape[0]):
+                o = blk * size
+                # The scale words the block dot takes (see _scales_16); compile-time branches on kind.
+                if kind == "q3_K":
+                    w0, w1 = _scales_q3_K(row, o + 96)
+                elif kind == "q4_K" or kind == "q5_K":
+                    w0, w1 = _scale_min_k4(row, o + 4)
+                else:
+                    w0, w1 = 0, 0
+                acc += _block_dot(row, o, qx, dx, bsums, blk, w0, w1, spec)
+            out[r] = acc
+
+    return specialise(matvec, f"matvec_{name}", parallel=True)
 
 
-@njit(parallel=True, cache=True)
-def _matvec_q3_K(w, x, out, simd):
-    qx, dx, bsums = _prepare(w, x, out, Q3_K_BYTES)
-    for r in prange(w.shape[0]):
-        row, acc = w[r], 0.0
-        for blk in range(dx.shape[0]):
-            o = blk * Q3_K_BYTES
-            lo, hi = _scales_q3_K(row, o + 96)
-            if simd:
-                acc += _dot_q3_K(row, o, qx, dx, bsums, blk, lo, hi)
-            else:
-                acc += _dot_q3_K_ir(row, o, qx, dx, bsums, blk, lo, hi)
-        out[r] = acc
-
-
-@njit(parallel=True, cache=True)
-def _matvec_q4_K(w, x, out, simd):
-    qx, dx, bsums = _prepare(w, x, out, Q4_K_BYTES)
-    for r in prange(w.shape[0]):
-        row, acc = w[r], 0.0
-        for blk in range(dx.shape[0]):
-            o = blk * Q4_K_BYTES
-            sc, mn = _scale_min_k4(row, o + 4)
-            if simd:
-                acc += _dot_q4_K(row, o, qx, dx, bsums, blk, sc, mn)
-            else:
-                acc += _dot_q4_K_ir(row, o, qx, dx, bsums, blk, sc, mn)
-        out[r] = acc
-
-
-@njit(parallel=True, cache=True)
-def _matvec_q5_K(w, x, out, simd):
-    qx, dx, bsums = _prepare(w, x, out, Q5_K_BYTES)
-    for r in prange(w.shape[0]):
-        row, acc = w[r], 0.0
-        for blk in range(dx.shape[0]):
-            o = blk * Q5_K_BYTES
-            sc, mn = _scale_min_k4(row, o + 4)
-            if simd:
-                acc += _dot_q5_K(row, o, qx, dx, bsums, blk, sc, mn)
-            else:
-                acc += _dot_q5_K_ir(row, o, qx, dx, bsums, blk, sc, mn)
-        out[r] = acc
-
-
-@njit(parallel=True, cache=True)
-def _matvec_q6_K(w, x, out, simd):
-    qx, dx, bsums = _prepare(w, x, out, Q6_K_BYTES)
-    for r in prange(w.shape[0]):
-        row, acc = w[r], 0.0
-        for blk in range(dx.shape[0]):
-            if simd:
-                acc += _dot_q6_K(row, blk * Q6_K_BYTES, qx, dx, bsums, blk, 0, 0)
-            else:
-                acc += _dot_q6_K_ir(row, blk * Q6_K_BYTES, qx, dx, bsums, blk, 0, 0)
-        out[r] = acc
-
-
-# The registered kernels: the registry's (w, x, out) contract, best path for this CPU.
-
-
-@njit(cache=True)
-def matvec_q2_K(w, x, out):
-    _matvec_q2_K(w, x, out, True)
-
-
-@njit(cache=True)
-def matvec_q3_K(w, x, out):
-    _matvec_q3_K(w, x, out, True)
-
-
-@njit(cache=True)
-def matvec_q4_K(w, x, out):
-    _matvec_q4_K(w, x, out, True)
-
-
-@njit(cache=True)
-def matvec_q5_K(w, x, out):
-    _matvec_q5_K(w, x, out, True)
-
-
-@njit(cache=True)
-def matvec_q6_K(w, x, out):
-    _matvec_q6_K(w, x, out, True)
-
-
-register(GGMLQuantizationType.Q2_K, dequantize_q2_K, matvec_q2_K)
-register(GGMLQuantizationType.Q3_K, dequantize_q3_K, matvec_q3_K)
-register(GGMLQuantizationType.Q4_K, dequantize_q4_K, matvec_q4_K)
-register(GGMLQuantizationType.Q5_K, dequantize_q5_K, matvec_q5_K)
-register(GGMLQuantizationType.Q6_K, dequantize_q6_K, matvec_q6_K)
+_T = GGMLQuantizationType
+for _t, _dequantize in ((_T.Q2_K, dequantize_q2_K), (_T.Q3_K, dequantize_q3_K), (_T.Q4_K, dequantize_q4_K),
+                        (_T.Q5_K, dequantize_q5_K), (_T.Q6_K, dequantize_q6_K)):
+    register(_t, _dequantize, make_matvec(_t))

@@ -36,6 +36,8 @@ target-independent vector IR that LLVM lowers for whatever CPU Numba compiles fo
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from gguf import GGMLQuantizationType
 from llvmlite import ir
@@ -43,16 +45,24 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from qcpu.kernels import register
-from qcpu.kernels.llvm_ir import _F32, _F64, _I8, _I16, _I32, _I64, _lanes, _splat, _vec  # noqa: F401
+from qcpu.kernels import check_rows, literal_values, register, specialise
 from qcpu.kernels.cpu import F16C, X86_AVX2
-from qcpu.kernels.floats import f16_to_f32, f32_to_f16
+from qcpu.kernels.halves import f16_to_f32, f32_to_f16, ir_half_at
+from qcpu.kernels.llvm_ir import (
+    _F32,
+    _I8,
+    _I16,
+    _I32,
+    _I64,
+    _call,
+    _contract,
+    _lanes,
+    _load,
+    _splat,
+    _vec,
+)
 
 QK = 32  # weights per block, all five types
-
-
-# x86 with AVX2: use pmaddubsw/pmaddwd as llama.cpp's AVX2 kernels do; F16C for the scale decode.
-_F16C = F16C
 
 # ---- activation quantizers (x float32[cols] -> int8 quants + per-block scales) -------------------
 
@@ -117,35 +127,6 @@ def offset_sums(xq, offset):
 # ---- LLVM IR building blocks (shared by dequantize and matvec) ------------------------------------
 
 
-
-def _contract(instr):
-    # Allow mul+add -> FMA (as llama.cpp's _mm256_fmadd_ps) without Numba's blanket fastmath.
-    instr.flags.append("contract")
-    return instr
-
-
-def _ir_half_to_float(b, h16):
-    """f16_to_f32 (floats.py) in branch-free IR: exact, and no denormal float32 operands."""
-    h = b.zext(h16, _I32)
-    em = b.and_(h, ir.Constant(_I32, 0x7FFF))
-    shifted = b.shl(em, ir.Constant(_I32, 13))
-    normal = b.add(shifted, ir.Constant(_I32, 112 << 23))
-    special = b.or_(shifted, ir.Constant(_I32, 0x7F800000))
-    sub = b.bitcast(b.fmul(b.sitofp(em, _F32), ir.Constant(_F32, 2.0**-24)), _I32)
-    mag = b.select(b.icmp_unsigned("<", em, ir.Constant(_I32, 0x0400)), sub,
-                   b.select(b.icmp_unsigned(">=", em, ir.Constant(_I32, 0x7C00)), special, normal))
-    sign = b.shl(b.and_(h, ir.Constant(_I32, 0x8000)), ir.Constant(_I32, 16))
-    return b.bitcast(b.or_(mag, sign), _F32)
-
-
-def _load(b, base, offset, ty):
-    """Unaligned load of `ty` at byte pointer base + offset (blocks are 18/20/22/24/34 bytes).
-    Multi-byte fields are read as little-endian, as GGUF stores them, so this assumes a little-endian
-    CPU (x86, ARM in its usual mode)."""
-    p = b.gep(base, [offset if isinstance(offset, ir.Value) else ir.Constant(_I64, offset)])
-    return b.load(b.bitcast(p, ty.as_pointer()), align=1)
-
-
 # Block unpack (layout as drawn at the top of the file):
 #
 #   qs byte j:   [ h3 h2 h1 h0 | l3 l2 l1 l0 ]      l -> weight j,  h -> weight j+16   (j = 0..15)
@@ -173,11 +154,6 @@ def _emit_weights(b, blk, has_m, has_qh, nibbles, offset):
     if offset:
         v = b.sub(v, _splat(_I8, 32, offset))  # -8..7 or -16..15: fits int8
     return v
-
-
-def _call(b, name, ret, *args):
-    fn = cgutils.get_or_insert_function(b.module, ir.FunctionType(ret, [a.type for a in args]), name)
-    return b.call(fn, args)
 
 
 def _dot8_generic(b, wq, xv, signed):
@@ -209,104 +185,99 @@ def _splat_f32(b, v, n=QK):
     return b.shuffle_vector(b.insert_element(undef, v, ir.Constant(_I32, 0)), undef, _lanes([0] * n))
 
 
-def _half(b, blk, at, f16c):
-    h = _load(b, blk, at, _I16)
-    if f16c:  # one vcvtph2ps
-        return b.fpext(b.bitcast(h, ir.HalfType()), _F32)
-    return _ir_half_to_float(b, h)
+# ---- the row kernels, generic over the layout --------------------------------------------------------
+# `spec` is a specialisation's literal (type_size, has_m, has_qh, nibbles, offset, avx2, f16c): LAYOUTS
+# below, plus the instructions the emitted code may use.
 
 
-def _make_row_dequantize(type_size, has_m, has_qh, nibbles, offset, f16c=_F16C):
-    """Intrinsic dequantize(wrow uint8[row_bytes], orow float32[cols]) -> None, ggml's arithmetic:
+@intrinsic
+def _row_dequantize(typingctx, wrow, orow, spec):
+    """dequantize(wrow uint8[row_bytes], orow float32[cols], spec) -> None, ggml's arithmetic:
     float(q - offset) * d, or (float(q) * d) + m rounded twice -- the callers are not fastmath, so no
     flag allows fusing that into an FMA."""
+    layout = literal_values(spec)
+    if layout is None:
+        return None
+    type_size, has_m, has_qh, nibbles, offset, _, f16c = layout
     signed = offset != 0 or not nibbles
 
-    @intrinsic
-    def row_dequantize(typingctx, wrow, orow):
-        sig = types.void(wrow, orow)
+    def codegen(context, b, signature, args):
+        aw, ao = [context.make_array(t)(context, b, a) for t, a in zip(signature.args[:2], args[:2])]
+        wp = b.bitcast(aw.data, _I8.as_pointer())
+        op = b.bitcast(ao.data, _vec(QK, _F32).as_pointer())
+        nb = b.udiv(b.extract_value(ao.shape, 0), ir.Constant(_I64, QK))
+        with cgutils.for_range(b, nb) as loop:
+            blk = b.gep(wp, [b.mul(loop.index, ir.Constant(_I64, type_size))])
+            q = _emit_weights(b, blk, has_m, has_qh, nibbles, offset)
+            d = _splat_f32(b, ir_half_at(b, blk, 0, f16c))
+            y = b.fmul((b.sitofp if signed else b.uitofp)(q, _vec(QK, _F32)), d)
+            if has_m:
+                y = b.fadd(y, _splat_f32(b, ir_half_at(b, blk, 2, f16c)))
+            b.store(y, b.gep(op, [loop.index]), align=4)
+        return context.get_dummy_value()
 
-        def codegen(context, b, signature, args):
-            aw, ao = [context.make_array(t)(context, b, a) for t, a in zip(signature.args, args)]
-            wp = b.bitcast(aw.data, _I8.as_pointer())
-            op = b.bitcast(ao.data, _vec(QK, _F32).as_pointer())
-            nb = b.udiv(b.extract_value(ao.shape, 0), ir.Constant(_I64, QK))
-            with cgutils.for_range(b, nb) as loop:
-                blk = b.gep(wp, [b.mul(loop.index, ir.Constant(_I64, type_size))])
-                q = _emit_weights(b, blk, has_m, has_qh, nibbles, offset)
-                d = _splat_f32(b, _half(b, blk, 0, f16c))
-                y = b.fmul((b.sitofp if signed else b.uitofp)(q, _vec(QK, _F32)), d)
-                if has_m:
-                    y = b.fadd(y, _splat_f32(b, _half(b, blk, 2, f16c)))
-                b.store(y, b.gep(op, [loop.index]), align=4)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return row_dequantize
+    return types.void(wrow, orow, spec), codegen
 
 
-def _make_row_dot(type_size, has_m, has_qh, nibbles, offset, avx2=X86_AVX2, f16c=_F16C):
-    """Intrinsic dot(wrow uint8[row_bytes], xq int8[cols], xd f32[nb], xs f32[nb], xc i32[cols/4])
-    -> float32.
+@intrinsic
+def _row_dot(typingctx, wrow, xq, xd, xs, xc, spec):
+    """dot(wrow uint8[row_bytes], xq int8[cols], xd f32[nb], xs f32[nb], xc i32[cols/4], spec) -> float32.
 
     xs (Q8_1's d*sum term) is read only by the types with a min (has_m); xc (offset_sums(xq, offset))
     only by the AVX2 path of the types with an offset, which dots the unsigned quants and subtracts
     offset * sum(x) per lane instead of unpacking to signed values."""
+    layout = literal_values(spec)
+    if layout is None:
+        return None
+    type_size, has_m, has_qh, nibbles, offset, avx2, f16c = layout
     signed = not nibbles or (offset != 0 and not avx2)
     sub_offset = offset if avx2 else 0  # the generic path subtracts it from the weights instead
     dot8 = _dot8_avx2 if avx2 else _dot8_generic
 
-    @intrinsic
-    def row_dot(typingctx, wrow, xq, xd, xs, xc):
-        sig = types.float32(wrow, xq, xd, xs, xc)
+    def codegen(context, b, signature, args):
+        arrs = [context.make_array(t)(context, b, a) for t, a in zip(signature.args[:5], args[:5])]
+        wp = b.bitcast(arrs[0].data, _I8.as_pointer())
+        xp = b.bitcast(arrs[1].data, _I8.as_pointer())
+        dp = b.bitcast(arrs[2].data, _F32.as_pointer())
+        sp = b.bitcast(arrs[3].data, _F32.as_pointer())
+        cp = b.bitcast(arrs[4].data, _I8.as_pointer())
+        nb = b.extract_value(arrs[2].shape, 0)
+        zero8 = ir.Constant(_vec(8, _F32), [0.0] * 8)
+        accs = [cgutils.alloca_once_value(b, zero8), cgutils.alloca_once_value(b, zero8)]
+        macc = cgutils.alloca_once_value(b, ir.Constant(_F32, 0.0))
 
-        def codegen(context, b, signature, args):
-            arrs = [context.make_array(t)(context, b, a) for t, a in zip(signature.args, args)]
-            wp = b.bitcast(arrs[0].data, _I8.as_pointer())
-            xp = b.bitcast(arrs[1].data, _I8.as_pointer())
-            dp = b.bitcast(arrs[2].data, _F32.as_pointer())
-            sp = b.bitcast(arrs[3].data, _F32.as_pointer())
-            cp = b.bitcast(arrs[4].data, _I8.as_pointer())
-            nb = b.extract_value(arrs[2].shape, 0)
-            zero8 = ir.Constant(_vec(8, _F32), [0.0] * 8)
-            accs = [cgutils.alloca_once_value(b, zero8), cgutils.alloca_once_value(b, zero8)]
-            macc = cgutils.alloca_once_value(b, ir.Constant(_F32, 0.0))
-
-            def block(i, acc):
-                blk = b.gep(wp, [b.mul(i, ir.Constant(_I64, type_size))])
-                wq = _emit_weights(b, blk, has_m, has_qh, nibbles, offset - sub_offset)
-                xv = _load(b, xp, b.mul(i, ir.Constant(_I64, QK)), _vec(32, _I8))
-                s8 = dot8(b, wq, xv, signed)
-                if sub_offset:  # sum (q - off) x = sum q x - off * sum x, per lane
-                    s8 = b.sub(s8, _load(b, cp, b.mul(i, ir.Constant(_I64, 32)), _vec(8, _I32)))
-                scale = b.fmul(_half(b, blk, 0, f16c), b.load(b.gep(dp, [i])))  # d_w * d_x first, as ggml
-                term = _contract(b.fmul(b.sitofp(s8, _vec(8, _F32)), _splat_f32(b, scale, 8)))
-                b.store(_contract(b.fadd(b.load(acc), term)), acc)
-                if has_m:
-                    mterm = _contract(b.fmul(_half(b, blk, 2, f16c), b.load(b.gep(sp, [i]))))
-                    b.store(_contract(b.fadd(b.load(macc), mterm)), macc)
-
-            # Two blocks per iteration into two accumulators: two independent FMA chains, so the
-            # loop does not wait on the FMA latency.
-            one = ir.Constant(_I64, 1)
-            with cgutils.for_range(b, b.lshr(nb, one)) as loop:
-                i = b.shl(loop.index, one)
-                block(i, accs[0])
-                block(b.add(i, one), accs[1])
-            with b.if_then(b.trunc(nb, ir.IntType(1))):
-                block(b.sub(nb, one), accs[0])
-            a = b.fadd(b.load(accs[0]), b.load(accs[1]))
-            for n in (4, 2, 1):  # horizontal sum of the 8 lanes
-                a = b.fadd(b.shuffle_vector(a, a, _lanes(range(n))), b.shuffle_vector(a, a, _lanes(range(n, 2 * n))))
-            result = b.extract_element(a, ir.Constant(_I32, 0))
+        def block(i, acc):
+            blk = b.gep(wp, [b.mul(i, ir.Constant(_I64, type_size))])
+            wq = _emit_weights(b, blk, has_m, has_qh, nibbles, offset - sub_offset)
+            xv = _load(b, xp, b.mul(i, ir.Constant(_I64, QK)), _vec(32, _I8))
+            s8 = dot8(b, wq, xv, signed)
+            if sub_offset:  # sum (q - off) x = sum q x - off * sum x, per lane
+                s8 = b.sub(s8, _load(b, cp, b.mul(i, ir.Constant(_I64, 32)), _vec(8, _I32)))
+            scale = b.fmul(ir_half_at(b, blk, 0, f16c), b.load(b.gep(dp, [i])))  # d_w * d_x first, as ggml
+            term = _contract(b.fmul(b.sitofp(s8, _vec(8, _F32)), _splat_f32(b, scale, 8)))
+            b.store(_contract(b.fadd(b.load(acc), term)), acc)
             if has_m:
-                result = b.fadd(result, b.load(macc))
-            return result
+                mterm = _contract(b.fmul(ir_half_at(b, blk, 2, f16c), b.load(b.gep(sp, [i]))))
+                b.store(_contract(b.fadd(b.load(macc), mterm)), macc)
 
-        return sig, codegen
+        # Two blocks per iteration into two accumulators: two independent FMA chains, so the
+        # loop does not wait on the FMA latency.
+        one = ir.Constant(_I64, 1)
+        with cgutils.for_range(b, b.lshr(nb, one)) as loop:
+            i = b.shl(loop.index, one)
+            block(i, accs[0])
+            block(b.add(i, one), accs[1])
+        with b.if_then(b.trunc(nb, ir.IntType(1))):
+            block(b.sub(nb, one), accs[0])
+        a = b.fadd(b.load(accs[0]), b.load(accs[1]))
+        for n in (4, 2, 1):  # horizontal sum of the 8 lanes
+            a = b.fadd(b.shuffle_vector(a, a, _lanes(range(n))), b.shuffle_vector(a, a, _lanes(range(n, 2 * n))))
+        result = b.extract_element(a, ir.Constant(_I32, 0))
+        if has_m:
+            result = b.fadd(result, b.load(macc))
+        return result
 
-    return row_dot
+    return types.float32(wrow, xq, xd, xs, xc, spec), codegen
 
 
 # (type_size, has_m, has_qh, nibbles, offset) -- the block layouts drawn at the top of this file.
@@ -317,120 +288,49 @@ LAYOUTS = {
     GGMLQuantizationType.Q5_1: (24, True, True, True, 0),
     GGMLQuantizationType.Q8_0: (34, False, False, False, 0),
 }
-_Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0 = (LAYOUTS[t] for t in LAYOUTS)
-
-# ---- entry points. Numba needs each intrinsic named at its call site, hence ten small bodies. ----
-
-_deq_q4_0 = _make_row_dequantize(*_Q4_0)
-_deq_q4_1 = _make_row_dequantize(*_Q4_1)
-_deq_q5_0 = _make_row_dequantize(*_Q5_0)
-_deq_q5_1 = _make_row_dequantize(*_Q5_1)
-_deq_q8_0 = _make_row_dequantize(*_Q8_0)
 
 
-@njit(cache=True, inline="always")
-def _check_dequantize(w, out, type_size):
-    if out.shape[1] % QK != 0 or w.shape[1] != (out.shape[1] // QK) * type_size or w.shape[0] != out.shape[0]:
-        raise ValueError("dequantize: weight row bytes do not match the output shape")
-
-
-@njit(cache=True, parallel=True)
-def dequantize_q4_0(w, out):
-    _check_dequantize(w, out, _Q4_0[0])
-    for r in prange(w.shape[0]):
-        _deq_q4_0(w[r], out[r])
-
-
-@njit(cache=True, parallel=True)
-def dequantize_q4_1(w, out):
-    _check_dequantize(w, out, _Q4_1[0])
-    for r in prange(w.shape[0]):
-        _deq_q4_1(w[r], out[r])
-
-
-@njit(cache=True, parallel=True)
-def dequantize_q5_0(w, out):
-    _check_dequantize(w, out, _Q5_0[0])
-    for r in prange(w.shape[0]):
-        _deq_q5_0(w[r], out[r])
-
-
-@njit(cache=True, parallel=True)
-def dequantize_q5_1(w, out):
-    _check_dequantize(w, out, _Q5_1[0])
-    for r in prange(w.shape[0]):
-        _deq_q5_1(w[r], out[r])
-
-
-@njit(cache=True, parallel=True)
-def dequantize_q8_0(w, out):
-    _check_dequantize(w, out, _Q8_0[0])
-    for r in prange(w.shape[0]):
-        _deq_q8_0(w[r], out[r])
-
-
-_dot_q4_0 = _make_row_dot(*_Q4_0)
-_dot_q4_1 = _make_row_dot(*_Q4_1)
-_dot_q5_0 = _make_row_dot(*_Q5_0)
-_dot_q5_1 = _make_row_dot(*_Q5_1)
-_dot_q8_0 = _make_row_dot(*_Q8_0)
-
-
+# ---- entry points: one factory, one specialisation per type ----------------------------------------
 # The matvecs are not fastmath: Numba hands the flag down to what they call, where it turned quantize_q8_0's
 # amax/127 into a multiply by a reciprocal, and let LLVM re-associate the block sums per target CPU. The dot
 # asks for FMA contraction itself (_contract), which is all it needs.
 
 
-@njit(cache=True, inline="always")
-def _check_matvec(w, x, out, type_size):
-    if x.shape[0] % QK != 0 or w.shape[1] != (x.shape[0] // QK) * type_size or w.shape[0] != out.shape[0]:
-        raise ValueError("matvec: weight row bytes do not match the activation length")
+@functools.cache
+def make_kernels(qtype, avx2=X86_AVX2, f16c=F16C):
+    """(dequantize(w, out), matvec(w, x, out)) for one legacy type, jitted: w uint8[rows, row_bytes] of
+    ggml-common.h's block_q4_0..block_q8_0 (LAYOUTS), out float32[rows, cols] / x float32[cols] -> out
+    float32[rows]; ggml's dequantize_row_* and ggml_vec_dot_*_q8_0/q8_1 arithmetic.
+
+    avx2 / f16c: the instructions the emitted code may use (default: this CPU's); the tests also build the
+    portable IR (both False) on every machine.
+    """
+    spec = (*LAYOUTS[qtype], avx2, f16c)  # captured constants only (see qcpu.kernels.specialise)
+    type_size, has_m, offset = spec[0], spec[1], spec[4]
+    name = qtype.name.lower() + ("" if (avx2, f16c) == (X86_AVX2, F16C) else f"_avx2{avx2:d}_f16c{f16c:d}")
+
+    def dequantize(w, out):
+        check_rows(w, out.shape[0], out.shape[1], QK, type_size, "dequantize: weight row bytes do not match the output shape")
+        for r in prange(w.shape[0]):
+            _row_dequantize(w[r], out[r], spec)
+
+    def matvec(w, x, out):
+        check_rows(w, out.shape[0], x.shape[0], QK, type_size, "matvec: weight row bytes do not match the activation length")
+        if has_m:  # vec_dot_type Q8_1 (with the block sums the min multiplies), else Q8_0
+            xq, xd, xs = quantize_q8_1(x)
+        else:
+            xq, xd = quantize_q8_0(x)
+            xs = xd  # not read
+        if offset:
+            xc = offset_sums(xq, offset)
+        else:
+            xc = xs  # not read
+        for r in prange(w.shape[0]):
+            out[r] = _row_dot(w[r], xq, xd, xs, xc, spec)
+
+    return (specialise(dequantize, f"dequantize_{name}", parallel=True),
+            specialise(matvec, f"matvec_{name}", parallel=True))
 
 
-@njit(cache=True, parallel=True)
-def matvec_q4_0(w, x, out):
-    _check_matvec(w, x, out, _Q4_0[0])
-    xq, xd = quantize_q8_0(x)
-    xc = offset_sums(xq, _Q4_0[4])
-    for r in prange(w.shape[0]):
-        out[r] = _dot_q4_0(w[r], xq, xd, xd, xc)
-
-
-@njit(cache=True, parallel=True)
-def matvec_q5_0(w, x, out):
-    _check_matvec(w, x, out, _Q5_0[0])
-    xq, xd = quantize_q8_0(x)
-    xc = offset_sums(xq, _Q5_0[4])
-    for r in prange(w.shape[0]):
-        out[r] = _dot_q5_0(w[r], xq, xd, xd, xc)
-
-
-@njit(cache=True, parallel=True)
-def matvec_q8_0(w, x, out):
-    _check_matvec(w, x, out, _Q8_0[0])
-    xq, xd = quantize_q8_0(x)
-    for r in prange(w.shape[0]):
-        out[r] = _dot_q8_0(w[r], xq, xd, xd, xd)
-
-
-@njit(cache=True, parallel=True)
-def matvec_q4_1(w, x, out):
-    _check_matvec(w, x, out, _Q4_1[0])
-    xq, xd, xs = quantize_q8_1(x)
-    for r in prange(w.shape[0]):
-        out[r] = _dot_q4_1(w[r], xq, xd, xs, xs)
-
-
-@njit(cache=True, parallel=True)
-def matvec_q5_1(w, x, out):
-    _check_matvec(w, x, out, _Q5_1[0])
-    xq, xd, xs = quantize_q8_1(x)
-    for r in prange(w.shape[0]):
-        out[r] = _dot_q5_1(w[r], xq, xd, xs, xs)
-
-
-register(GGMLQuantizationType.Q4_0, dequantize_q4_0, matvec_q4_0)
-register(GGMLQuantizationType.Q4_1, dequantize_q4_1, matvec_q4_1)
-register(GGMLQuantizationType.Q5_0, dequantize_q5_0, matvec_q5_0)
-register(GGMLQuantizationType.Q5_1, dequantize_q5_1, matvec_q5_1)
-register(GGMLQuantizationType.Q8_0, dequantize_q8_0, matvec_q8_0)
+for _t in LAYOUTS:
+    register(_t, *make_kernels(_t))

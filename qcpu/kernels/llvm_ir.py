@@ -1,6 +1,7 @@
-"""The LLVM IR vocabulary the hand-written block kernels share (legacy.py, k_quants.py)."""
+"""The LLVM IR vocabulary the hand-written block kernels share (legacy.py, k_quants.py, halves.py)."""
 
 from llvmlite import ir
+from numba.core import cgutils
 
 _I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 _F32, _F64 = ir.FloatType(), ir.DoubleType()
@@ -17,3 +18,24 @@ def _splat(t, n, v):
 def _lanes(idx):
     idx = list(idx)
     return ir.Constant(_vec(len(idx), _I32), idx)
+
+
+def _load(b, base, offset, ty):
+    """Unaligned load of `ty` at byte pointer base + offset (blocks are 18..210 bytes, so fields are not
+    aligned). Multi-byte fields are read as little-endian, as GGUF stores them, so this assumes a
+    little-endian CPU (x86, ARM in its usual mode)."""
+    p = b.gep(base, [offset if isinstance(offset, ir.Value) else ir.Constant(_I64, offset)])
+    return b.load(b.bitcast(p, ty.as_pointer()), align=1)
+
+
+def _call(b, name, ret, *args):
+    """Call the LLVM intrinsic `name` (declared on first use in this module)."""
+    fn = cgutils.get_or_insert_function(b.module, ir.FunctionType(ret, [a.type for a in args]), name)
+    return b.call(fn, args)
+
+
+def _contract(instr):
+    # Allow mul+add -> FMA (as llama.cpp's _mm256_fmadd_ps) without Numba's blanket fastmath.
+    instr.flags.append("contract")
+    return instr
+
