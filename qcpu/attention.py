@@ -1,7 +1,8 @@
 """Attention over the KV cache: softmax(q.k / sqrt(head_dim)) . v, causal by stream index.
 
-The cache is float16 `k, v[n_slots, n_kv_heads, head_dim]` with `slot_seq[n_slots]`: the stream index of
-the token in each slot (-1: empty). Query i (stream index `query_seq[i]`) sees slot s iff
+The cache is `k, v` uint8[n_kv_heads, capacity, row_bytes] (cache.py's layout: rows of head_dim values in
+the cache type) with `slot_seq[n_slots]`: the stream index of the token in each of the first n_slots
+slots (-1: empty). Query i (stream index `query_seq[i]`) sees slot s iff
 0 <= slot_seq[s] <= query_seq[i], so the kernels need no particular slot order and accept holes. Only the
 slots passed in are visited: the cache passes its used prefix, so the cost follows the tokens held, not
 the capacity.
@@ -25,27 +26,38 @@ sum of the exps at the end (ggml's soft_max sums in double).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
+from gguf import GGMLQuantizationType as T
 from numba import njit, prange
 
-from qcpu.kernels.floats import _halves_to_f32, dot_f32
+from qcpu.cache import from_rows
+from qcpu.kernels import specialise
+from qcpu.kernels.activations import ACTIVATION_ROUNDING
+from qcpu.kernels.cpu import F16C, X86_AVX2
+from qcpu.kernels.floats import dot_f32
+from qcpu.kernels.halves import halves_to_f32
+from qcpu.kernels.legacy import LAYOUTS, _row_dequantize, _row_dot, offset_sums, quantize_q8_0
 
 BLOCK = 256  # keys per decode task: enough tasks for 2..16 threads at 4K+ tokens, little merging
 TILE = 512  # keys per prefill tile: a [256 * group, 512] float32 score tile is a few MB
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, slot_seq: np.ndarray, query_seq: np.ndarray) -> np.ndarray:
-    """Scaled dot-product attention of q float32[n, n_heads, head_dim] over the float16 cache
-    k, v[n_slots, n_kv_heads, head_dim] (slot_seq int64[n_slots], query_seq int64[n]: see the module
-    docstring). Returns float32[n, n_heads, head_dim]. n_heads must be a multiple of n_kv_heads (GQA).
-    A query that sees no slot gets zeros."""
-    scale = np.float32(1.0 / math.sqrt(q.shape[-1]))
-    q = q.astype(np.float16).astype(np.float32)  # llama.cpp converts q to K's type (F16) for K.Q
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, slot_seq: np.ndarray, query_seq: np.ndarray,
+              type_k: T = T.F16, type_v: T = T.F16) -> np.ndarray:
+    """Scaled dot-product attention of q float32[n, n_heads, head_dim] over the cache k, v
+    uint8[n_kv_heads, capacity, row_bytes] of types type_k, type_v (slot_seq int64[n_slots], query_seq
+    int64[n]: see the module docstring). Returns float32[n, n_heads, head_dim]. n_heads must be a multiple
+    of n_kv_heads (GQA). A query that sees no slot gets zeros."""
+    hd = q.shape[-1]
+    scale = np.float32(1.0 / math.sqrt(hd))
     if q.shape[0] == 1:
-        return _decode(q[0], k.view(np.uint16), v.view(np.uint16), slot_seq, int(query_seq[0]), scale)[None]
-    return _prefill(q, k, v, slot_seq, query_seq, scale)
+        return _decode(q[0], k, v, slot_seq, int(query_seq[0]), scale, T(type_k), T(type_v))[None]
+    # llama.cpp converts q to K's vec_dot_type first: F16, or Q8_0 for the quantized caches
+    q = ACTIVATION_ROUNDING[T(type_k)](q.reshape(-1, hd)).reshape(q.shape)
+    return _prefill(q, k, v, slot_seq, query_seq, scale, type_k, type_v)
 
 
 # ---- shared scalar pieces (inlined, so the loops around them vectorize) --------------------------
@@ -90,31 +102,98 @@ def _round_f16(p):
 
 # ---- decode: one query ---------------------------------------------------------------------------
 
-# Only FMA contraction, no re-association: sums keep one order on every CPU.
-@njit(parallel=True, fastmath={"contract"}, cache=True)
-def _decode_scores(q, k_bits, slot_seq, query_seq, scale, scores, block_max):
-    # scores[n_heads, n_slots] = q.k * scale (-inf where hidden); block_max[n_heads, n_blocks]
-    n_heads, hd = q.shape
-    n_slots, n_kv = k_bits.shape[0], k_bits.shape[1]
-    group = n_heads // n_kv
-    n_blocks = block_max.shape[1]
-    for task in prange(n_kv * n_blocks):
-        kvh, b = task // n_blocks, task % n_blocks
-        k_row = np.empty(hd, dtype=np.float32)
-        best = np.full(group, -np.inf, dtype=np.float32)
-        for s in range(b * BLOCK, min(n_slots, (b + 1) * BLOCK)):
-            seq = slot_seq[s]
-            if seq < 0 or seq > query_seq:
+@functools.cache
+def _decode_kernels(type_k: T, type_v: T):
+    """(scores, values) decode kernels for one pair of cache types, jitted once (kernels.specialise).
+
+    scores(q, qq, qd, qc, k, slot_seq, query_seq, scale, scores, block_max): scores[n_heads, n_slots] =
+      q.k * scale (-inf where hidden), block_max[n_heads, n_blocks] their maxima. F16 keys are widened
+      (F16C) once per GQA group and dotted with the fp16-rounded q; quantized keys are dotted as integers
+      with q quantized to Q8_0 (qq, qd; qc: Q4_0's offset sums), llama.cpp's vec_dot_q8_0_q8_0 /
+      vec_dot_q4_0_q8_0.
+    values(probs, v, partial): partial[n_blocks, n_heads, hd] = sum over each block's slots of p * v,
+      with v widened or dequantized one row at a time into float32.
+    """
+    k_f16, v_f16 = type_k == T.F16, type_v == T.F16
+    # the layouts the quantized paths read; unused (but typed) for F16
+    spec_k = (*LAYOUTS[T.Q8_0 if k_f16 else type_k], X86_AVX2, F16C)
+    spec_v = (*LAYOUTS[T.Q8_0 if v_f16 else type_v], X86_AVX2, F16C)
+
+    def scores_kernel(q, qq, qd, qc, k, slot_seq, query_seq, scale, scores, block_max):
+        n_heads, hd = q.shape
+        n_slots, n_kv = scores.shape[1], k.shape[0]
+        group = n_heads // n_kv
+        n_blocks = block_max.shape[1]
+        for task in prange(n_kv * n_blocks):
+            kvh, b = task // n_blocks, task % n_blocks
+            k_row = np.empty(hd, dtype=np.float32)
+            best = np.full(group, -np.inf, dtype=np.float32)
+            for s in range(b * BLOCK, min(n_slots, (b + 1) * BLOCK)):
+                seq = slot_seq[s]
+                if seq < 0 or seq > query_seq:
+                    for g in range(group):
+                        scores[kvh * group + g, s] = -np.inf
+                    continue
+                if k_f16:
+                    halves_to_f32(k[kvh, s].view(np.uint16), k_row)  # once for the whole group
                 for g in range(group):
-                    scores[kvh * group + g, s] = -np.inf
-                continue
-            _halves_to_f32(k_bits[s, kvh], k_row)  # once for the whole group
+                    h = kvh * group + g
+                    if k_f16:
+                        x = dot_f32(q[h], k_row) * scale  # summed in one fixed order on every CPU
+                    else:
+                        x = _row_dot(k[kvh, s], qq[h], qd[h], qd[h], qc[h], spec_k) * scale
+                    scores[h, s] = x
+                    best[g] = max(best[g], x)
             for g in range(group):
-                x = dot_f32(q[kvh * group + g], k_row) * scale
-                scores[kvh * group + g, s] = x
-                best[g] = max(best[g], x)
-        for g in range(group):
-            block_max[kvh * group + g, b] = best[g]
+                block_max[kvh * group + g, b] = best[g]
+
+    def values_kernel(probs, v, partial):
+        n_heads, n_slots = probs.shape
+        n_kv, hd = v.shape[0], partial.shape[2]
+        group = n_heads // n_kv
+        n_blocks = partial.shape[0]
+        for task in prange(n_kv * n_blocks):
+            kvh, b = task // n_blocks, task % n_blocks
+            v_row = np.empty(hd, dtype=np.float32)
+            acc = np.zeros((group, hd), dtype=np.float32)
+            for s in range(b * BLOCK, min(n_slots, (b + 1) * BLOCK)):
+                seen = False
+                for g in range(group):
+                    seen |= probs[kvh * group + g, s] != 0.0
+                if not seen:
+                    continue
+                if v_f16:
+                    halves_to_f32(v[kvh, s].view(np.uint16), v_row)
+                else:
+                    _row_dequantize(v[kvh, s], v_row, spec_v)
+                for g in range(group):
+                    p = probs[kvh * group + g, s]
+                    for d in range(hd):
+                        acc[g, d] += p * v_row[d]
+            for g in range(group):
+                partial[b, kvh * group + g, :] = acc[g]
+
+    # Only FMA contraction, no re-association: sums keep one order on every CPU.
+    name = f"{type_k.name.lower()}_{type_v.name.lower()}"
+    return (specialise(scores_kernel, f"decode_scores_{name}", parallel=True, fastmath={"contract"}),
+            specialise(values_kernel, f"decode_values_{name}", parallel=True, fastmath={"contract"}))
+
+
+@njit(cache=True)
+def _quantize_heads(q, offset):
+    """q float32[n_heads, hd] -> Q8_0 (qq int8[n_heads, hd], qd float32[n_heads, hd/32]) and, for Q4_0 keys,
+    qc = offset_sums(qq, offset) int32[n_heads, hd/4] (legacy.py's dot reads it on AVX2)."""
+    n_heads, hd = q.shape
+    qq = np.empty((n_heads, hd), np.int8)
+    qd = np.empty((n_heads, hd // 32), np.float32)
+    qc = np.zeros((n_heads, hd // 4), np.int32)
+    for h in range(n_heads):
+        a, d = quantize_q8_0(q[h])
+        qq[h] = a
+        qd[h] = d
+        if offset:
+            qc[h] = offset_sums(a, offset)
+    return qq, qd, qc
 
 
 @njit(cache=True, inline="always")
@@ -130,6 +209,26 @@ def _two_to(k):
     return np.uint32((k + 127) << 23).view(np.float32) if k > -127 else np.float32(0.0)
 
 
+@njit(cache=True, inline="always")
+def _exp_round_sum(row, ref):
+    """row[:] = fp16-rounded exp(row - ref) in place; returns the float64 sum of the unrounded exps, in
+    eight fixed lanes (vectorizes without re-association, so the same order on every CPU)."""
+    n = row.shape[0]
+    lanes = np.zeros(8, dtype=np.float64)
+    n8 = n // 8 * 8
+    for s in range(0, n8, 8):
+        for j in range(8):
+            e = _exp(row[s + j] - ref)
+            lanes[j] += e
+            row[s + j] = _round_f16(e)
+    total = lanes.sum()
+    for s in range(n8, n):
+        e = _exp(row[s] - ref)
+        total += e
+        row[s] = _round_f16(e)
+    return total
+
+
 @njit(parallel=True, fastmath={"contract"}, cache=True)
 def _decode_softmax(scores, block_max, total):
     # scores -> fp16-rounded exp(s - m), m = the max rounded up to a multiple of ln 2; total[h] the
@@ -143,60 +242,29 @@ def _decode_softmax(scores, block_max, total):
             scores[h, :] = 0.0
             total[h] = 0.0
             continue
-        m = np.float32(_ln2_steps_above(top)) * _LN2
-        row = scores[h]
-        lanes = np.zeros(8, dtype=np.float64)  # eight fixed lanes: vectorizes without re-association
-        n8 = n_slots // 8 * 8
-        for s in range(0, n8, 8):
-            for j in range(8):
-                e = _exp(row[s + j] - m)
-                lanes[j] += e
-                row[s + j] = _round_f16(e)
-        t = lanes.sum()
-        for s in range(n8, n_slots):
-            e = _exp(row[s] - m)
-            t += e
-            row[s] = _round_f16(e)
-        total[h] = t
+        total[h] = _exp_round_sum(scores[h], np.float32(_ln2_steps_above(top)) * _LN2)
 
 
-@njit(parallel=True, fastmath={"contract"}, cache=True)
-def _decode_values(probs, v_bits, partial):
-    # partial[n_blocks, n_heads, hd] = sum over the block's slots of p * v
-    n_heads, n_slots = probs.shape
-    n_kv, hd = v_bits.shape[1], v_bits.shape[2]
-    group = n_heads // n_kv
-    n_blocks = partial.shape[0]
-    for task in prange(n_kv * n_blocks):
-        kvh, b = task // n_blocks, task % n_blocks
-        v_row = np.empty(hd, dtype=np.float32)
-        acc = np.zeros((group, hd), dtype=np.float32)
-        for s in range(b * BLOCK, min(n_slots, (b + 1) * BLOCK)):
-            seen = False
-            for g in range(group):
-                seen |= probs[kvh * group + g, s] != 0.0
-            if not seen:
-                continue
-            _halves_to_f32(v_bits[s, kvh], v_row)
-            for g in range(group):
-                p = probs[kvh * group + g, s]
-                for d in range(hd):
-                    acc[g, d] += p * v_row[d]
-        for g in range(group):
-            partial[b, kvh * group + g, :] = acc[g]
+_NO_QUANTS = (np.zeros((1, 32), np.int8), np.zeros((1, 1), np.float32), np.zeros((1, 8), np.int32))
 
 
-def _decode(q, k_bits, v_bits, slot_seq, query_seq, scale):
+def _decode(q, k, v, slot_seq, query_seq, scale, type_k, type_v):
     n_heads, hd = q.shape
-    n_slots = k_bits.shape[0]
+    n_slots = len(slot_seq)
     n_blocks = max(1, -(-n_slots // BLOCK))
+    scores_kernel, values_kernel = _decode_kernels(type_k, type_v)
+    if type_k == T.F16:
+        q = q.astype(np.float16).astype(np.float32)  # llama.cpp converts q to K's type for K.Q
+        qq, qd, qc = _NO_QUANTS
+    else:
+        qq, qd, qc = _quantize_heads(q, LAYOUTS[type_k][4])
     scores = np.empty((n_heads, n_slots), dtype=np.float32)
     block_max = np.empty((n_heads, n_blocks), dtype=np.float32)
     total = np.empty(n_heads, dtype=np.float64)
-    _decode_scores(q, k_bits, slot_seq, query_seq, scale, scores, block_max)
+    scores_kernel(q, qq, qd, qc, k, slot_seq, query_seq, scale, scores, block_max)
     _decode_softmax(scores, block_max, total)
     partial = np.empty((n_blocks, n_heads, hd), dtype=np.float32)
-    _decode_values(scores, v_bits, partial)
+    values_kernel(scores, v, partial)
     out = partial.sum(axis=0) if n_blocks > 1 else partial[0]
     return _normalize(out, total)
 
@@ -226,7 +294,7 @@ def _fold_tile(s, row_seq, tile_seq, masked, m, l, alpha):
                 seq = tile_seq[t]
                 if seq < 0 or seq > q_seq:
                     row[t] = -np.inf
-        lanes = np.full(8, -np.inf, dtype=np.float32)
+        lanes = np.full(8, -np.inf, dtype=np.float32)  # eight fixed lanes: vectorizes without NaN flags
         T8 = T // 8 * 8
         for t in range(0, T8, 8):
             for j in range(8):
@@ -239,27 +307,16 @@ def _fold_tile(s, row_seq, tile_seq, masked, m, l, alpha):
             alpha[r] = 1.0
             continue
         k = max(m[r], _ln2_steps_above(top))
-        ref = np.float32(k) * _LN2
-        sums = np.zeros(8, dtype=np.float64)
-        for t in range(0, T8, 8):
-            for j in range(8):
-                e = _exp(row[t + j] - ref)
-                sums[j] += e
-                row[t + j] = _round_f16(e)
-        total = sums.sum()
-        for t in range(T8, T):
-            e = _exp(row[t] - ref)
-            total += e
-            row[t] = _round_f16(e)
+        total = _exp_round_sum(row, np.float32(k) * _LN2)
         a = _two_to(m[r] - k) if m[r] > _NONE else np.float32(0.0)
         alpha[r] = a
         l[r] = l[r] * a + total
         m[r] = k
 
 
-def _prefill(q, k, v, slot_seq, query_seq, scale):
+def _prefill(q, k, v, slot_seq, query_seq, scale, type_k, type_v):
     nq, n_heads, hd = q.shape
-    n_slots, n_kv = k.shape[0], k.shape[1]
+    n_slots, n_kv = len(slot_seq), k.shape[0]
     group = n_heads // n_kv
     out = np.zeros((nq, n_heads, hd), dtype=np.float32)
     row_seq = np.repeat(np.asarray(query_seq, dtype=np.int64), group)  # row i * group + g: query i
@@ -274,16 +331,17 @@ def _prefill(q, k, v, slot_seq, query_seq, scale):
         m[:] = _NONE
         l[:] = 0.0
         for lo in range(0, n_slots, TILE):
-            tile_seq = slot_seq[lo:lo + TILE]
+            tile_seq = slot_seq[lo:min(lo + TILE, n_slots)]
             live = tile_seq >= 0
             if not live.any() or tile_seq[live].min() > q_hi:
                 continue
             masked = bool(not live.all() or tile_seq.max() > q_lo)
-            keys = k[lo:lo + TILE, kvh].astype(np.float32)  # [T, hd]
+            hi = min(lo + TILE, n_slots)
+            keys = from_rows(k[kvh, lo:hi], type_k, hd)  # [T, hd]
             s = qg @ keys.T
             s *= scale
             _fold_tile(s, row_seq, tile_seq, masked, m, l, alpha)
             acc *= alpha[:, None]
-            acc += s @ v[lo:lo + TILE, kvh].astype(np.float32)
+            acc += s @ from_rows(v[kvh, lo:hi], type_v, hd)
         out[:, kvh * group:(kvh + 1) * group] = _normalize(acc, l).reshape(nq, group, hd)
     return out

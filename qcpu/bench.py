@@ -1,11 +1,14 @@
 """`qcpu bench`: prompt processing (pp) and text generation (tg) speed, llama-bench's way.
 
-pp: a prompt of `n_prompt` random tokens prefilled into an empty cache, tokens/s.
-tg: `n_gen` tokens decoded one at a time after a one-token prompt, tokens/s.
+pp: a prompt of `n_prompt` random tokens prefilled after `depth` tokens already in the cache, tokens/s.
+tg: `n_gen` tokens decoded one at a time after `depth` tokens (or a one-token prompt), tokens/s.
+depth: llama-bench's -d; the cache is filled once and rewound to `depth` before each run.
 ttft: launch to first streamed token of `qcpu generate`, in a fresh process (warm Numba cache).
 rss: resident memory of this process after the runs (the model is mapped, so its pages count once read).
-With `compare_llama_cpp`, llama-cpp-python runs the same file, threads and sizes in a child process of the
-same run, so the ratios compare like with like on a noisy shared machine.
+With `compare_llama_cpp`, llama.cpp runs the same file, threads, sizes, depth and cache types in a child
+process of the same run, with flash attention off and on, so the ratios (against the faster of the two)
+compare like with like on a noisy shared machine: a current `llama-bench` when tools/build_llama_cpp.py has
+built one (the newest llama.cpp on PyPI), else llama-cpp-python (the `[llama]` extra).
 """
 
 from __future__ import annotations
@@ -29,37 +32,51 @@ def _rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def bench_qcpu(path: Path, n_prompt: int, n_gen: int, repeats: int, threads: int) -> dict:
+def bench_qcpu(path: Path, n_prompt: int, n_gen: int, repeats: int, threads: int, depth: int = 0,
+               cache_types: tuple[str, str] = ("f16", "f16")) -> dict:
+    """Median pp and tg tokens/s of `repeats` runs after `depth` tokens (see the module docstring), plus
+    memory; cache_types: -ctk/-ctv names. Raises QcpuError when depth + n_prompt + n_gen exceeds the
+    trained context."""
+    from qcpu.cache import cache_type
     from qcpu.model import Qwen2Model
 
     model = Qwen2Model.load(path)
     trained = model.config.context_length
-    if n_prompt + n_gen > trained:  # beyond it the numbers mean nothing, and a huge -p would exhaust memory
-        raise QcpuError(f"--n-prompt {n_prompt} + --n-gen {n_gen} is more than the {trained} tokens of context "
-                        f"{Path(path).name} was trained for")
+    if depth + n_prompt + n_gen > trained:  # beyond it the numbers mean nothing, and huge sizes exhaust memory
+        raise QcpuError(f"--depth {depth} + --n-prompt {n_prompt} + --n-gen {n_gen} is more than the {trained} "
+                        f"tokens of context {Path(path).name} was trained for")
     rng = np.random.default_rng(0)
     vocab = model.config.vocab_size
-    cache = model.new_cache(n_prompt + n_gen + 8)
+    cache = model.new_cache(depth + n_prompt + n_gen + 8, type_k=cache_type(cache_types[0]),
+                            type_v=cache_type(cache_types[1]))
     model.forward(rng.integers(0, vocab, 8), cache)  # warm-up: compile/load kernels, touch pages
     model.forward([1], cache)
+    cache.reset()
+    context = rng.integers(0, vocab, max(depth, 1))
+    for at in range(0, depth, 512):
+        model.forward(context[at:at + 512], cache)
+    base = max(depth, 1)
     pp, tg = [], []
     for _ in range(repeats):
-        cache.reset()
+        cache.truncate(depth)
         tokens = rng.integers(0, vocab, n_prompt)
         t = time.perf_counter()
         model.forward(tokens, cache)
         pp.append(n_prompt / (time.perf_counter() - t))
-        cache.reset()
-        model.forward([int(tokens[0])], cache)
-        token = int(tokens[1 if n_prompt > 1 else 0])
+        cache.truncate(depth)
+        if depth == 0:
+            model.forward(context[:1], cache)
+        token = int(tokens[0])
         t = time.perf_counter()
         for _ in range(n_gen):
             model.forward([token], cache)  # llama-bench's tg: one token fed n_gen times
         tg.append(n_gen / (time.perf_counter() - t))
+        cache.truncate(base)
     weights_bytes = sum(info.nbytes for name, info in model.file.tensors.items() if name != "token_embd.weight")
     return {"pp_tps": statistics.median(pp), "tg_tps": statistics.median(tg), "rss_mb": _rss_mb(),
             "weights_read_per_token_mb": weights_bytes / 2**20, "kv_cache_mb": cache.nbytes / 2**20,
-            "threads": threads, "n_prompt": n_prompt, "n_gen": n_gen, "repeats": repeats}
+            "threads": threads, "n_prompt": n_prompt, "n_gen": n_gen, "depth": depth, "repeats": repeats,
+            "cache_types": list(cache_types)}
 
 
 def time_to_first_token(path: Path, threads: int) -> float:
@@ -76,36 +93,91 @@ def time_to_first_token(path: Path, threads: int) -> float:
 
 _LLAMA_CHILD = r"""
 import json, statistics, sys, time, numpy as np, llama_cpp, psutil
-path, n_prompt, n_gen, repeats, threads = sys.argv[1], *map(int, sys.argv[2:6])
-llm = llama_cpp.Llama(path, n_ctx=n_prompt + n_gen + 8, n_threads=threads, n_threads_batch=threads,
-                      n_batch=n_prompt, n_ubatch=n_prompt, verbose=False)
+path, n_prompt, n_gen, repeats, threads, depth, flash, type_k, type_v = sys.argv[1], *map(int, sys.argv[2:10])
+llm = llama_cpp.Llama(path, n_ctx=depth + n_prompt + n_gen + 8, n_threads=threads, n_threads_batch=threads,
+                      n_batch=512, n_ubatch=512, flash_attn=bool(flash), type_k=type_k, type_v=type_v,
+                      verbose=False)
 rng = np.random.default_rng(0)
 vocab = llm.n_vocab()
 llm.eval(rng.integers(0, vocab, 8).tolist())
+llm.reset()
+context = rng.integers(0, vocab, max(depth, 1)).tolist()
+if depth:
+    llm.eval(context)
 pp, tg = [], []
 for _ in range(repeats):
     tokens = rng.integers(0, vocab, n_prompt).tolist()
-    llm.reset()  # eval() then drops the cache from position 0
+    llm.n_tokens = depth  # eval() drops the cache after n_tokens
     t = time.perf_counter(); llm.eval(tokens); pp.append(n_prompt / (time.perf_counter() - t))
-    llm.reset()
-    llm.eval(tokens[:1])
+    llm.n_tokens = depth
+    if not depth:
+        llm.eval(context[:1])
     t = time.perf_counter()
     for _ in range(n_gen):
-        llm.eval([tokens[1]])  # llama-bench's tg: the same token fed n_gen times, no sampling
+        llm.eval([tokens[0]])  # llama-bench's tg: the same token fed n_gen times, no sampling
     tg.append(n_gen / (time.perf_counter() - t))
 print(json.dumps({"pp_tps": statistics.median(pp), "tg_tps": statistics.median(tg),
-                  "rss_mb": psutil.Process().memory_info().rss / 2**20}))
+                  "rss_mb": psutil.Process().memory_info().rss / 2**20, "flash_attn": bool(flash)}))
 """
 
 
-def bench_llama_cpp(path: Path, n_prompt: int, n_gen: int, repeats: int, threads: int) -> dict:
+def bench_llama_cpp(path: Path, n_prompt: int, n_gen: int, repeats: int, threads: int, depth: int = 0,
+                    flash_attn: bool = False, cache_types: tuple[str, str] = ("f16", "f16")) -> dict:
+    """llama-cpp-python's pp/tg tokens/s (median of `repeats`) and RSS on the same sizes, in a child
+    process. Raises QcpuError when llama-cpp-python is missing or fails."""
+    from qcpu.cache import cache_type
+
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
         raise QcpuError("--compare-llama-cpp needs llama-cpp-python: pip install -e '.[llama]'") from None
     proc = subprocess.run([sys.executable, "-c", _LLAMA_CHILD, str(path), str(n_prompt), str(n_gen),
-                           str(repeats), str(threads)], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+                           str(repeats), str(threads), str(depth), str(int(flash_attn)),
+                           *(str(int(cache_type(t))) for t in cache_types)], capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     if proc.returncode != 0:
         raise QcpuError(f"llama-cpp-python benchmark failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def llama_bench_binary() -> Path | None:
+    """The newest llama-bench that tools/build_llama_cpp.py built into the cache folder, if any."""
+    from qcpu.models import cache_dir
+
+    found = sorted((cache_dir() / "llama.cpp").glob("*/bin/llama-bench"),
+                   key=lambda p: [int(x) if x.isdigit() else 0 for x in p.parent.parent.name.split("-")[0].split(".")])
+    return found[-1] if found else None
+
+
+def run_llama_bench(binary: Path, path: Path, n_prompt: int, n_gen: int, repeats: int, threads: int, depth: int,
+                    flash_attn: bool, cache_types: tuple[str, str]) -> dict:
+    """pp and tg tokens/s (llama-bench's avg_ts) from `binary` on the same sizes. Raises QcpuError if it fails."""
+    cmd = [str(binary), "-m", str(path), "-t", str(threads), "-p", str(n_prompt), "-n", str(n_gen), "-d", str(depth),
+           "-r", str(repeats), "-fa", "1" if flash_attn else "0", "-ctk", cache_types[0], "-ctv", cache_types[1],
+           "-o", "json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise QcpuError(f"llama-bench failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    rows = json.loads(proc.stdout)
+    pp = next(r["avg_ts"] for r in rows if r["n_prompt"] and not r["n_gen"])
+    tg = next(r["avg_ts"] for r in rows if r["n_gen"] and not r["n_prompt"])
+    return {"pp_tps": pp, "tg_tps": tg, "rss_mb": float("nan"), "flash_attn": flash_attn,
+            "build": f"llama-bench {rows[0].get('build_number', '?')}"}
+
+
+def best_of_llama_cpp(path: Path, n_prompt: int, n_gen: int, repeats: int, threads: int, depth: int = 0,
+                      cache_types: tuple[str, str] = ("f16", "f16")) -> dict:
+    """llama.cpp with flash attention off and on: {"fa0": ..., "fa1": ..., "best": {pp_tps, tg_tps}}, the
+    best of each measure being what the ratios are taken against. A quantized V cache needs flash
+    attention in llama.cpp, so only fa1 runs then."""
+    modes = (True,) if cache_types[1] != "f16" else (False, True)
+    binary = llama_bench_binary()
+    if binary is not None:
+        runs = {f"fa{int(fa)}": run_llama_bench(binary, path, n_prompt, n_gen, repeats, threads, depth, fa, cache_types)
+                for fa in modes}
+    else:
+        runs = {f"fa{int(fa)}": bench_llama_cpp(path, n_prompt, n_gen, repeats, threads, depth, fa, cache_types)
+                for fa in modes}
+    best = {key: max(r[key] for r in runs.values()) for key in ("pp_tps", "tg_tps")}
+    best["rss_mb"] = min(r["rss_mb"] for r in runs.values())
+    return {**runs, "best": best}

@@ -2,7 +2,10 @@
 
 Layout: slots [0, n_held) hold the held tokens in stream order, and slot i holds RoPE position i, so
 positions are always contiguous (0..n_held-1) and attention visits exactly the held slots. Keys are
-stored already rotated, as llama.cpp does.
+stored already rotated, as llama.cpp does. Each of k and v is uint8[n_layers, n_kv_heads, capacity,
+row_bytes]: one kv head's rows are contiguous, so attention streams them. A row is one head's
+head_dim values in the cache type (`-ctk`/`-ctv`, llama.cpp's names and block formats): f16 (default),
+q8_0 or q4_0, quantized on write with the reference quantizer (gguf-py's and llama.cpp's `_ref` bytes).
 
 When a batch does not fit, the oldest tokens after the first `keep` (the system prompt) are discarded
 and the survivors move down, their keys re-rotated back by the same number of positions: llama.cpp's
@@ -17,22 +20,69 @@ step to keep positions contiguous.
 from __future__ import annotations
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as T
 
 from qcpu.errors import QcpuError
 from qcpu.rope import Rope, apply_rope
 
+CACHE_TYPES = {"f16": T.F16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}  # -ctk / -ctv values (llama.cpp's names)
+
+
+def cache_type(name: str) -> T:
+    """The GGML type of a -ctk/-ctv name. Raises QcpuError (one line) for another name."""
+    try:
+        return CACHE_TYPES[name.lower()]
+    except (KeyError, AttributeError):
+        raise QcpuError(f"unsupported KV cache type {name!r} (supported: {', '.join(CACHE_TYPES)})") from None
+
+
+def row_bytes(ggml_type: T, head_dim: int) -> int:
+    """Bytes of one head's row of head_dim values. Raises QcpuError when head_dim is not whole blocks."""
+    block, size = GGML_QUANT_SIZES[ggml_type]
+    if head_dim % block:
+        raise QcpuError(f"a {ggml_type.name} KV cache needs head_dim to be a multiple of {block}, not {head_dim}")
+    return head_dim // block * size
+
+
+def to_rows(x: np.ndarray, ggml_type: T) -> np.ndarray:
+    """float32[..., head_dim] -> uint8[..., row_bytes] in the cache type."""
+    if ggml_type == T.F16:
+        return x.astype(np.float16).view(np.uint8)
+    from quant.quantizers import quantize
+
+    flat = quantize(x.reshape(-1, x.shape[-1]), ggml_type)
+    return flat.reshape(*x.shape[:-1], flat.shape[-1])
+
+
+def from_rows(rows: np.ndarray, ggml_type: T, head_dim: int) -> np.ndarray:
+    """uint8[..., row_bytes] in the cache type -> float32[..., head_dim]."""
+    if ggml_type == T.F16:
+        return rows.view(np.float16).astype(np.float32)
+    from qcpu.kernels import dequantize
+
+    flat = dequantize(np.ascontiguousarray(rows.reshape(-1, rows.shape[-1])), ggml_type, head_dim)
+    return flat.reshape(*rows.shape[:-1], head_dim)
+
 
 class KVCache:
-    def __init__(self, n_layers: int, capacity: int, n_kv_heads: int, head_dim: int, rope: Rope, keep: int = 0):
-        """float16 k, v[n_layers, capacity, n_kv_heads, head_dim]; `capacity` in tokens (--ctx); `keep`:
-        tokens at the start never discarded. Raises QcpuError for a capacity below 2."""
+    def __init__(self, n_layers: int, capacity: int, n_kv_heads: int, head_dim: int, rope: Rope, keep: int = 0,
+                 type_k: T = T.F16, type_v: T = T.F16):
+        """k, v uint8[n_layers, n_kv_heads, capacity, row_bytes] (see the module docstring); `capacity` in
+        tokens (--ctx); `keep`: tokens at the start never discarded; type_k/type_v: F16, Q8_0 or Q4_0.
+        Raises QcpuError for a capacity below 2 or an unsupported type."""
         if capacity < 2:
             raise QcpuError(f"context size {capacity} is too small")
+        for t in (type_k, type_v):
+            if t not in CACHE_TYPES.values():
+                raise QcpuError(f"unsupported KV cache type {T(t).name}")
         self.capacity = capacity
         self.rope = rope
         self.keep = keep
-        self.k = np.zeros((n_layers, capacity, n_kv_heads, head_dim), dtype=np.float16)
-        self.v = np.zeros((n_layers, capacity, n_kv_heads, head_dim), dtype=np.float16)
+        self.head_dim = head_dim
+        self.type_k, self.type_v = T(type_k), T(type_v)
+        self.k = np.zeros((n_layers, n_kv_heads, capacity, row_bytes(self.type_k, head_dim)), dtype=np.uint8)
+        self.v = np.zeros((n_layers, n_kv_heads, capacity, row_bytes(self.type_v, head_dim)), dtype=np.uint8)
         self.slot_seq = np.full(capacity, -1, dtype=np.int64)  # stream index of each slot's token; -1 = empty
         self.reset()
 
@@ -77,12 +127,15 @@ class KVCache:
         """Drop the n tokens after the kept prefix; move the rest down n slots, keys re-rotated by -n."""
         start, end = keep + n, self.n_held
         cos, sin = self.rope.shift_cos_sin(np.array([-n]))
+        moved = end - start
+        cos, sin = np.broadcast_to(cos, (moved, cos.shape[1])), np.broadcast_to(sin, (moved, sin.shape[1]))
         try:
             for layer in range(self.k.shape[0]):
-                k = self.k[layer, start:end].astype(np.float32)
-                self.k[layer, keep:end - n] = apply_rope(k, np.broadcast_to(cos, (end - start, cos.shape[1])),
-                                                         np.broadcast_to(sin, (end - start, sin.shape[1])))
-                self.v[layer, keep:end - n] = self.v[layer, start:end]
+                # [n_kv, moved, hd] -> rotate as [moved, n_kv, hd]; quantized keys go through float32 and
+                # back, as llama.cpp's shift does for them
+                k = from_rows(self.k[layer, :, start:end], self.type_k, self.head_dim).transpose(1, 0, 2)
+                self.k[layer, :, keep:end - n] = to_rows(apply_rope(k, cos, sin).transpose(1, 0, 2), self.type_k)
+                self.v[layer, :, keep:end - n] = self.v[layer, :, start:end]
         except BaseException:  # interrupted halfway: only the kept prefix is still whole
             self._drop_from(keep)
             raise
@@ -97,15 +150,15 @@ class KVCache:
         self.n_held = slot
 
     def write(self, layer: int, slots: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
-        """Store k, v float32[n, n_kv_heads, head_dim] (k already rotated) for one layer."""
-        self.k[layer, slots] = k
-        self.v[layer, slots] = v
+        """Store k, v float32[n, n_kv_heads, head_dim] (k already rotated) for one layer, converted to the
+        cache types."""
+        self.k[layer, :, slots] = to_rows(k, self.type_k)
+        self.v[layer, :, slots] = to_rows(v, self.type_v)
 
     def layer(self, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Views of what attention reads for one layer: k, v float16[n_held, n_kv_heads, head_dim] and
-        slot_seq int64[n_held]."""
-        n = self.n_held
-        return self.k[layer, :n], self.v[layer, :n], self.slot_seq[:n]
+        """What attention reads for one layer: k, v uint8[n_kv_heads, capacity, row_bytes] (the whole
+        layer, C-contiguous; only slots [0, n_held) are read) and slot_seq int64[n_held]."""
+        return self.k[layer], self.v[layer], self.slot_seq[:self.n_held]
 
     def truncate(self, n_tokens: int) -> None:
         """Forget every token from stream index n_tokens on (e.g. to re-generate a reply).

@@ -53,7 +53,7 @@ def _set_threads(threads: Optional[int]) -> int:
 
 
 def _load_engine(model: Optional[str], ctx: Optional[int], threads: Optional[int], chat_template: Optional[str] = None,
-                 check_tensors: bool = False, rope=None):
+                 check_tensors: bool = False, rope=None, cache_types: tuple[str, str] = ("f16", "f16")):
     from qcpu.generate import Engine
     from qcpu.models import resolve_model
 
@@ -61,7 +61,18 @@ def _load_engine(model: Optional[str], ctx: Optional[int], threads: Optional[int
     _set_threads(threads)
     path = resolve_model(model, err)
     with err.status(f"loading {path.name}", spinner="dots"):
-        return Engine.load(path, ctx=ctx, chat_template=chat_template, check_tensors=check_tensors, rope=rope)
+        return Engine.load(path, ctx=ctx, chat_template=chat_template, check_tensors=check_tensors, rope=rope,
+                           cache_type_k=cache_types[0], cache_type_v=cache_types[1])
+
+
+def _cache_types(k: str, v: str) -> tuple[str, str]:
+    """-ctk/-ctv values checked (a usage error, exit 2, for an unknown name)."""
+    from qcpu.cache import CACHE_TYPES
+
+    for name, value in (("--cache-type-k", k), ("--cache-type-v", v)):
+        if value.lower() not in CACHE_TYPES:
+            raise typer.BadParameter(f"{name} must be one of {', '.join(CACHE_TYPES)}, got {value!r}")
+    return k.lower(), v.lower()
 
 
 def _rope(scaling: str | None, scale: float | None, orig_ctx: int | None, freq_base: float | None):
@@ -121,6 +132,10 @@ RopeScale = typer.Option(None, "--rope-scale", metavar="N", show_default=False,
 YarnOrigCtx = typer.Option(None, "--yarn-orig-ctx", metavar="N", show_default=False,
                            help="YaRN: the model's original training context (default: the file's, else its "
                                 "trained context).")
+CacheTypeK = typer.Option("f16", "--cache-type-k", "-ctk", metavar="{f16,q8_0,q4_0}",
+                          help="KV cache type for keys (llama.cpp's block formats; q8_0 halves the cache).")
+CacheTypeV = typer.Option("f16", "--cache-type-v", "-ctv", metavar="{f16,q8_0,q4_0}",
+                          help="KV cache type for values.")
 RopeFreqBase = typer.Option(None, "--rope-freq-base", metavar="F", show_default=False,
                             help="RoPE base frequency (default: the file's).")
 
@@ -161,6 +176,7 @@ def generate(
     check_tensors: bool = CheckTensors,
     rope_scaling: Optional[str] = RopeScaling, rope_scale: Optional[float] = RopeScale,
     yarn_orig_ctx: Optional[int] = YarnOrigCtx, rope_freq_base: Optional[float] = RopeFreqBase,
+    cache_type_k: str = CacheTypeK, cache_type_v: str = CacheTypeV,
 ):
     """Render one chat turn through the model's template and stream the reply to stdout."""
     model, message = _model_and(first, second)
@@ -169,7 +185,8 @@ def generate(
     params = _sampling(temp, top_k, top_p, min_p, repeat_penalty, seed)
     _positive("--max-tokens", max_tokens)
     rope = _rope(rope_scaling, rope_scale, yarn_orig_ctx, rope_freq_base)
-    engine = _load_engine(model, ctx, threads, chat_template, check_tensors, rope)
+    engine = _load_engine(model, ctx, threads, chat_template, check_tensors, rope,
+                          _cache_types(cache_type_k, cache_type_v))
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": message}]
     prompt = engine.chat_prompt_tokens(messages)
     _stream_reply(engine, prompt, params, max_tokens, stats)
@@ -187,6 +204,7 @@ def chat(
     check_tensors: bool = CheckTensors,
     rope_scaling: Optional[str] = RopeScaling, rope_scale: Optional[float] = RopeScale,
     yarn_orig_ctx: Optional[int] = YarnOrigCtx, rope_freq_base: Optional[float] = RopeFreqBase,
+    cache_type_k: str = CacheTypeK, cache_type_v: str = CacheTypeV,
 ):
     """Multi-turn chat in the terminal.
 
@@ -208,10 +226,12 @@ def chat(
     _positive("--max-tokens", max_tokens)
     _positive("--ctx", ctx)
     rope = _rope(rope_scaling, rope_scale, yarn_orig_ctx, rope_freq_base)
+    cache_types = _cache_types(cache_type_k, cache_type_v)
     _set_threads(threads)
     path = resolve_model(model, err)
     code = run_chat(path, params=params, max_tokens=max_tokens, system=system, ctx=ctx, chat_template=chat_template,
-                    markdown=markdown, color=not no_color, check_tensors=check_tensors, rope=rope)
+                    markdown=markdown, color=not no_color, check_tensors=check_tensors, rope=rope,
+                    cache_types=cache_types)
     if code:
         raise typer.Exit(code)
 
@@ -307,6 +327,7 @@ def perplexity(
     check_tensors: bool = CheckTensors,
     rope_scaling: Optional[str] = RopeScaling, rope_scale: Optional[float] = RopeScale,
     yarn_orig_ctx: Optional[int] = YarnOrigCtx, rope_freq_base: Optional[float] = RopeFreqBase,
+    cache_type_k: str = CacheTypeK, cache_type_v: str = CacheTypeV,
 ):
     """Perplexity of a text, by llama-perplexity's method."""
     from qcpu.perplexity import perplexity as compute
@@ -316,7 +337,8 @@ def perplexity(
     _positive("--ctx", ctx)
     rope = _rope(rope_scaling, rope_scale, yarn_orig_ctx, rope_freq_base)
     text = read_text_file(file)
-    engine = _load_engine(model, ctx, threads, check_tensors=check_tensors, rope=rope)
+    engine = _load_engine(model, ctx, threads, check_tensors=check_tensors, rope=rope,
+                          cache_types=_cache_types(cache_type_k, cache_type_v))
     result = compute(engine, text, ctx, progress=None if as_json else err)
     if as_json:
         print(json.dumps(result))
@@ -364,46 +386,64 @@ def bench(
     n_prompt: int = typer.Option(512, "--n-prompt", "-p", help="Prompt tokens for pp."),
     n_gen: int = typer.Option(128, "--n-gen", "-g", help="Generated tokens for tg."),
     repeats: int = typer.Option(3, "--repeats", "-r", help="Runs; the median is reported."),
-    compare_llama_cpp: bool = typer.Option(False, "--compare-llama-cpp", help="Run llama-cpp-python too, same run."),
+    depth: int = typer.Option(0, "--depth", "-d", help="Tokens already in the cache when pp and tg are measured "
+                                                       "(llama-bench's -d)."),
+    cache_type_k: str = CacheTypeK, cache_type_v: str = CacheTypeV,
+    compare_llama_cpp: bool = typer.Option(False, "--compare-llama-cpp",
+                                           help="Run llama-cpp-python too, same run and sizes, flash attention off and "
+                                                "on; ratios are against the faster."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ):
     """Prompt-processing and generation speed, time to first token and memory (llama-bench's pp/tg)."""
     import numba
     from rich.table import Table
 
-    from qcpu.bench import bench_llama_cpp, bench_qcpu, time_to_first_token
+    from qcpu.bench import bench_qcpu, best_of_llama_cpp, time_to_first_token
     from qcpu.models import resolve_model
 
     for name, value in (("--n-prompt", n_prompt), ("--n-gen", n_gen), ("--repeats", repeats)):
         _positive(name, value)
+    if depth < 0:
+        raise typer.BadParameter(f"--depth must be 0 or more, got {depth}")
+    cache_types = _cache_types(cache_type_k, cache_type_v)
     if compare_llama_cpp:
         import importlib.util
 
-        if importlib.util.find_spec("llama_cpp") is None:  # say so before the minutes qcpu's side takes
-            _fail("--compare-llama-cpp needs llama-cpp-python: pip install -e \".[llama]\"")
+        from qcpu.bench import llama_bench_binary
+
+        if llama_bench_binary() is None and importlib.util.find_spec("llama_cpp") is None:  # say so before the minutes qcpu's side takes
+            _fail("--compare-llama-cpp needs llama.cpp: python tools/build_llama_cpp.py (llama-bench), or pip install -e \".[llama]\"")
     _set_threads(threads)
     n_threads = numba.get_num_threads()
     path = resolve_model(model, err)
     with err.status("benchmarking qcpu"):
-        ours = bench_qcpu(path, n_prompt, n_gen, repeats, n_threads)
+        ours = bench_qcpu(path, n_prompt, n_gen, repeats, n_threads, depth, cache_types)
         ours["ttft_s"] = time_to_first_token(path, n_threads)
     result = {"qcpu": ours}
     if compare_llama_cpp:
         with err.status("benchmarking llama.cpp"):
-            result["llama_cpp"] = ref = bench_llama_cpp(path, n_prompt, n_gen, repeats, n_threads)
+            result["llama_cpp"] = both = best_of_llama_cpp(path, n_prompt, n_gen, repeats, n_threads, depth,
+                                                           cache_types)
+            ref = both["best"]
         result["ratio"] = {"pp": ours["pp_tps"] / ref["pp_tps"], "tg": ours["tg_tps"] / ref["tg_tps"]}
     if as_json:
         print(json.dumps(result if compare_llama_cpp else ours))
         return
-    table = Table(title=f"{path.name}, {n_threads} threads (median of {repeats})")
+    at = f" @ d{depth}" if depth else ""
+    table = Table(title=f"{path.name}, {n_threads} threads, KV {cache_types[0]}/{cache_types[1]}{at} (median of {repeats})")
     table.add_column("")
-    table.add_column(f"pp{n_prompt} tok/s", justify="right")
-    table.add_column(f"tg{n_gen} tok/s", justify="right")
+    table.add_column(f"pp{n_prompt}{at} tok/s", justify="right")
+    table.add_column(f"tg{n_gen}{at} tok/s", justify="right")
     table.add_column("RSS MB", justify="right")
     table.add_row("qcpu", f"{ours['pp_tps']:.1f}", f"{ours['tg_tps']:.2f}", f"{ours['rss_mb']:.0f}")
     if compare_llama_cpp:
-        table.add_row("llama.cpp", f"{ref['pp_tps']:.1f}", f"{ref['tg_tps']:.2f}", f"{ref['rss_mb']:.0f}")
-        table.add_row("ratio", f"{result['ratio']['pp']:.2f}", f"{result['ratio']['tg']:.2f}", "")
+        for fa in ("fa0", "fa1"):
+            if fa not in both:
+                continue
+            r = both[fa]
+            rss = "" if r["rss_mb"] != r["rss_mb"] else f"{r['rss_mb']:.0f}"  # llama-bench does not say
+            table.add_row(f"llama.cpp {fa}", f"{r['pp_tps']:.1f}", f"{r['tg_tps']:.2f}", rss)
+        table.add_row("ratio to best", f"{result['ratio']['pp']:.2f}", f"{result['ratio']['tg']:.2f}", "")
     Console().print(table)
     gbs = ours["weights_read_per_token_mb"] * ours["tg_tps"] / 1024
     Console().print(f"time to first token {ours['ttft_s']:.2f} s; decode reads {gbs:.1f} GB/s of weights")

@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from qcpu.cache import cache_type
 from qcpu.chat_template import ChatTemplate
 from qcpu.config import RopeOverrides
 from qcpu.errors import QcpuError
@@ -68,15 +69,17 @@ class Engine:
     """Model + tokenizer + chat template + the KV cache, which only this class touches.
 
     The cache holds a stream of tokens (`tokens`: every token fed since the last reset, evicted ones
-    included). Its first `n_kept` tokens (a system prompt) are never evicted; when the ring is full each
-    new token evicts the oldest other one.
+    included). Its first `n_kept` tokens (a system prompt) are never evicted; when the cache is full, half
+    of the others (the oldest) are dropped at once, as llama.cpp's context shift does (cache.py).
     """
 
-    def __init__(self, model: Qwen2Model, tokenizer: Tokenizer, template: ChatTemplate, ctx: int | None = None):
+    def __init__(self, model: Qwen2Model, tokenizer: Tokenizer, template: ChatTemplate, ctx: int | None = None,
+                 cache_type_k: str = "f16", cache_type_v: str = "f16"):
         """`ctx`: KV cache capacity in tokens; None: DEFAULT_CTX or the trained context if smaller. A ctx
         above the trained context needs rope scaling (linear or YaRN, from the file or the command line) and
-        may reach the original context times its factor (config.max_context). Raises QcpuError (one line)
-        for a ctx beyond that, or if it cannot fit memory."""
+        may reach the original context times its factor (config.max_context). cache_type_k/v: -ctk/-ctv
+        (f16, q8_0, q4_0). Raises QcpuError (one line) for a ctx beyond that, an unknown cache type, or a
+        cache that cannot fit memory."""
         self.model, self.tokenizer, self.template = model, tokenizer, template
         cfg = model.config
         if ctx is None:
@@ -89,17 +92,19 @@ class Engine:
         elif ctx > cfg.max_context:
             raise QcpuError(f"--ctx {ctx} is above the {cfg.max_context} tokens the model's rope scaling "
                             f"({model.rope.describe()}) reaches; raise --rope-scale")
+        type_k, type_v = cache_type(cache_type_k), cache_type(cache_type_v)
         # Say so clearly, before allocating, instead of being killed by the OS halfway.
-        check_memory(model.file.size, kv_cache_bytes(model.config, ctx), ctx=ctx)
-        self._cache = model.new_cache(ctx)
+        check_memory(model.file.size, kv_cache_bytes(model.config, ctx, type_k, type_v), ctx=ctx)
+        self._cache = model.new_cache(ctx, type_k=type_k, type_v=type_v)
         self._tokens: list[int] = []  # the token stream the cache has seen (evicted ones included)
 
     @classmethod
     def load(cls, path: str | Path, ctx: int | None = None, chat_template: str | None = None,
-             check_tensors: bool = False, rope: RopeOverrides | None = None) -> Engine:
+             check_tensors: bool = False, rope: RopeOverrides | None = None, cache_type_k: str = "f16",
+             cache_type_v: str = "f16") -> Engine:
         """Open a GGUF file (see __init__ for `ctx`). `check_tensors`: validate every block's scales and
         every float value first (llama.cpp's --check-tensors). `rope`: rope settings over the file's
-        (--rope-scaling, --rope-scale, --yarn-orig-ctx, --rope-freq-base). Raises QcpuError (one line) for a
+        (--rope-scaling, --rope-scale, --yarn-orig-ctx, --rope-freq-base). cache_type_k/v: see __init__. Raises QcpuError (one line) for a
         bad file or setting."""
         model = Qwen2Model.load(path)
         if rope:
@@ -111,7 +116,7 @@ class Engine:
             validate(model)
         meta = model.file.metadata
         tokenizer = Tokenizer.from_metadata(meta)
-        return cls(model, tokenizer, ChatTemplate.from_metadata(meta, chat_template), ctx)
+        return cls(model, tokenizer, ChatTemplate.from_metadata(meta, chat_template), ctx, cache_type_k, cache_type_v)
 
     # -- what the cache holds: the counters a UI shows ----------------------------------------------
     @property
@@ -123,6 +128,16 @@ class Engine:
     def capacity(self) -> int:
         """Tokens the cache can hold (--ctx)."""
         return self._cache.capacity
+
+    @property
+    def cache_types(self) -> tuple[str, str]:
+        """The K and V cache types, by their -ctk/-ctv names."""
+        return self._cache.type_k.name.lower(), self._cache.type_v.name.lower()
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes the KV cache takes (allocated once, at its full capacity)."""
+        return self._cache.nbytes
 
     @property
     def n_held(self) -> int:

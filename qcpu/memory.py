@@ -5,8 +5,8 @@ What a session needs:
   * the model file, memory-mapped: its pages live in the page cache. They are reclaimable, so an
     overshoot here does not kill us, but every token then re-reads the evicted weights from disk
     (seconds per token): we count the whole file;
-  * the KV cache: anonymous memory (2 x layers x ctx x kv_heads x head_dim float16 values) that must
-    stay resident;
+  * the KV cache: anonymous memory (layers x ctx x kv_heads x head_dim keys and as many values, in the
+    cache types: 2 bytes a value in f16, 34/32 in q8_0, 18/32 in q4_0) that must stay resident;
   * the runtime itself: Python, NumPy/Numba, the tokenizer, activations and dequantization tiles
     (~150 MB measured with the default model; `RUNTIME_HEADROOM` allows 256 MiB).
 
@@ -20,10 +20,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gguf import GGMLQuantizationType as T
+
 from qcpu.errors import QcpuError
 
-RUNTIME_HEADROOM = 256 << 20  # bytes: interpreter, libraries, tokenizer, activations, scratch
-KV_BYTES_PER_VALUE = 2  # KVCache stores keys and values as float16
+RUNTIME_HEADROOM = 256 << 20  # bytes: interpreter, libraries, tokenizer, activations, attention's tile
 
 
 @dataclass(frozen=True)
@@ -38,9 +39,14 @@ class MemoryCheck:
         return self.model_bytes + self.kv_cache_bytes + self.headroom_bytes
 
 
-def kv_cache_bytes(config, ctx: int, bytes_per_value: int = KV_BYTES_PER_VALUE) -> int:
-    """Bytes of a KV cache of `ctx` positions for a `ModelConfig` (keys + values, every layer)."""
-    return 2 * config.n_layers * ctx * config.n_kv_heads * config.head_dim * bytes_per_value
+def kv_cache_bytes(config, ctx: int, type_k: int = T.F16, type_v: int = T.F16) -> int:
+    """Bytes of a KV cache of `ctx` positions for a `ModelConfig` (keys + values, every layer) in the
+    cache types (cache.CACHE_TYPES). Raises QcpuError when head_dim is not whole blocks of a type."""
+    from qcpu.cache import row_bytes
+
+    per_position = config.n_layers * config.n_kv_heads * (row_bytes(T(type_k), config.head_dim) +
+                                                           row_bytes(T(type_v), config.head_dim))
+    return ctx * per_position
 
 
 def available_memory() -> int | None:
@@ -99,7 +105,8 @@ def check_memory(model_path_bytes: int, kv_cache_bytes: int, available: int | No
             fitting_ctx = int(room // per_position) // 256 * 256
 
     if fitting_ctx:
-        advice = f"use a smaller --ctx (--ctx {fitting_ctx} would fit) or a smaller quant of the model"
+        advice = (f"use a smaller --ctx (--ctx {fitting_ctx} would fit), a quantized KV cache "
+                  f"(-ctk q8_0 -ctv q8_0 halves it) or a smaller quant of the model")
     elif model_path_bytes + headroom > available:
         advice = ("the model alone does not fit: use a smaller quant (e.g. Q4_K_M instead of Q8_0) or a "
                   "smaller model, or close other programs")

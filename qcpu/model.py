@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from gguf import GGMLQuantizationType as T
 
 from qcpu.attention import attention
 from qcpu.cache import KVCache
@@ -36,9 +37,11 @@ class Qwen2Model:
     def load(cls, path: str | Path) -> "Qwen2Model":
         return cls(GGUFFile(path))
 
-    def new_cache(self, capacity: int, keep: int = 0) -> KVCache:
+    def new_cache(self, capacity: int, keep: int = 0, type_k=None, type_v=None) -> KVCache:
+        """A KV cache of `capacity` tokens; type_k/type_v: GGML types (None: F16)."""
         c = self.config
-        return KVCache(c.n_layers, capacity, c.n_kv_heads, c.head_dim, self.rope, keep=keep)
+        return KVCache(c.n_layers, capacity, c.n_kv_heads, c.head_dim, self.rope, keep=keep,
+                       type_k=type_k or T.F16, type_v=type_v or T.F16)
 
     def forward(self, tokens, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Run tokens[n] after what the cache holds; logits float32[n or 1, vocab] (last position only
@@ -65,7 +68,7 @@ class Qwen2Model:
             v = (lw.wv @ h + lw.bv).reshape(n, c.n_kv_heads, c.head_dim)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             cache.write(layer, slots, k, v)
-            a = attention(q, *cache.layer(layer), seqs)  # [n, n_heads, hd]
+            a = attention(q, *cache.layer(layer), seqs, cache.type_k, cache.type_v)  # [n, n_heads, hd]
             x = x + lw.wo @ a.reshape(n, c.n_heads * c.head_dim)
 
             h = rms_norm(x, lw.ffn_norm, c.rms_eps)

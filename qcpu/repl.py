@@ -430,6 +430,7 @@ class Repl:
             ("model", f"{self.model_label}"),
             ("context", f"{chat.context_used}/{chat.capacity} tokens held · {eng.n_kept} kept (system prompt) · "
                         f"{eng.n_evicted} dropped so far"),
+            ("KV cache", f"K {eng.cache_types[0]} · V {eng.cache_types[1]} · {eng.cache_bytes / 2**20:.0f} MiB"),
             ("last turn", f"prompt {s.prompt_tokens} new tokens in {s.prompt_seconds:.2f}s ({s.prompt_tps:.1f} tok/s) · "
                           f"reply {s.generated_tokens} tokens in {s.generate_seconds:.2f}s ({s.generate_tps:.1f} tok/s) · "
                           f"first token after {s.first_token_seconds:.2f}s · {s.stop_reason or '-'}"),
@@ -484,13 +485,16 @@ def history_path() -> Path:
 
 
 def load_chat(path: Path, *, params, max_tokens: int, system: str | None, ctx: int | None,
-              chat_template: str | None, console: Console | None, check_tensors: bool = False, rope=None) -> Chat:
+              chat_template: str | None, console: Console | None, check_tensors: bool = False, rope=None,
+              cache_types: tuple[str, str] = ("f16", "f16")) -> Chat:
     """Load the model, compile the kernels and read the system prompt into the cache, with a progress bar
     on `console` (None: silently)."""
     from qcpu.generate import Engine
 
     if console is None:
-        chat = Chat(Engine.load(path, ctx=ctx, chat_template=chat_template, check_tensors=check_tensors, rope=rope), params, max_tokens, system)
+        engine = Engine.load(path, ctx=ctx, chat_template=chat_template, check_tensors=check_tensors, rope=rope,
+                             cache_type_k=cache_types[0], cache_type_v=cache_types[1])
+        chat = Chat(engine, params, max_tokens, system)
         chat.refill()
         return chat
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -498,7 +502,8 @@ def load_chat(path: Path, *, params, max_tokens: int, system: str | None, ctx: i
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=True) as progress:
         task = progress.add_task(f"reading {path.name}", total=3)
-        engine = Engine.load(path, ctx=ctx, chat_template=chat_template, check_tensors=check_tensors, rope=rope)
+        engine = Engine.load(path, ctx=ctx, chat_template=chat_template, check_tensors=check_tensors, rope=rope,
+                             cache_type_k=cache_types[0], cache_type_v=cache_types[1])
         chat = Chat(engine, params, max_tokens, system)
         progress.update(task, advance=1, description="compiling kernels")
 
@@ -514,7 +519,8 @@ def load_chat(path: Path, *, params, max_tokens: int, system: str | None, ctx: i
 
 
 def run_chat(path: Path, *, params, max_tokens: int, system: str | None, ctx: int | None, chat_template: str | None = None,
-             markdown: bool = False, color: bool = True, check_tensors: bool = False, rope=None) -> int:
+             markdown: bool = False, color: bool = True, check_tensors: bool = False, rope=None,
+             cache_types: tuple[str, str] = ("f16", "f16")) -> int:
     """Run `qcpu chat` until the user leaves; the exit status. Raises QcpuError if it cannot start."""
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     if os.environ.get("NO_COLOR"):
@@ -522,7 +528,8 @@ def run_chat(path: Path, *, params, max_tokens: int, system: str | None, ctx: in
     status_console = Console(stderr=True, highlight=False, color_system="auto" if color else None) if interactive else None
     t0 = time.perf_counter()
     chat = load_chat(path, params=params, max_tokens=max_tokens, system=system, ctx=ctx,
-                     chat_template=chat_template, console=status_console, check_tensors=check_tensors, rope=rope)
+                     chat_template=chat_template, console=status_console, check_tensors=check_tensors, rope=rope,
+                     cache_types=cache_types)
     cfg = chat.engine.model.config
     label = f"{cfg.name} · {quant_name(chat.engine)}"
     repl = Repl(chat, interactive=interactive, markdown=markdown, color=color,

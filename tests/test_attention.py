@@ -3,8 +3,19 @@ cache with holes, slots in any order and queries that see nothing."""
 
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType as T
 
 from qcpu import attention as att
+from qcpu.cache import to_rows
+
+
+def as_cache(x, ggml_type=T.F16):
+    """[n_slots, n_kv, hd] float -> the cache's layout uint8[n_kv, n_slots, row_bytes] in ggml_type."""
+    return np.ascontiguousarray(to_rows(np.asarray(x, dtype=np.float32).transpose(1, 0, 2), ggml_type))
+
+
+def attend(q, k, v, seq, query_seq, type_k=T.F16, type_v=T.F16):
+    return att.attention(q, as_cache(k, type_k), as_cache(v, type_v), seq, query_seq, type_k, type_v)
 
 
 def reference(q, k, v, slot_seq, query_seq):
@@ -43,7 +54,7 @@ def test_attention_matches_float64(n_slots, nq, n_heads, n_kv, hd):
     k, v, seq = cache_with_holes(rng, n_slots, n_kv, hd)
     query_seq = np.sort(rng.choice(np.arange(n_slots // 2, n_slots + 40), nq, replace=False)).astype(np.int64)
     q = (rng.standard_normal((nq, n_heads, hd)) * 2).astype(np.float32)
-    ours = att.attention(q, k, v, seq, query_seq)
+    ours = attend(q, k, v, seq, query_seq)
     # q rounded to fp16 as the kernels (and llama.cpp) do; probabilities to fp16: ~1e-3 relative at most
     ref = reference(q.astype(np.float16).astype(np.float32), k, v, seq, query_seq)
     assert ours.shape == ref.shape and ours.dtype == np.float32
@@ -56,11 +67,11 @@ def test_a_query_that_sees_nothing_gets_zeros_and_the_others_are_unaffected():
     seq = np.arange(10, 60, dtype=np.int64)
     q = rng.standard_normal((3, 4, 16)).astype(np.float32)
     query_seq = np.array([5, 30, 59])  # the first is older than every cached token
-    out = att.attention(q, k, v, seq, query_seq)
+    out = attend(q, k, v, seq, query_seq)
     assert not out[0].any()
     ref = reference(q.astype(np.float16).astype(np.float32), k, v, seq, query_seq)
     assert np.abs(out - ref).max() < 2e-3 * np.abs(ref).max()
-    one = att.attention(q[:1], k, v, seq, query_seq[:1])  # decode path too
+    one = attend(q[:1], k, v, seq, query_seq[:1])  # decode path too
     assert not one.any()
 
 
@@ -70,8 +81,8 @@ def test_decode_and_prefill_agree_on_the_same_query():
     k, v, seq = cache_with_holes(rng, 1500, 2, 64)
     q = rng.standard_normal((2, 14, 64)).astype(np.float32)
     query_seq = np.array([seq.max() - 1, seq.max()])
-    both = att.attention(q, k, v, seq, query_seq)
-    alone = att.attention(q[1:], k, v, seq, query_seq[1:])
+    both = attend(q, k, v, seq, query_seq)
+    alone = attend(q[1:], k, v, seq, query_seq[1:])
     assert np.abs(both[1] - alone[0]).max() < 1e-3 * np.abs(alone).max()
 
 
@@ -84,3 +95,30 @@ def test_exp_and_fp16_rounding_helpers():
     p = np.concatenate([np.random.default_rng(3).random(20000), np.geomspace(1e-9, 1, 20000)]).astype(np.float32)
     rounded = np.array([att._round_f16(t) for t in p], dtype=np.float32)
     assert (rounded == p.astype(np.float16).astype(np.float32)).mean() > 0.9999  # ties may differ
+
+
+def rounded_like_the_kernels(q, type_k):
+    """q as the kernels see it: fp16 for F16 keys, Q8_0 (llama.cpp's vec_dot_type) for quantized ones."""
+    from qcpu.kernels.activations import ACTIVATION_ROUNDING
+
+    return ACTIVATION_ROUNDING[type_k](q.reshape(-1, q.shape[-1])).reshape(q.shape)
+
+
+@pytest.mark.parametrize("type_k,type_v", [(T.Q8_0, T.Q8_0), (T.Q4_0, T.Q4_0), (T.Q8_0, T.F16), (T.F16, T.Q4_0)])
+@pytest.mark.parametrize("nq", [1, 40])
+def test_quantized_caches_match_float64_over_their_dequantized_values(type_k, type_v, nq):
+    """Quantized keys are dotted as integers with q quantized to Q8_0, values dequantized: against float64
+    over the very values the blocks hold, only the sums' rounding differs."""
+    from qcpu.cache import from_rows
+
+    rng = np.random.default_rng(7)
+    n_slots, n_kv, hd = att.BLOCK + att.TILE + 33, 2, 64
+    k, v, seq = cache_with_holes(rng, n_slots, n_kv, hd)
+    query_seq = np.sort(rng.choice(np.arange(n_slots // 2, n_slots + 40), nq, replace=False)).astype(np.int64)
+    q = (rng.standard_normal((nq, 14, hd)) * 2).astype(np.float32)
+    kc, vc = as_cache(k, type_k), as_cache(v, type_v)
+    ours = att.attention(q, kc, vc, seq, query_seq, type_k, type_v)
+    held_k = from_rows(kc, type_k, hd).transpose(1, 0, 2)
+    held_v = from_rows(vc, type_v, hd).transpose(1, 0, 2)
+    ref = reference(rounded_like_the_kernels(q, type_k), held_k, held_v, seq, query_seq)
+    assert np.abs(ours - ref).max() < 2e-3 * np.abs(ref).max()

@@ -29,3 +29,10 @@ def test_beyond_the_trained_context_is_one_line(tiny_path, n_prompt, n_gen):
 
 def test_the_whole_trained_context_runs(tiny_path):
     assert bench_qcpu(tiny_path, n_prompt=250, n_gen=6, repeats=1, threads=1)["n_prompt"] == 250
+
+
+def test_depth_runs_after_that_many_tokens_and_counts_in_the_context(tiny_path):
+    result = bench_qcpu(tiny_path, n_prompt=8, n_gen=4, repeats=2, threads=1, depth=200)
+    assert result["depth"] == 200 and result["pp_tps"] > 0 and result["tg_tps"] > 0
+    with pytest.raises(QcpuError, match="--depth 250"):
+        bench_qcpu(tiny_path, n_prompt=8, n_gen=4, repeats=1, threads=1, depth=250)

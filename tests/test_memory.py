@@ -31,6 +31,18 @@ def test_kv_cache_bytes_matches_the_cache():
     assert kv_cache_bytes(QWEN05, 32768) == 384 * MiB
 
 
+@pytest.mark.parametrize("type_k,type_v,per_value", [("q8_0", "q8_0", 34 / 32), ("q4_0", "q4_0", 18 / 32),
+                                                     ("q8_0", "f16", (34 / 32 + 2) / 2)])
+def test_kv_cache_bytes_of_quantized_caches_match_the_cache(type_k, type_v, per_value):
+    from qcpu.cache import KVCache, cache_type
+    from qcpu.rope import Rope
+
+    tk, tv = cache_type(type_k), cache_type(type_v)
+    cache = KVCache(QWEN05.n_layers, 1024, QWEN05.n_kv_heads, QWEN05.head_dim, Rope.from_config(QWEN05),
+                    type_k=tk, type_v=tv)
+    assert kv_cache_bytes(QWEN05, 1024, tk, tv) == cache.nbytes == int(12 * MiB * per_value / 2)
+
+
 def test_fits():
     kv = kv_cache_bytes(QWEN05, 4096)
     check = check_memory(MODEL_BYTES, kv, available=2 * GiB)
