@@ -211,21 +211,24 @@ def _two_to(k):
 
 @njit(cache=True, inline="always")
 def _exp_round_sum(row, ref):
-    """row[:] = fp16-rounded exp(row - ref) in place; returns the float64 sum of the unrounded exps, in
-    eight fixed lanes (vectorizes without re-association, so the same order on every CPU)."""
+    """row[:] = fp16-rounded exp(row - ref) in place; returns the float64 sum of the unrounded exps. Three
+    plain loops so each vectorizes: the exps, the sum in four fixed lanes (independent scalars: no
+    re-association, the same order on every CPU), the rounding."""
     n = row.shape[0]
-    lanes = np.zeros(8, dtype=np.float64)
-    n8 = n // 8 * 8
-    for s in range(0, n8, 8):
-        for j in range(8):
-            e = _exp(row[s + j] - ref)
-            lanes[j] += e
-            row[s + j] = _round_f16(e)
-    total = lanes.sum()
-    for s in range(n8, n):
-        e = _exp(row[s] - ref)
-        total += e
-        row[s] = _round_f16(e)
+    for s in range(n):
+        row[s] = _exp(row[s] - ref)
+    a0 = a1 = a2 = a3 = 0.0
+    n4 = n // 4 * 4
+    for s in range(0, n4, 4):
+        a0 += row[s]
+        a1 += row[s + 1]
+        a2 += row[s + 2]
+        a3 += row[s + 3]
+    total = (a0 + a2) + (a1 + a3)
+    for s in range(n4, n):
+        total += row[s]
+    for s in range(n):
+        row[s] = _round_f16(row[s])
     return total
 
 
