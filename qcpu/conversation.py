@@ -4,7 +4,7 @@ engine's KV cache through the engine's API only (`sync`, `feed`, `reset` and its
 A turn renders the whole conversation through the chat template; the engine feeds only what its cache
 lacks, so earlier turns are never processed twice. /undo, /retry and /reset are changes of the message
 list followed by a sync; /load and /system re-fill. When the conversation outgrows the context, the
-engine's ring keeps the system prompt (the kept prefix) and drops the oldest tokens. Saved as versioned
+engine's cache keeps the system prompt (the kept prefix) and drops the oldest tokens. Saved as versioned
 JSON. No terminal code here: `repl.py` draws, this module decides.
 """
 
@@ -102,7 +102,7 @@ class Chat:
 
     def prefix_tokens(self, system: str | None | bool = False) -> list[int]:
         """Tokens of the preamble every rendering starts with (the system prompt, given or the template's
-        default): what the ring cache keeps when it evicts. `system` (default: the current one) asks for
+        default): what the cache keeps when it drops tokens. `system` (default: the current one) asks for
         another system prompt's preamble."""
         system = self.system if system is False else (system or None)
         if self._prefix_cache and self._prefix_cache[0] == system:
@@ -181,7 +181,7 @@ class Chat:
 
     def _rewind(self) -> None:
         """After messages were removed: cut the cache back to what it shares with the conversation. What
-        it then lacks (all of it, if the ring had dropped what was needed) is fed with the next turn."""
+        it then lacks (all of it, if the cache had dropped what was needed) is fed with the next turn."""
         eng = self.engine
         eng.sync(self.held_target(self.messages), keep=len(self.prefix_tokens()), need_logits=False)
         if eng.n_seen == 0:  # rebuilt: the next turn feeds the conversation from the start

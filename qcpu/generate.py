@@ -1,6 +1,6 @@
 """The engine: the one owner of the KV cache, and the generation loop over it.
 
-`Engine` ties model, tokenizer, chat template and one ring KV cache together (llama-server's slot: one
+`Engine` ties model, tokenizer, chat template and one KV cache together (llama-server's slot: one
 conversation's cached tokens). Nothing else reads or writes the cache: callers say which tokens the cache
 should hold (`sync`, modelled on llama-server's prompt cache and MLX-LM's `trim_prompt_cache`), feed more
 (`feed`), rewind (`rewind`), and read the counters a UI shows (`n_held`, `capacity`, `n_kept`,
@@ -27,7 +27,7 @@ from qcpu.sampling import SamplingParams, make_sampler
 from qcpu.tokenizer import StreamDecoder, Tokenizer
 
 DEFAULT_CTX = 4096  # tokens of KV cache when the user names none (capped to the trained context)
-PREFILL_CHUNK = 256  # tokens per prefill pass: large enough for BLAS, small enough for the ring
+PREFILL_CHUNK = 256  # tokens per prefill pass: large enough for BLAS, small enough for the cache
 
 
 def common_prefix(a: Sequence, b: Sequence) -> int:
@@ -151,7 +151,7 @@ class Engine:
 
     @property
     def n_evicted(self) -> int:
-        """Tokens dropped by the ring since the last reset."""
+        """Tokens dropped by context shifts since the last reset."""
         return self._cache.n_evicted
 
     @property
@@ -179,12 +179,12 @@ class Engine:
         self._tokens = []
 
     def can_rewind(self, n: int) -> bool:
-        """Whether `rewind(n)` is possible: the ring has not evicted any token at or after index n."""
+        """Whether `rewind(n)` is possible: the cache has not dropped any token at or after index n."""
         return n >= self.n_seen or not self.n_evicted or n >= self.oldest_held
 
     def rewind(self, n: int) -> None:
         """Forget every token from stream index `n` on (MLX-LM's trim_prompt_cache). Raises QcpuError
-        when the ring has already evicted tokens from there on (see `can_rewind`)."""
+        when the cache has already dropped tokens from there on (see `can_rewind`)."""
         if not self.can_rewind(n):
             raise QcpuError(f"cannot rewind to token {n}: the context has already dropped tokens after it")
         if n < self.n_seen:
@@ -195,7 +195,7 @@ class Engine:
         """Make the cache hold the longest usable prefix of `tokens`; return the rest, still to feed.
 
         Like llama-server's per-slot prompt cache: the common prefix of `tokens` and the cached stream is
-        kept, the cache rewound after it. When the ring has evicted tokens past the divergence, the cache
+        kept, the cache rewound after it. When the cache has dropped tokens past the divergence, the cache
         is kept if the tokens it holds spell the same text as `tokens` there (a reply re-tokenized
         differently), and only the text after it is fed; otherwise it is rebuilt from an empty cache with
         `keep` kept tokens (`keep` None: as now). With `need_logits`, at least one token is left to feed, so
@@ -215,7 +215,7 @@ class Engine:
         if self.can_rewind(common):
             self.rewind(common)
             return tokens[common:]
-        # The ring evicted tokens after the divergence: keep what is held if it is the same text.
+        # The cache dropped tokens after the divergence: keep what is held if it is the same text.
         held_text = self.tokenizer.decode_bytes(held[common:])
         want_text = self.tokenizer.decode_bytes(tokens[common:])
         if want_text.startswith(held_text) and (len(want_text) > len(held_text) or not need_logits):
