@@ -122,7 +122,7 @@ def _topk(logits: np.ndarray, k: int = TOP_K) -> dict:
     return {"ids": [int(i) for i in order], "logits": [round(float(logits[i]), DECIMALS) for i in order]}
 
 
-def greedy_run(llm, n_vocab: int, prompt_ids: list[int]) -> dict:
+def greedy_run(llm, n_vocab: int, prompt_ids: list[int], max_new_tokens: int = MAX_NEW_TOKENS) -> dict:
     """llama.cpp's greedy continuation; per generated position (teacher-forced on its own tokens, as
     greedy decoding is) the top-K logits, the top1-top2 margin and the mean over the full vocabulary."""
     llm.reset()  # n_tokens = 0; eval() then removes every KV cell from position 0 on
@@ -131,7 +131,7 @@ def greedy_run(llm, n_vocab: int, prompt_ids: list[int]) -> dict:
     gen: list[int] = []
     steps: list[dict] = []
     raw: list[np.ndarray] = []  # full logits, only to check determinism
-    while len(gen) < MAX_NEW_TOKENS:
+    while len(gen) < max_new_tokens:
         tok = int(np.argmax(logits))
         two = np.partition(logits, -2)[-2:]
         steps.append({**_topk(logits), "margin": round(float(two.max() - two.min()), 6),

@@ -43,9 +43,10 @@ from record_llama_goldens import (
     DEFAULT_MODEL,
     EOT_IDS,
     N_THREADS,
+    TOP_K,
     _compact,
-    _last_logits,
     common_info,
+    greedy_run,
     render_chatml,
     sha256_file,
 )
@@ -272,8 +273,6 @@ def record_tables(model_path: Path, yarn_path: Path, tiny_path: Path, info: dict
 
 GREEDY_N_CTX = 1024
 MAX_NEW_TOKENS = 32
-TOP_K = 64
-DECIMALS = 4
 PROMPTS = [
     {"name": "coding", "messages": [{"role": "user", "content": "Write a Python function that reverses a string."}]},
     {"name": "factual", "messages": [{"role": "user", "content": "What is the boiling point of water at sea level?"}]},
@@ -292,24 +291,8 @@ def _llm(path: Path, **overrides):
 
 
 def _greedy(llm, n_vocab: int, prompt_ids: list[int]) -> tuple[list[int], list[dict], list[np.ndarray]]:
-    llm.reset()
-    llm.eval(prompt_ids)
-    logits = _last_logits(llm, n_vocab)
-    gen, steps, raw = [], [], []
-    while len(gen) < MAX_NEW_TOKENS:
-        tok = int(np.argmax(logits))
-        order = np.argsort(-logits, kind="stable")[:TOP_K]
-        two = np.partition(logits, -2)[-2:]
-        steps.append({"ids": [int(i) for i in order], "logits": [round(float(logits[i]), DECIMALS) for i in order],
-                      "margin": round(float(two.max() - two.min()), 6),
-                      "mean": round(float(logits.astype(np.float64).mean()), 6)})
-        raw.append(logits)
-        gen.append(tok)
-        if tok in EOT_IDS:
-            break
-        llm.eval([tok])
-        logits = _last_logits(llm, n_vocab)
-    return gen, steps, raw
+    run = greedy_run(llm, n_vocab, prompt_ids, MAX_NEW_TOKENS)
+    return run["gen"], run["steps"], run["raw"]
 
 
 def record_greedy(model_path: Path, yarn_path: Path, info: dict) -> dict:
