@@ -33,7 +33,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from numba import njit, prange
 
-from qcpu.cache import from_rows
+from qcpu.cache import from_rows, rotate, rotation
 from qcpu.kernels import specialise
 from qcpu.kernels.activations import ACTIVATION_ROUNDING
 from qcpu.kernels.cpu import F16C, X86_AVX2
@@ -50,14 +50,21 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, slot_seq: np.ndarray,
     """Scaled dot-product attention of q float32[n, n_heads, head_dim] over the cache k, v
     uint8[n_kv_heads, capacity, row_bytes] of types type_k, type_v (slot_seq int64[n_slots], query_seq
     int64[n]: see the module docstring). Returns float32[n, n_heads, head_dim]. n_heads must be a multiple
-    of n_kv_heads (GQA). A query that sees no slot gets zeros."""
+    of n_kv_heads (GQA). A query that sees no slot gets zeros. Quantized rows are read as cache.py stores
+    them: Hadamard-rotated (llama.cpp's attention rotation, `cache.rotation`)."""
     hd = q.shape[-1]
     scale = np.float32(1.0 / math.sqrt(hd))
+    type_k, type_v = T(type_k), T(type_v)
+    # quantized rows are stored Hadamard-rotated (cache.py): q.(Hk) needs Hq, and sum p (Hv) = H (sum p v)
+    rot_k, rot_v = rotation(type_k, hd, keys=True), rotation(type_v, hd, keys=False)
+    q = rotate(q, rot_k)
     if q.shape[0] == 1:
-        return _decode(q[0], k, v, slot_seq, int(query_seq[0]), scale, T(type_k), T(type_v))[None]
-    # llama.cpp converts q to K's vec_dot_type first: F16, or Q8_0 for the quantized caches
-    q = ACTIVATION_ROUNDING[T(type_k)](q.reshape(-1, hd)).reshape(q.shape)
-    return _prefill(q, k, v, slot_seq, query_seq, scale, type_k, type_v)
+        out = _decode(q[0], k, v, slot_seq, int(query_seq[0]), scale, type_k, type_v)[None]
+    else:
+        # llama.cpp converts q to K's vec_dot_type first: F16, or Q8_0 for the quantized caches
+        q = ACTIVATION_ROUNDING[type_k](q.reshape(-1, hd)).reshape(q.shape)
+        out = _prefill(q, k, v, slot_seq, query_seq, scale, type_k, type_v)
+    return rotate(out, rot_v)
 
 
 # ---- shared scalar pieces (inlined, so the loops around them vectorize) --------------------------

@@ -6,6 +6,10 @@ stored already rotated, as llama.cpp does. Each of k and v is uint8[n_layers, n_
 row_bytes]: one kv head's rows are contiguous, so attention streams them. A row is one head's
 head_dim values in the cache type (`-ctk`/`-ctv`, llama.cpp's names and block formats): f16 (default),
 q8_0 or q4_0, quantized on write with the reference quantizer (gguf-py's and llama.cpp's `_ref` bytes).
+Quantized rows hold the head rotated by a Walsh-Hadamard matrix first (`rotation`, llama.cpp's attention
+rotation): an orthogonal map spreads the few huge channels of Qwen2's keys over the whole block, so one
+block scale no longer crushes the small ones. Attention rotates q the same way (q.k is unchanged) and
+rotates its output back for values.
 
 When a batch does not fit, the oldest tokens after the first `keep` (the system prompt) are discarded
 and the survivors move down, their keys re-rotated back by the same number of positions: llama.cpp's
@@ -18,6 +22,8 @@ step to keep positions contiguous.
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES
@@ -43,6 +49,39 @@ def row_bytes(ggml_type: T, head_dim: int) -> int:
     if head_dim % block:
         raise QcpuError(f"a {ggml_type.name} KV cache needs head_dim to be a multiple of {block}, not {head_dim}")
     return head_dim // block * size
+
+
+@functools.cache
+def hadamard(n: int) -> np.ndarray:
+    """The orthonormal Walsh-Hadamard matrix float32[n, n], n a power of two: Sylvester's order
+    (H_2s = [[H_s, H_s], [H_s, -H_s]]), entries +-1/sqrt(n), symmetric, H @ H = I; llama.cpp's
+    ggml_gen_hadamard (llama-kv-cache.cpp). Read-only."""
+    h = np.array([[np.float32(1.0) / np.sqrt(np.float32(n))]], dtype=np.float32)  # 1.0 / sqrtf(n)
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    h.setflags(write=False)
+    return h
+
+
+def rotation(ggml_type: T, head_dim: int, keys: bool) -> int:
+    """The size n of the Hadamard blocks a cache row of this type is rotated by, 0 for none: none for F16;
+    for quantized keys 64 doubled while it divides head_dim, for quantized values 64; none unless head_dim
+    is a multiple of 64 (llama_kv_cache's n_rot_k / n_rot_v)."""
+    if ggml_type == T.F16 or head_dim % 64:
+        return 0
+    n = 64
+    while keys and head_dim % (2 * n) == 0:
+        n *= 2
+    return n
+
+
+def rotate(x: np.ndarray, n: int) -> np.ndarray:
+    """x float32[..., head_dim] with each run of n values multiplied by hadamard(n) (its own inverse); x
+    itself for n == 0."""
+    if not n:
+        return x
+    shape = x.shape
+    return (np.ascontiguousarray(x, dtype=np.float32).reshape(-1, n) @ hadamard(n)).reshape(shape)
 
 
 def to_rows(x: np.ndarray, ggml_type: T) -> np.ndarray:
@@ -81,6 +120,7 @@ class KVCache:
         self.keep = keep
         self.head_dim = head_dim
         self.type_k, self.type_v = T(type_k), T(type_v)
+        self.rot_k, self.rot_v = rotation(self.type_k, head_dim, True), rotation(self.type_v, head_dim, False)
         self.k = np.zeros((n_layers, n_kv_heads, capacity, row_bytes(self.type_k, head_dim)), dtype=np.uint8)
         self.v = np.zeros((n_layers, n_kv_heads, capacity, row_bytes(self.type_v, head_dim)), dtype=np.uint8)
         self.slot_seq = np.full(capacity, -1, dtype=np.int64)  # stream index of each slot's token; -1 = empty
@@ -132,9 +172,10 @@ class KVCache:
         try:
             for layer in range(self.k.shape[0]):
                 # [n_kv, moved, hd] -> rotate as [moved, n_kv, hd]; quantized keys go through float32 and
-                # back, as llama.cpp's shift does for them
+                # back (and out of their Hadamard rotation and into it), as llama.cpp's shift does for them
                 k = from_rows(self.k[layer, :, start:end], self.type_k, self.head_dim).transpose(1, 0, 2)
-                self.k[layer, :, keep:end - n] = to_rows(apply_rope(k, cos, sin).transpose(1, 0, 2), self.type_k)
+                k = rotate(apply_rope(rotate(k, self.rot_k), cos, sin), self.rot_k)
+                self.k[layer, :, keep:end - n] = to_rows(k.transpose(1, 0, 2), self.type_k)
                 self.v[layer, :, keep:end - n] = self.v[layer, :, start:end]
         except BaseException:  # interrupted halfway: only the kept prefix is still whole
             self._drop_from(keep)
@@ -150,10 +191,10 @@ class KVCache:
         self.n_held = slot
 
     def write(self, layer: int, slots: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
-        """Store k, v float32[n, n_kv_heads, head_dim] (k already rotated) for one layer, converted to the
-        cache types."""
-        self.k[layer, :, slots] = to_rows(k, self.type_k)
-        self.v[layer, :, slots] = to_rows(v, self.type_v)
+        """Store k, v float32[n, n_kv_heads, head_dim] (k already RoPE-rotated) for one layer, converted to
+        the cache types (quantized rows Hadamard-rotated first, `rotation`)."""
+        self.k[layer, :, slots] = to_rows(rotate(k, self.rot_k), self.type_k)
+        self.v[layer, :, slots] = to_rows(rotate(v, self.rot_v), self.type_v)
 
     def layer(self, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """What attention reads for one layer: k, v uint8[n_kv_heads, capacity, row_bytes] (the whole

@@ -6,16 +6,18 @@ import pytest
 from gguf import GGMLQuantizationType as T
 
 from qcpu import attention as att
-from qcpu.cache import to_rows
+from qcpu.cache import rotate, rotation, to_rows
 
 
-def as_cache(x, ggml_type=T.F16):
-    """[n_slots, n_kv, hd] float -> the cache's layout uint8[n_kv, n_slots, row_bytes] in ggml_type."""
-    return np.ascontiguousarray(to_rows(np.asarray(x, dtype=np.float32).transpose(1, 0, 2), ggml_type))
+def as_cache(x, ggml_type=T.F16, keys=True):
+    """[n_slots, n_kv, hd] float -> the cache's layout uint8[n_kv, n_slots, row_bytes] in ggml_type, rows
+    Hadamard-rotated first where KVCache.write rotates them."""
+    x = rotate(np.asarray(x, dtype=np.float32), rotation(ggml_type, x.shape[-1], keys))
+    return np.ascontiguousarray(to_rows(x.transpose(1, 0, 2), ggml_type))
 
 
 def attend(q, k, v, seq, query_seq, type_k=T.F16, type_v=T.F16):
-    return att.attention(q, as_cache(k, type_k), as_cache(v, type_v), seq, query_seq, type_k, type_v)
+    return att.attention(q, as_cache(k, type_k), as_cache(v, type_v, keys=False), seq, query_seq, type_k, type_v)
 
 
 def reference(q, k, v, slot_seq, query_seq):
@@ -116,9 +118,36 @@ def test_quantized_caches_match_float64_over_their_dequantized_values(type_k, ty
     k, v, seq = cache_with_holes(rng, n_slots, n_kv, hd)
     query_seq = np.sort(rng.choice(np.arange(n_slots // 2, n_slots + 40), nq, replace=False)).astype(np.int64)
     q = (rng.standard_normal((nq, 14, hd)) * 2).astype(np.float32)
-    kc, vc = as_cache(k, type_k), as_cache(v, type_v)
+    kc, vc = as_cache(k, type_k), as_cache(v, type_v, keys=False)
     ours = att.attention(q, kc, vc, seq, query_seq, type_k, type_v)
-    held_k = from_rows(kc, type_k, hd).transpose(1, 0, 2)
-    held_v = from_rows(vc, type_v, hd).transpose(1, 0, 2)
-    ref = reference(rounded_like_the_kernels(q, type_k), held_k, held_v, seq, query_seq)
+    # what the blocks hold, rotated back (the Hadamard matrix is its own inverse); the kernels round the
+    # rotated q, so the reference sees that rounding rotated back too
+    rot_k, rot_v = rotation(type_k, hd, True), rotation(type_v, hd, False)
+    held_k = rotate(from_rows(kc, type_k, hd), rot_k).transpose(1, 0, 2)
+    held_v = rotate(from_rows(vc, type_v, hd), rot_v).transpose(1, 0, 2)
+    q_seen = rotate(rounded_like_the_kernels(rotate(q, rot_k), type_k), rot_k)
+    ref = reference(q_seen, held_k, held_v, seq, query_seq)
     assert np.abs(ours - ref).max() < 2e-3 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("nq", [1, 40])
+def test_hadamard_rotation_spares_quantized_keys_their_outlier_channels(nq, monkeypatch):
+    """Keys with a few huge channels (Qwen2's key biases make them): stored rotated, a Q8_0 cache's
+    attention is closer to the exact float64 one than stored as they are (what llama.cpp did before its
+    attention rotation)."""
+    rng = np.random.default_rng(11)
+    n_slots, n_kv, hd = 300, 2, 64
+    k = rng.standard_normal((n_slots, n_kv, hd)).astype(np.float32)
+    k[:, :, [5, 37]] += np.float32(60.0)  # two outlier channels, one in each half of the RoPE pairs
+    v = rng.standard_normal((n_slots, n_kv, hd)).astype(np.float32)
+    seq = np.arange(n_slots, dtype=np.int64)
+    query_seq = np.arange(n_slots - nq, n_slots, dtype=np.int64)
+    q = rng.standard_normal((nq, 14, hd)).astype(np.float32)
+    exact = reference(q, k, v, seq, query_seq)
+
+    rotated = attend(q, k, v, seq, query_seq, T.Q8_0, T.F16)
+    monkeypatch.setattr(att, "rotation", lambda *a, **kw: 0)
+    plain = att.attention(q, np.ascontiguousarray(to_rows(k.transpose(1, 0, 2), T.Q8_0)), as_cache(v),
+                          seq, query_seq, T.Q8_0, T.F16)
+    err_rotated, err_plain = np.abs(rotated - exact).max(), np.abs(plain - exact).max()
+    assert err_rotated < 0.5 * err_plain, (err_rotated, err_plain)

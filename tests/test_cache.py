@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
+from qcpu.cache import hadamard, rotate, rotation
 from qcpu.model import Qwen2Model
 from tests.reference import reference_logits
 from tests.tiny_model import write_tiny_qwen2
@@ -19,6 +20,14 @@ def rel_err(a, b):
 def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
     built = write_tiny_qwen2(path, seed=1, n_heads=2, n_kv_heads=1)  # head_dim 32: one Q8_0/Q4_0 block
+    return Qwen2Model.load(path), built
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """head_dim 128, as Qwen1.5-4B's: quantized keys rotated in blocks of 128, values in blocks of 64."""
+    path = tmp_path_factory.mktemp("wide") / "wide.gguf"
+    built = write_tiny_qwen2(path, seed=2, n_layers=1, dim=256, n_heads=2, n_kv_heads=1)
     return Qwen2Model.load(path), built
 
 
@@ -104,19 +113,42 @@ def test_truncate_after_discards_keeps_the_prefix_it_still_holds(tiny):
     assert list(cache.slot_seq[:11]) == [0, 1] + list(range(9, 18))
 
 
+@pytest.mark.parametrize("n", [1, 2, 4, 64, 128])
+def test_hadamard_is_walsh_hadamard_and_its_own_inverse(n):
+    """Sylvester's order: H[i, j] = (-1) ** popcount(i & j) / sqrt(n), as ggml_gen_hadamard builds it."""
+    i, j = np.indices((n, n))
+    signs = np.vectorize(lambda x: (-1) ** bin(x).count("1"))(i & j)
+    assert np.array_equal(hadamard(n), (signs * np.float32(1.0) / np.sqrt(np.float32(n))).astype(np.float32))
+    assert np.abs(hadamard(n).astype(np.float64) @ hadamard(n) - np.eye(n)).max() < 1e-6
+
+
+def test_rotation_sizes_are_llama_cpps():
+    """llama_kv_cache: quantized K rotated in blocks of 64 doubled while they divide head_dim, quantized V
+    in blocks of 64, nothing for F16 or a head_dim that 64 does not divide."""
+    assert [rotation(T.Q8_0, hd, True) for hd in (32, 64, 96, 128, 192, 256)] == [0, 64, 0, 128, 64, 256]
+    assert [rotation(T.Q4_0, hd, False) for hd in (32, 64, 128, 256)] == [0, 64, 64, 64]
+    assert rotation(T.F16, 128, True) == rotation(T.F16, 128, False) == 0
+    x = np.random.default_rng(0).standard_normal((3, 2, 128)).astype(np.float32)
+    assert np.allclose(rotate(rotate(x, 64), 64), x, atol=1e-6) and rotate(x, 0) is x
+
+
+@pytest.mark.parametrize("which", ["tiny", "wide"])
 @pytest.mark.parametrize("ggml_type", [T.Q8_0, T.Q4_0, T.F16])
-def test_quantized_cache_rows_are_the_reference_quantizers_bytes(tiny, ggml_type):
+def test_quantized_cache_rows_are_the_reference_quantizers_bytes(request, which, ggml_type):
     """What the cache stores is gguf-py's reference quantization (llama.cpp's quantize_row_*_ref) of the
-    rotated keys and the values, laid out [n_kv_heads, slot, row]."""
-    model, built = tiny
+    RoPE-rotated keys and the values, Hadamard-rotated first where llama.cpp rotates them, laid out
+    [n_kv_heads, slot, row]."""
+    model, built = request.getfixturevalue(which)
     cache = model.new_cache(8, type_k=ggml_type, type_v=ggml_type)
     rng = np.random.default_rng(8)
     c = model.config
     k = rng.standard_normal((3, c.n_kv_heads, c.head_dim)).astype(np.float32)
     v = rng.standard_normal((3, c.n_kv_heads, c.head_dim)).astype(np.float32)
     slots, _, _ = cache.reserve(3)
-    cache.write(1, slots, k, v)
-    for x, stored in ((k, cache.k[1]), (v, cache.v[1])):
+    layer = c.n_layers - 1
+    cache.write(layer, slots, k, v)
+    for x, stored, keys in ((k, cache.k[layer], True), (v, cache.v[layer], False)):
+        x = rotate(x, rotation(ggml_type, c.head_dim, keys))
         want = gguf.quants.quantize(x.reshape(-1, c.head_dim), ggml_type).view(np.uint8).reshape(3, c.n_kv_heads, -1)
         assert np.array_equal(stored[:, :3].transpose(1, 0, 2), want)
 
@@ -137,12 +169,18 @@ def test_quantized_cache_takes_its_share_of_the_bytes_and_tracks_f16_logits(tiny
     assert rel_err(b, a) < tol and rel_err(np.array(steps_b), np.array(steps_a)) < tol
 
 
-def test_a_quantized_cache_shifts_its_context_like_f16(one_layer):
-    model, built = one_layer
+@pytest.mark.parametrize("which", ["one_layer", "wide"])
+def test_a_quantized_cache_shifts_its_context_like_f16(request, which):
+    """Through context shifts a Q8_0 cache stays as close to an F16 one as it is without shifts: its keys
+    are re-rotated out of their Hadamard rotation and back into it (wide: head_dim 128, rotated)."""
+    model, built = request.getfixturevalue(which)
     tokens = np.random.default_rng(10).integers(0, built["config"]["vocab_size"], 60)
-    outs = {}
-    for t in (T.F16, T.Q8_0):
-        cache = model.new_cache(24, keep=4, type_k=t, type_v=t)
-        outs[t] = np.array([model.forward([tok], cache)[0] for tok in tokens])
-        assert cache.n_evicted > 0
-    assert rel_err(outs[T.Q8_0], outs[T.F16]) < 0.02
+    err = {}
+    for capacity in (24, 64):  # 24: shifts; 64: holds all 60 tokens
+        outs = {}
+        for t in (T.F16, T.Q8_0):
+            cache = model.new_cache(capacity, keep=4, type_k=t, type_v=t)
+            outs[t] = np.array([model.forward([tok], cache)[0] for tok in tokens])
+            assert (cache.n_evicted > 0) == (capacity == 24)
+        err[capacity] = rel_err(outs[T.Q8_0], outs[T.F16])
+    assert err[24] < max(0.02, 1.5 * err[64]) and err[64] < 0.06, err

@@ -3,16 +3,19 @@
 llama.cpp (through llama-cpp-python, the ``llama`` extra) is the reference oracle.
 
     python tools/record_llama_goldens.py [--model MODEL.gguf] [--only greedy|perplexity]
+                                         [--cache-types f16 q8_0 q4_0]
 
 Writes:
   tests/golden/greedy.json      greedy (argmax of raw logits) chat continuations of 5 ChatML prompts, with
                                 llama.cpp's top-64 logits at EVERY generated position (the test feeds these
                                 same tokens, teacher-forced, and compares position by position)
   tests/golden/perplexity.json  llama-perplexity's method over tests/data/ppl_text.txt, n_ctx=512
+  tests/golden/perplexity_q8_0.json, perplexity_q4_0.json
+                                the same with a q8_0 / q4_0 K and V cache (-ctk/-ctv; flash attention on)
   tests/data/ppl_text.txt       (only if missing) a verbatim leading excerpt of the GPL-3 text
 
-Everything runs single-sequence on the CPU with n_threads=2, flash attention explicitly disabled and the
-default (f16) KV cache.  No llama.cpp sampler is involved: the argmax is taken here on the logits that
+Everything runs single-sequence on the CPU with n_threads=2; flash attention explicitly disabled with the
+default (f16) KV cache, enabled for the quantized ones.  No llama.cpp sampler is involved: the argmax is taken here on the logits that
 llama_get_logits_ith returns.  Takes about a minute on 2 idle cores, many times longer when other processes
 compete for them.
 """
@@ -267,8 +270,20 @@ def _nll_rows(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return -(tgt.astype(np.float64) - np.log(sum_exp))
 
 
-def record_perplexity(model_path: Path, info: dict) -> dict:
+CACHE_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}  # GGML_TYPE_* of the -ctk/-ctv names
+
+
+def ppl_golden_path(cache: str) -> Path:
+    """tests/golden/perplexity.json for the f16 cache, perplexity_<type>.json for a quantized one."""
+    return PPL_OUT if cache == "f16" else PPL_OUT.with_name(f"perplexity_{cache}.json")
+
+
+def record_perplexity(model_path: Path, info: dict, cache: str = "f16") -> dict:
+    """cache: the K and V cache type; a quantized one runs with flash attention on (llama.cpp needs it for
+    a quantized V cache) and, in a current llama.cpp, its Hadamard attention rotation."""
     import llama_cpp
+
+    flash_attn = cache != "f16"
 
     raw = ensure_ppl_text()
     # llama-perplexity -f: the file is read whole and ONE trailing '\n' is popped (common/arg.cpp)
@@ -281,7 +296,9 @@ def record_perplexity(model_path: Path, info: dict) -> dict:
         n_threads=N_THREADS,
         n_threads_batch=N_THREADS,
         logits_all=True,
-        flash_attn=False,
+        flash_attn=flash_attn,
+        type_k=CACHE_TYPES[cache],
+        type_v=CACHE_TYPES[cache],
         seed=0,
         verbose=False,
     )
@@ -357,8 +374,9 @@ def record_perplexity(model_path: Path, info: dict) -> dict:
             "n_batch": PPL_N_CTX,
             "n_ubatch": llm.context_params.n_ubatch,
             "n_threads": N_THREADS,
-            "flash_attn": False,
+            "flash_attn": flash_attn,
             "flash_attn_type": int(llm.context_params.flash_attn_type),
+            "cache_type": cache,
             "type_k": int(llm.context_params.type_k),
             "type_v": int(llm.context_params.type_v),
             "logits_all": True,
@@ -415,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     ap.add_argument("--only", choices=["greedy", "perplexity"])
+    ap.add_argument("--cache-types", nargs="+", default=list(CACHE_TYPES), choices=list(CACHE_TYPES),
+                    help="KV cache types to record perplexity goldens for (default: all)")
     args = ap.parse_args(argv)
 
     sha = sha256_file(args.model)
@@ -428,15 +448,16 @@ def main(argv: list[str] | None = None) -> int:
         GREEDY_OUT.write_text(_compact(json.dumps(g, ensure_ascii=False, indent=1)) + "\n", encoding="utf-8")
         print(f"greedy: {len(g['cases'])} prompts, deterministic={g['deterministic']}, "
               f"{GREEDY_OUT.stat().st_size / 1024:.1f} KiB -> {GREEDY_OUT.relative_to(ROOT)}")
-    if args.only in (None, "perplexity"):
-        p = record_perplexity(args.model, info)
-        PPL_OUT.parent.mkdir(parents=True, exist_ok=True)
-        PPL_OUT.write_text(json.dumps(p, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-        print(f"perplexity: PPL={p['perplexity']:.4f} +/- {p['ppl_uncertainty']:.4f} "
+    for cache in args.cache_types if args.only in (None, "perplexity") else ():
+        p = record_perplexity(args.model, info, cache)
+        out = ppl_golden_path(cache)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(p, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        print(f"perplexity ({cache} cache): PPL={p['perplexity']:.4f} +/- {p['ppl_uncertainty']:.4f} "
               f"(outputs-only {p['perplexity_outputs_only']:.4f}, max token diff "
               f"{p['max_abs_token_nll_diff_outputs_only_vs_logits_all']:.2e}), tokens={p['n_tokens']} "
-              f"chunks={p['n_chunk']} count={p['count']}, {PPL_OUT.stat().st_size / 1024:.1f} KiB -> "
-              f"{PPL_OUT.relative_to(ROOT)}")
+              f"chunks={p['n_chunk']} count={p['count']}, {out.stat().st_size / 1024:.1f} KiB -> "
+              f"{out.relative_to(ROOT)}")
     return 0
 
 
