@@ -137,11 +137,13 @@ class Chat:
         room = self.capacity - PREFIX_MARGIN
         if n <= room:
             return
-        trained = self.engine.model.config.context_length
-        # The prompt plus room for a few exchanges, in steps of 256, at most the trained context.
-        want = min(-(-(n + 512) // 256) * 256, trained)
-        fix = (f"--ctx {want} would hold it" if n + PREFIX_MARGIN <= want
-               else f"that is more than the model's trained context of {trained} tokens: shorten it")
+        cfg = self.engine.model.config
+        most = cfg.max_context  # the trained context, or what the rope scaling in effect stretches it to
+        # The prompt plus room for a few exchanges, in steps of 256, at most what the model can take.
+        want = min(-(-(n + 512) // 256) * 256, most)
+        what = (f"the {most} tokens the model's rope scaling allows" if cfg.rope_scaled
+                else f"the model's trained context of {most} tokens")
+        fix = (f"--ctx {want} would hold it" if n + PREFIX_MARGIN <= want else f"that is more than {what}: shorten it")
         raise QcpuError(f"the system prompt is {n} tokens, more than the context of {self.capacity} tokens "
                         f"can hold ({room} at most); {fix}")
 

@@ -6,10 +6,12 @@ reproducible); the prefill count is also checked on the default model.
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
 
+from qcpu.config import RopeOverrides
 from qcpu.errors import QcpuError
 from qcpu.generate import Engine
 from qcpu.conversation import Chat
@@ -335,3 +337,15 @@ def test_an_empty_reply_is_kept_but_a_stopped_one_is_not(tiny_path):
     stopped.stopped = True
     stopped.finish()
     assert len(chat.messages) == 2
+
+
+@pytest.mark.parametrize("rope,fix", [
+    (None, "more than the model's trained context of 256 tokens: shorten it"),
+    (RopeOverrides(scaling_type="yarn", scale=4, yarn_orig_ctx=256), "--ctx 1024 would hold it"),
+])
+def test_a_too_long_system_prompt_is_told_the_ctx_the_rope_scaling_allows(tiny_path, rope, fix):
+    """The --ctx suggestion goes up to what rope scaling stretches the trained context to, never above."""
+    engine = Engine.load(tiny_path, ctx=64, rope=rope)
+    chat = Chat(engine, GREEDY, 6, "be terse")
+    with pytest.raises(QcpuError, match=re.escape(fix)):
+        chat.set_system("word " * 60)
