@@ -8,9 +8,12 @@ slots passed in are visited: the cache passes its used prefix, so the cost follo
 the capacity.
 
 - One query (decode): flash-decoding (Dao et al., 2023). Keys are split into blocks of `BLOCK` slots;
-  each (kv head, block) task widens its keys with F16C once and scores them against all the queries of
-  the GQA group; then exps per head; then each task sums weights times values and the per-block partial
-  sums are added in block order.
+  each (kv head, block) task scores its keys against all the queries of the GQA group; then exps per
+  head; then each task sums weights times values and the per-block partial sums are added in block
+  order. Both task loops are LLVM IR micro-kernels (_score_keys, _weigh_values) over `STEP` = 8 keys at
+  a time: a key is widened (F16C) or unpacked once for the whole group, the 8 keys' dots share one
+  horizontal reduction and land as one vector per head, and the masks are vector selects; the sums keep
+  floats.dot_f32's / legacy._row_dot's order, so every score is bit for bit theirs.
 - Many queries (prefill): tiled online softmax (FlashAttention, Dao et al., 2022): per kv head the
   queries of its group are one [n * group, head_dim] matrix; each tile of `TILE` keys is widened,
   scored by one BLAS matmul, masked only where it can hide something (holes, or keys newer than the
@@ -31,15 +34,37 @@ import math
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from qcpu.cache import from_rows, rotate, rotation
-from qcpu.kernels import specialise
+from qcpu.kernels import literal_values, specialise
 from qcpu.kernels.activations import ACTIVATION_ROUNDING
 from qcpu.kernels.cpu import F16C, X86_AVX2
-from qcpu.kernels.floats import dot_f32
-from qcpu.kernels.halves import halves_to_f32
-from qcpu.kernels.legacy import LAYOUTS, _row_dequantize, _row_dot, offset_sums, quantize_q8_0
+from qcpu.kernels.halves import ir_half_at, ir_half_to_f32
+from qcpu.kernels.legacy import (
+    LAYOUTS,
+    QK,
+    _dot8_avx2,
+    _emit_weights,
+    _splat_f32,
+    offset_sums,
+    quantize_q8_0,
+)
+from qcpu.kernels.llvm_ir import (
+    _F32,
+    _I8,
+    _I16,
+    _I32,
+    _I64,
+    _contract,
+    _lanes,
+    _load,
+    _splat,
+    _vec,
+)
 
 BLOCK = 256  # keys per decode task: enough tasks for 2..16 threads at 4K+ tokens, little merging
 TILE = 512  # keys per prefill tile: a [256 * group, 512] float32 score tile is a few MB
@@ -109,81 +134,314 @@ def _round_f16(p):
 
 # ---- decode: one query ---------------------------------------------------------------------------
 
+STEP = 8  # keys per pass: one <8 x float> of scores per head, the lane tree shared by 8 dots
+_V8F = _vec(8, _F32)
+
+
+def _lane_sums(b, vs, adjacent):
+    """IR: eight <8 x float> -> one whose lane j is the sum of vs[j]'s lanes, with t_i = l_i + l_(i+4):
+    (t0+t1) + (t2+t3) if `adjacent` (floats.dot_f32's tree), else (t0+t2) + (t1+t3) (legacy._row_dot's);
+    the shuffles serve all 8 sums at once."""
+    second = ([0, 2, 8, 10, 4, 6, 12, 14], [1, 3, 9, 11, 5, 7, 13, 15]) if adjacent else \
+        ([0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15])
+    s = [b.fadd(b.shuffle_vector(vs[i], vs[i + 1], _lanes([0, 1, 2, 3, 8, 9, 10, 11])),
+                b.shuffle_vector(vs[i], vs[i + 1], _lanes([4, 5, 6, 7, 12, 13, 14, 15]))) for i in (0, 2, 4, 6)]
+    u = [b.fadd(b.shuffle_vector(s[i], s[i + 1], _lanes(second[0])),
+                b.shuffle_vector(s[i], s[i + 1], _lanes(second[1]))) for i in (0, 2)]
+    w = b.fadd(b.shuffle_vector(u[0], u[1], _lanes([0, 2, 8, 10, 4, 6, 12, 14])),
+               b.shuffle_vector(u[0], u[1], _lanes([1, 3, 9, 11, 5, 7, 13, 15])))
+    return b.shuffle_vector(w, w, _lanes([0, 4, 1, 5, 2, 6, 3, 7]))
+
+
+def _dot8_portable(b, wq, xv, signed):
+    """legacy._dot8_avx2's exact int32 partial sums (lane k: terms 4k..4k+3) in target-independent IR,
+    so the float sums after it, hence the scores, are the same on every CPU. (legacy._dot8_generic
+    spreads the terms over the lanes differently.)"""
+    wx = (b.sext if signed else b.zext)(wq, _vec(32, _I32))
+    prod = b.mul(wx, b.sext(xv, _vec(32, _I32)))
+    pairs = b.add(b.shuffle_vector(prod, prod, _lanes(range(0, 32, 2))),
+                  b.shuffle_vector(prod, prod, _lanes(range(1, 32, 2))))
+    return b.add(b.shuffle_vector(pairs, pairs, _lanes(range(0, 16, 2))),
+                 b.shuffle_vector(pairs, pairs, _lanes(range(1, 16, 2))))
+
+
+def _i64(v):
+    return ir.Constant(_I64, v)
+
+
+def _ptr(b, arr, ty):
+    return b.bitcast(arr.data, ty.as_pointer())
+
+
+def _min(b, x, y):
+    return b.select(b.icmp_signed("<", x, y), x, y)
+
+
+def _check_arrays(arrays, dtypes):
+    return all(isinstance(a, types.Array) and a.layout == "C" and a.dtype == d and a.ndim == n
+               for a, (d, n) in zip(arrays, dtypes))
+
+
+@intrinsic
+def _score_keys(typingctx, krows, qf, qq, qd, qc, slot_seq, query_seq, scale, scores, h0, group, lo, hi, work, spec):
+    """Scores of keys krows[lo:hi] (uint8[slots, row_bytes], one kv head) against the query heads
+    h0..h0+group: scores[h, s] = q_h.k_s * scale, -inf where slot_seq[s] is not in [0, query_seq];
+    work float32[group * 73] is scratch, and work[group * 72 + g] gets head h0+g's maximum.
+
+    STEP keys at a time: each key is widened (F16) or unpacked (quantized) once for the whole group,
+    dotted with each head into one <8 x float> of partial sums in the order floats.dot_f32 (F16:
+    four accumulators over chunks c % 4, then (a0+a2)+(a1+a3)) or legacy._row_dot (even/odd blocks)
+    uses; _lane_sums then finishes 8 keys' dots at once, so each score is bit for bit what dot_f32 /
+    _row_dot return, and the scores are stored as one vector per head."""
+    layout = literal_values(spec)
+    if layout is None:
+        return None
+    hd, k_f16, type_size, has_m, has_qh, nibbles, offset, avx2, f16c = layout
+    if has_m or not _check_arrays((krows, qf, qq, qd, qc, slot_seq, scores, work),
+                                  [(types.uint8, 2), (types.float32, 2), (types.int8, 2), (types.float32, 2),
+                                   (types.int32, 2), (types.int64, 1), (types.float32, 2), (types.float32, 1)]):
+        return None
+    nb = hd // QK
+    row_bytes = hd * 2 if k_f16 else nb * type_size
+    signed = not nibbles or (offset != 0 and not avx2)
+    sub_offset = offset if avx2 else 0
+    dot8 = _dot8_avx2 if avx2 else _dot8_portable
+    sig = types.void(krows, qf, qq, qd, qc, slot_seq, query_seq, scale, scores, h0, group, lo, hi, work, spec)
+
+    def codegen(context, b, signature, args):
+        ta = signature.args
+        kr, qf_, qq_, qd_, qc_, seq_, sc_, wk_ = (context.make_array(ta[i])(context, b, args[i])
+                                                 for i in (0, 1, 2, 3, 4, 5, 8, 13))
+        query = context.cast(b, args[6], ta[6], types.int64)
+        scl = context.cast(b, args[7], ta[7], types.float32)
+        h0_, grp, lo_, hi_ = (context.cast(b, args[i], ta[i], types.int64) for i in (9, 10, 11, 12))
+        kp = _ptr(b, kr, _I8)
+        qfp, qqp, qdp, qcp = _ptr(b, qf_, _F32), _ptr(b, qq_, _I8), _ptr(b, qd_, _F32), _ptr(b, qc_, _I8)
+        seqp, scp = _ptr(b, seq_, _I64), _ptr(b, sc_, _F32)
+        n_slots = b.extract_value(sc_.shape, 1)
+        vbuf = _ptr(b, wk_, _V8F)  # [group * STEP] partial-sum vectors, then [group] running maxima
+        best = b.gep(vbuf, [b.mul(grp, _i64(STEP))])
+        maxima = b.bitcast(b.gep(best, [grp]), _F32.as_pointer())
+        neg_inf = _splat(_F32, 8, float("-inf"))
+        with cgutils.for_range(b, grp) as loop:
+            b.store(neg_inf, b.gep(best, [loop.index]), align=4)
+        zero8 = ir.Constant(_V8F, [0.0] * 8)
+        one = _i64(1)
+        last = b.sub(hi_, one)
+        n_steps = b.lshr(b.add(b.sub(hi_, lo_), _i64(STEP - 1)), _i64(3))
+        with cgutils.for_range(b, n_steps) as step:
+            s0 = b.add(lo_, b.shl(step.index, _i64(3)))
+            for j in range(STEP):
+                s = _min(b, b.add(s0, _i64(j)), last)  # past hi: the last key again, masked below
+                row = b.gep(kp, [b.mul(s, _i64(row_bytes))])
+                if k_f16:
+                    kc = [ir_half_to_f32(b, _load(b, row, 16 * c, _vec(8, _I16)), f16c) for c in range(hd // 8)]
+                else:
+                    blks = [b.gep(row, [_i64(i * type_size)]) for i in range(nb)]
+                    wq = [_emit_weights(b, blk, has_m, has_qh, nibbles, offset - sub_offset) for blk in blks]
+                    dk = [ir_half_at(b, blk, 0, f16c) for blk in blks]
+                with cgutils.for_range(b, grp) as heads:
+                    h = b.add(h0_, heads.index)
+                    if k_f16:
+                        qrow = b.gep(qfp, [b.mul(h, _i64(hd))])
+                        accs = [zero8] * 4
+                        for c in range(hd // 8):
+                            y = b.load(b.bitcast(b.gep(qrow, [_i64(8 * c)]), _V8F.as_pointer()), align=4)
+                            accs[c % 4] = _contract(b.fadd(_contract(b.fmul(kc[c], y)), accs[c % 4]))
+                        v = b.fadd(b.fadd(accs[0], accs[2]), b.fadd(accs[1], accs[3]))
+                    else:
+                        xrow = b.gep(qqp, [b.mul(h, _i64(hd))])
+                        crow = b.gep(qcp, [b.mul(h, _i64(hd))])  # hd / 4 int32 per head
+                        drow = b.gep(qdp, [b.mul(h, _i64(nb))])
+                        accs = [zero8] * 2
+                        for i in range(nb):
+                            xv = _load(b, xrow, 32 * i, _vec(32, _I8))
+                            s8 = dot8(b, wq[i], xv, signed)
+                            if sub_offset:
+                                s8 = b.sub(s8, _load(b, crow, 32 * i, _vec(8, _I32)))
+                            scale_i = b.fmul(dk[i], b.load(b.gep(drow, [_i64(i)])))
+                            term = _contract(b.fmul(b.sitofp(s8, _V8F), _splat_f32(b, scale_i, 8)))
+                            accs[i % 2] = _contract(b.fadd(accs[i % 2], term))
+                        v = b.fadd(accs[0], accs[1])
+                    b.store(v, b.gep(vbuf, [b.add(b.mul(heads.index, _i64(STEP)), _i64(j))]), align=4)
+            n = b.sub(hi_, s0)
+            hidden = ir.Constant(_vec(8, ir.IntType(1)), None)
+            for j in range(STEP):
+                seq = b.load(b.gep(seqp, [_min(b, b.add(s0, _i64(j)), last)]))
+                off = b.or_(b.or_(b.icmp_signed("<", seq, _i64(0)), b.icmp_signed(">", seq, query)),
+                            b.icmp_signed("<=", n, _i64(j)))
+                hidden = b.insert_element(hidden, off, ir.Constant(_I32, j))
+            full = b.icmp_signed(">=", n, _i64(STEP))
+            with cgutils.for_range(b, grp) as heads:
+                h = b.add(h0_, heads.index)
+                base = b.mul(heads.index, _i64(STEP))
+                vs = [b.load(b.gep(vbuf, [b.add(base, _i64(j))]), align=4) for j in range(STEP)]
+                x = b.fmul(_lane_sums(b, vs, k_f16), _splat_f32(b, scl, 8))
+                x = b.select(hidden, neg_inf, x)
+                bp = b.gep(best, [heads.index])
+                old = b.load(bp, align=4)
+                b.store(b.select(b.fcmp_ordered(">", x, old), x, old), bp, align=4)
+                out = b.gep(scp, [b.add(b.mul(h, n_slots), s0)])
+                with b.if_else(full) as (whole, part):
+                    with whole:
+                        b.store(x, b.bitcast(out, _V8F.as_pointer()), align=4)
+                    with part:
+                        for j in range(STEP):
+                            with b.if_then(b.icmp_signed(">", n, _i64(j))):
+                                b.store(b.extract_element(x, ir.Constant(_I32, j)), b.gep(out, [_i64(j)]))
+        with cgutils.for_range(b, grp) as heads:
+            m = b.load(b.gep(best, [heads.index]), align=4)
+            top = b.extract_element(m, ir.Constant(_I32, 0))
+            for j in range(1, 8):
+                e = b.extract_element(m, ir.Constant(_I32, j))
+                top = b.select(b.fcmp_ordered(">", e, top), e, top)
+            b.store(top, b.gep(maxima, [heads.index]))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _weigh_values(typingctx, vrows, probs, out, h0, group, lo, hi, work, spec):
+    """out[h0 + g, :] += sum over s in [lo, hi) of probs[h0 + g, s] * v_s (vrows uint8[slots, row_bytes],
+    one kv head), each element summed in slot order with FMA contraction (as `acc += p * v` would);
+    slots no head of the group weighs (all probs 0: hidden ones) are skipped. work: float32[STEP * hd].
+
+    STEP values at a time are widened (F16C) or dequantized (legacy._row_dequantize's arithmetic) into
+    work, then each head's output row stays in registers across them."""
+    layout = literal_values(spec)
+    if layout is None:
+        return None
+    hd, v_f16, type_size, has_m, has_qh, nibbles, offset, _, f16c = layout
+    if has_m or not _check_arrays((vrows, probs, out, work), [(types.uint8, 2), (types.float32, 2),
+                                                             (types.float32, 2), (types.float32, 1)]):
+        return None
+    nb = hd // QK
+    row_bytes = hd * 2 if v_f16 else nb * type_size
+    signed = offset != 0 or not nibbles
+    sig = types.void(vrows, probs, out, h0, group, lo, hi, work, spec)
+
+    def codegen(context, b, signature, args):
+        ta = signature.args
+        vr, pr, o_, wk_ = (context.make_array(ta[i])(context, b, args[i]) for i in (0, 1, 2, 7))
+        h0_, grp, lo_, hi_ = (context.cast(b, args[i], ta[i], types.int64) for i in (3, 4, 5, 6))
+        vp, pp, op, wp = _ptr(b, vr, _I8), _ptr(b, pr, _F32), _ptr(b, o_, _V8F), _ptr(b, wk_, _V8F)
+        n_slots = b.extract_value(pr.shape, 1)
+        zero8 = ir.Constant(_V8F, [0.0] * 8)
+        zero = ir.Constant(_F32, 0.0)
+        last = b.sub(hi_, _i64(1))
+        n_steps = b.lshr(b.add(b.sub(hi_, lo_), _i64(STEP - 1)), _i64(3))
+        with cgutils.for_range(b, n_steps) as step:
+            s0 = b.add(lo_, b.shl(step.index, _i64(3)))
+            n = b.sub(hi_, s0)
+            slots = [_min(b, b.add(s0, _i64(j)), last) for j in range(STEP)]
+            live = [b.icmp_signed(">", n, _i64(j)) for j in range(STEP)]
+            seen = cgutils.alloca_once_value(b, ir.Constant(_vec(8, ir.IntType(1)), [0] * 8))
+            with cgutils.for_range(b, grp) as heads:
+                prow = b.gep(pp, [b.mul(b.add(h0_, heads.index), n_slots)])
+                p = ir.Constant(_V8F, None)
+                for j in range(STEP):
+                    p = b.insert_element(p, b.load(b.gep(prow, [slots[j]])), ir.Constant(_I32, j))
+                b.store(b.or_(b.load(seen), b.fcmp_unordered("!=", p, zero8)), seen)
+            seen_v = b.load(seen)
+            for j in range(STEP):
+                dst = b.gep(wp, [_i64(j * hd // 8)])
+                use = b.and_(b.extract_element(seen_v, ir.Constant(_I32, j)), live[j])
+                with b.if_else(use) as (yes, no):
+                    with yes:
+                        row = b.gep(vp, [b.mul(slots[j], _i64(row_bytes))])
+                        if v_f16:
+                            for c in range(hd // 8):
+                                b.store(ir_half_to_f32(b, _load(b, row, 16 * c, _vec(8, _I16)), f16c),
+                                        b.gep(dst, [_i64(c)]), align=4)
+                        else:
+                            for i in range(nb):
+                                blk = b.gep(row, [_i64(i * type_size)])
+                                q = _emit_weights(b, blk, has_m, has_qh, nibbles, offset)
+                                y = b.fmul((b.sitofp if signed else b.uitofp)(q, _vec(QK, _F32)),
+                                           _splat_f32(b, ir_half_at(b, blk, 0, f16c)))
+                                for c in range(4):
+                                    b.store(b.shuffle_vector(y, y, _lanes(range(8 * c, 8 * c + 8))),
+                                            b.gep(dst, [_i64(4 * i + c)]), align=4)
+                    with no:  # nothing weighs it (hidden, or past hi): zeros, whatever the row holds
+                        for c in range(hd // 8):
+                            b.store(zero8, b.gep(dst, [_i64(c)]), align=4)
+            with cgutils.for_range(b, grp) as heads:
+                h = b.add(h0_, heads.index)
+                orow = b.gep(op, [b.mul(h, _i64(hd // 8))])
+                prow = b.gep(pp, [b.mul(h, n_slots)])
+                acc = [b.load(b.gep(orow, [_i64(c)]), align=4) for c in range(hd // 8)]
+                for j in range(STEP):
+                    p = b.select(live[j], b.load(b.gep(prow, [slots[j]])), zero)
+                    pv = _splat_f32(b, p, 8)
+                    for c in range(hd // 8):
+                        y = b.load(b.gep(wp, [_i64(j * hd // 8 + c)]), align=4)
+                        acc[c] = _contract(b.fadd(acc[c], _contract(b.fmul(pv, y))))
+                for c in range(hd // 8):
+                    b.store(acc[c], b.gep(orow, [_i64(c)]), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @functools.cache
-def _decode_kernels(type_k: T, type_v: T):
-    """(scores, values) decode kernels for one pair of cache types, jitted once (kernels.specialise).
+def _decode_kernels(type_k: T, type_v: T, head_dim: int, avx2: bool = X86_AVX2, f16c: bool = F16C):
+    """(scores, values) decode kernels for one pair of cache types and head_dim, jitted once
+    (kernels.specialise); avx2 / f16c: the instructions the IR may use (default: this CPU's; the tests
+    also build the portable IR, which gives the same numbers).
 
     scores(q, qq, qd, qc, k, slot_seq, query_seq, scale, scores, block_max): scores[n_heads, n_slots] =
-      q.k * scale (-inf where hidden), block_max[n_heads, n_blocks] their maxima. F16 keys are widened
-      (F16C) once per GQA group and dotted with the fp16-rounded q; quantized keys are dotted as integers
-      with q quantized to Q8_0 (qq, qd; qc: Q4_0's offset sums), llama.cpp's vec_dot_q8_0_q8_0 /
-      vec_dot_q4_0_q8_0.
-    values(probs, v, partial): partial[n_blocks, n_heads, hd] = sum over each block's slots of p * v,
-      with v widened or dequantized one row at a time into float32.
+      q.k * scale (-inf where hidden), block_max[n_heads, n_blocks] their maxima (_score_keys). F16 keys
+      are dotted with the fp16-rounded q; quantized keys as integers with q quantized to Q8_0 (qq, qd;
+      qc: Q4_0's offset sums), llama.cpp's vec_dot_q8_0_q8_0 / vec_dot_q4_0_q8_0.
+    values(probs, v, partial): partial[n_blocks, n_heads, hd] = sum over each block's slots of p * v
+      (_weigh_values).
     """
     k_f16, v_f16 = type_k == T.F16, type_v == T.F16
-    # the layouts the quantized paths read; unused (but typed) for F16
-    spec_k = (*LAYOUTS[T.Q8_0 if k_f16 else type_k], X86_AVX2, F16C)
-    spec_v = (*LAYOUTS[T.Q8_0 if v_f16 else type_v], X86_AVX2, F16C)
+    # captured constants (the layouts the quantized paths read; unused but typed for F16)
+    spec_k = (head_dim, k_f16, *LAYOUTS[T.Q8_0 if k_f16 else type_k], avx2, f16c)
+    spec_v = (head_dim, v_f16, *LAYOUTS[T.Q8_0 if v_f16 else type_v], avx2, f16c)
+    k_bytes = head_dim * 2 if k_f16 else head_dim // QK * spec_k[2]
+    v_bytes = head_dim * 2 if v_f16 else head_dim // QK * spec_v[2]
 
     def scores_kernel(q, qq, qd, qc, k, slot_seq, query_seq, scale, scores, block_max):
-        n_heads, hd = q.shape
+        n_heads = q.shape[0]
         n_slots, n_kv = scores.shape[1], k.shape[0]
         group = n_heads // n_kv
         n_blocks = block_max.shape[1]
+        if (q.shape[1] != head_dim or k.shape[2] != k_bytes or k.shape[1] < n_slots or slot_seq.shape[0] < n_slots
+                or scores.shape[0] != n_heads or block_max.shape[0] != n_heads or n_heads % n_kv):
+            raise ValueError("decode scores: shapes do not match")
         for task in prange(n_kv * n_blocks):
             kvh, b = task // n_blocks, task % n_blocks
-            k_row = np.empty(hd, dtype=np.float32)
-            best = np.full(group, -np.inf, dtype=np.float32)
-            for s in range(b * BLOCK, min(n_slots, (b + 1) * BLOCK)):
-                seq = slot_seq[s]
-                if seq < 0 or seq > query_seq:
-                    for g in range(group):
-                        scores[kvh * group + g, s] = -np.inf
-                    continue
-                if k_f16:
-                    halves_to_f32(k[kvh, s].view(np.uint16), k_row)  # once for the whole group
-                for g in range(group):
-                    h = kvh * group + g
-                    if k_f16:
-                        x = dot_f32(q[h], k_row) * scale  # summed in one fixed order on every CPU
-                    else:
-                        x = _row_dot(k[kvh, s], qq[h], qd[h], qd[h], qc[h], spec_k) * scale
-                    scores[h, s] = x
-                    best[g] = max(best[g], x)
+            work = np.empty(group * (STEP * 9 + 1), dtype=np.float32)
+            _score_keys(k[kvh], q, qq, qd, qc, slot_seq, query_seq, scale, scores, kvh * group, group,
+                        b * BLOCK, min(n_slots, (b + 1) * BLOCK), work, spec_k)
             for g in range(group):
-                block_max[kvh * group + g, b] = best[g]
+                block_max[kvh * group + g, b] = work[group * STEP * 9 + g]
 
     def values_kernel(probs, v, partial):
         n_heads, n_slots = probs.shape
-        n_kv, hd = v.shape[0], partial.shape[2]
+        n_kv = v.shape[0]
         group = n_heads // n_kv
         n_blocks = partial.shape[0]
+        if (v.shape[2] != v_bytes or v.shape[1] < n_slots or partial.shape[1] != n_heads
+                or partial.shape[2] != head_dim or n_heads % n_kv):
+            raise ValueError("decode values: shapes do not match")
         for task in prange(n_kv * n_blocks):
             kvh, b = task // n_blocks, task % n_blocks
-            v_row = np.empty(hd, dtype=np.float32)
-            acc = np.zeros((group, hd), dtype=np.float32)
-            for s in range(b * BLOCK, min(n_slots, (b + 1) * BLOCK)):
-                seen = False
-                for g in range(group):
-                    seen |= probs[kvh * group + g, s] != 0.0
-                if not seen:
-                    continue
-                if v_f16:
-                    halves_to_f32(v[kvh, s].view(np.uint16), v_row)
-                else:
-                    _row_dequantize(v[kvh, s], v_row, spec_v)
-                for g in range(group):
-                    p = probs[kvh * group + g, s]
-                    for d in range(hd):
-                        acc[g, d] += p * v_row[d]
+            work = np.empty(STEP * head_dim, dtype=np.float32)
+            out = partial[b]
             for g in range(group):
-                partial[b, kvh * group + g, :] = acc[g]
+                out[kvh * group + g, :] = 0.0
+            _weigh_values(v[kvh], probs, out, kvh * group, group, b * BLOCK, min(n_slots, (b + 1) * BLOCK),
+                          work, spec_v)
 
-    # Only FMA contraction, no re-association: sums keep one order on every CPU.
-    name = f"{type_k.name.lower()}_{type_v.name.lower()}"
-    return (specialise(scores_kernel, f"decode_scores_{name}", parallel=True, fastmath={"contract"}),
-            specialise(values_kernel, f"decode_values_{name}", parallel=True, fastmath={"contract"}))
+    name = f"{type_k.name.lower()}_{type_v.name.lower()}_{head_dim}"
+    if (avx2, f16c) != (X86_AVX2, F16C):
+        name += f"_avx2{avx2:d}_f16c{f16c:d}"
+    return (specialise(scores_kernel, f"decode_scores_{name}", parallel=True),
+            specialise(values_kernel, f"decode_values_{name}", parallel=True))
 
 
 @njit(cache=True)
@@ -243,7 +501,7 @@ def _exp_round_sum(row, ref):
 def _decode_softmax(scores, block_max, total):
     # scores -> fp16-rounded exp(s - m), m = the max rounded up to a multiple of ln 2; total[h] the
     # float64 sum of the unrounded exps (ggml's soft_max sums in double), to divide the output by.
-    n_heads, n_slots = scores.shape
+    n_heads = scores.shape[0]
     for h in prange(n_heads):
         top = np.float32(-np.inf)
         for b in range(block_max.shape[1]):
@@ -262,7 +520,11 @@ def _decode(q, k, v, slot_seq, query_seq, scale, type_k, type_v):
     n_heads, hd = q.shape
     n_slots = len(slot_seq)
     n_blocks = max(1, -(-n_slots // BLOCK))
-    scores_kernel, values_kernel = _decode_kernels(type_k, type_v)
+    scores_kernel, values_kernel = _decode_kernels(type_k, type_v, hd)
+    # the kernels address rows by pointer arithmetic: C-contiguous arrays (no copy for the cache's own)
+    k, v = np.ascontiguousarray(k), np.ascontiguousarray(v)
+    slot_seq = np.ascontiguousarray(slot_seq, dtype=np.int64)
+    q = np.ascontiguousarray(q, dtype=np.float32)
     if type_k == T.F16:
         q = q.astype(np.float16).astype(np.float32)  # llama.cpp converts q to K's type for K.Q
         qq, qd, qc = _NO_QUANTS

@@ -149,20 +149,29 @@ halves_to_f32 = _halves_to_f32_f16c if F16C else _halves_to_f32_portable
 
 
 def ir_half_to_f32(b, h16, f16c):
-    """IR: i16 half bits -> float. With F16C one vcvtph2ps (LLVM only emits it inline when the target has
-    F16C); else f16_to_f32's arithmetic, branch-free: exact, and no denormal float32 operands."""
+    """IR: i16 half bits -> float, or lane-wise <n x i16> -> <n x float>. With F16C one vcvtph2ps (LLVM
+    only emits it inline when the target has F16C); else f16_to_f32's arithmetic, branch-free: exact, and
+    no denormal float32 operands."""
+    n = h16.type.count if isinstance(h16.type, ir.VectorType) else 0
+
+    def ty(t):
+        return ir.VectorType(t, n) if n else t
+
+    def c(t, v):
+        return ir.Constant(ty(t), [v] * n if n else v)
+
     if f16c:
-        return b.fpext(b.bitcast(h16, ir.HalfType()), _F32)
-    h = b.zext(h16, _I32)
-    em = b.and_(h, ir.Constant(_I32, 0x7FFF))
-    shifted = b.shl(em, ir.Constant(_I32, 13))
-    normal = b.add(shifted, ir.Constant(_I32, 112 << 23))
-    special = b.or_(shifted, ir.Constant(_I32, 0x7F800000))
-    sub = b.bitcast(b.fmul(b.sitofp(em, _F32), ir.Constant(_F32, 2.0**-24)), _I32)
-    mag = b.select(b.icmp_unsigned("<", em, ir.Constant(_I32, 0x0400)), sub,
-                   b.select(b.icmp_unsigned(">=", em, ir.Constant(_I32, 0x7C00)), special, normal))
-    sign = b.shl(b.and_(h, ir.Constant(_I32, 0x8000)), ir.Constant(_I32, 16))
-    return b.bitcast(b.or_(mag, sign), _F32)
+        return b.fpext(b.bitcast(h16, ty(ir.HalfType())), ty(_F32))
+    h = b.zext(h16, ty(_I32))
+    em = b.and_(h, c(_I32, 0x7FFF))
+    shifted = b.shl(em, c(_I32, 13))
+    normal = b.add(shifted, c(_I32, 112 << 23))
+    special = b.or_(shifted, c(_I32, 0x7F800000))
+    sub = b.bitcast(b.fmul(b.sitofp(em, ty(_F32)), c(_F32, 2.0**-24)), ty(_I32))
+    mag = b.select(b.icmp_unsigned("<", em, c(_I32, 0x0400)), sub,
+                   b.select(b.icmp_unsigned(">=", em, c(_I32, 0x7C00)), special, normal))
+    sign = b.shl(b.and_(h, c(_I32, 0x8000)), c(_I32, 16))
+    return b.bitcast(b.or_(mag, sign), ty(_F32))
 
 
 def ir_half_at(b, base, offset, f16c):
