@@ -12,6 +12,18 @@ import numpy as np
 from qcpu.errors import QcpuError
 
 
+SCORE_PIECE = 256  # positions scored per pass (the engine's prefill chunk)
+
+
+def _nll_sum(logits: np.ndarray, targets: np.ndarray) -> float:
+    """sum over rows r of log_sum_exp(logits[r]) - logits[r, targets[r]] (float32 logits [n, vocab]):
+    llama.cpp's log_softmax (perplexity.cpp): float max, float exps, the sum and the log in float64."""
+    peak = logits.max(axis=1, keepdims=True)
+    sum_exp = np.exp(logits - peak).sum(axis=1, dtype=np.float64)
+    picked = logits[np.arange(len(targets)), targets].astype(np.float64) - peak[:, 0]
+    return float((np.log(sum_exp) - picked).sum())
+
+
 def perplexity(engine, text: str, ctx: int, progress=None) -> dict:
     """Perplexity of `text` under `engine`'s model, following llama.cpp's `perplexity()` exactly:
 
@@ -23,9 +35,10 @@ def perplexity(engine, text: str, ctx: int, progress=None) -> dict:
       token replaced by BOS (`tokens[batch_start] = llama_vocab_bos(vocab)`), evaluated on a cleared cache
       from position 0;
     * the logits at positions j in [ctx//2, ctx-1) score token j+1 of the chunk (the original tokens):
-      nll += log_sum_exp(logits[j]) - logits[j][token], in float64.
+      nll += log_sum_exp(logits[j]) - logits[j][token] (float max and exps, float64 sum and log, as
+      perplexity.cpp's log_softmax); only those positions' logits are computed, SCORE_PIECE at a time.
 
-    `engine` is a qcpu.generate.Engine (tokenizer, reset(), feed(all_logits=True) -> float32
+    `engine` is a qcpu.generate.Engine (tokenizer, reset(), feed(tokens, all_logits=True) -> float32
     [n, vocab], capacity); `ctx` is the chunk length in tokens.  `progress`, if given, has a
     rich-style `print(str)` for a line per chunk.
 
@@ -63,12 +76,13 @@ def perplexity(engine, text: str, ctx: int, progress=None) -> dict:
         if bos is not None:
             chunk = [bos] + chunk[1:]  # every chunk starts with BOS, in place of its first token
         engine.reset()
-        logits = engine.feed(chunk, all_logits=True).astype(np.float64)  # [ctx, vocab]
-        # Position j predicts token j+1: score j in [first, ctx - 1).
-        scored = logits[first:ctx - 1]
-        peak = scored.max(axis=1, keepdims=True)
-        log_z = peak[:, 0] + np.log(np.exp(scored - peak).sum(axis=1))
-        s = float((log_z - scored[np.arange(len(targets)), targets]).sum())
+        engine.feed(chunk[:first])
+        # Position j predicts token j+1: score j in [first, ctx - 1), a piece of positions at a time so
+        # the logits held stay [SCORE_PIECE, vocab] whatever ctx is (4096 x 151936 floats are 2.5 GB).
+        s = 0.0
+        for lo in range(first, ctx - 1, SCORE_PIECE):
+            hi = min(lo + SCORE_PIECE, ctx - 1)
+            s += _nll_sum(engine.feed(chunk[lo:hi], all_logits=True), targets[lo - first:hi - first])
         chunk_nll.append(s)
         nll += s
         count += len(targets)

@@ -249,6 +249,20 @@ def junk_args():
                                                 ["-x"], ["--temp=1"]]))
 
 
+def cache_types():
+    """-ctk / -ctv: llama.cpp's names (any case), else types a KV cache cannot take or no type at all."""
+    return mostly(st.sampled_from(["f16", "q8_0", "q4_0", "Q8_0"]),
+                  st.sampled_from(["", "q5_0", "f32", "bf16", "q4_k", "iq4_nl", "x"]))
+
+
+def rope_scalings():
+    return mostly(st.sampled_from(["none", "linear", "yarn"]), st.sampled_from(["", "YARN", "longrope", "ntk", "x"]))
+
+
+CACHE = {"-ctk": cache_types(), "-ctv": cache_types()}
+ROPE = {"--rope-scaling": rope_scalings(), "--rope-scale": floats("2", "4"), "--yarn-orig-ctx": ints(16, 512),
+        "--rope-freq-base": floats("10000", "1000000")}
+
 FLAG = st.just(None)  # an option without a value
 NO_STDIN = st.just(())
 
@@ -268,18 +282,20 @@ class Command:
 
 # Every command and its arguments. A MODEL is always given: none would fetch the 0.5B default model.
 COMMANDS = {
-    "generate": Command(st.tuples(models(), texts()), {**SAMPLING, "--stats": FLAG, "--check-tensors": FLAG},
-                        {"-n": counts()}),
+    "generate": Command(st.tuples(models(), texts()),
+                        {**SAMPLING, **CACHE, **ROPE, "--stats": FLAG, "--check-tensors": FLAG}, {"-n": counts()}),
     "chat": Command(st.tuples(models()),
-                    {**SAMPLING, "--markdown": FLAG, "--no-color": FLAG, "--check-tensors": FLAG}, {"-n": counts()},
-                    stdin=st.lists(chat_lines(), max_size=5)),
+                    {**SAMPLING, **CACHE, **ROPE, "--markdown": FLAG, "--no-color": FLAG, "--check-tensors": FLAG},
+                    {"-n": counts()}, stdin=st.lists(chat_lines(), max_size=5)),
     "info": Command(st.tuples(models())),
     # TOKENIZE MODEL alone would tokenize the text MODEL with the default model, so --file comes with it.
     "tokenize": Command(st.one_of(st.tuples(models(), texts()), st.tuples(models())),
                         {"--no-special": FLAG, "--json": FLAG, "--ids": FLAG}, {"--file": text_files()}),
     "perplexity": Command(st.tuples(models(), text_files()),
-                          {"--ctx": ints(3, 64), "--threads": ints(1, 4), "--json": FLAG, "--check-tensors": FLAG}),
-    "bench": Command(st.tuples(models()), {"--threads": ints(1, 4), "--compare-llama-cpp": FLAG, "--json": FLAG},
+                          {"--ctx": ints(3, 64), "--threads": ints(1, 4), "--json": FLAG, "--check-tensors": FLAG,
+                           **CACHE, **ROPE}),
+    "bench": Command(st.tuples(models()), {"--threads": ints(1, 4), "--compare-llama-cpp": FLAG, "--json": FLAG,
+                                           "-d": mostly(st.integers(0, 40).map(str), ints()), **CACHE},
                      {"-p": prompt_counts(), "-g": counts(), "-r": counts()}),
     "pull": Command(st.tuples(st.one_of(hub_specs(), texts(), files()))),
     "list": Command(st.just(())),
