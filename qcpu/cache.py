@@ -124,6 +124,8 @@ class KVCache:
         self.k = np.zeros((n_layers, n_kv_heads, capacity, row_bytes(self.type_k, head_dim)), dtype=np.uint8)
         self.v = np.zeros((n_layers, n_kv_heads, capacity, row_bytes(self.type_v, head_dim)), dtype=np.uint8)
         self.slot_seq = np.full(capacity, -1, dtype=np.int64)  # stream index of each slot's token; -1 = empty
+        # quantized keys are stored minus this vector (one per layer and kv head; see `_centered`)
+        self.k_center = np.zeros((n_layers, n_kv_heads, head_dim), dtype=np.float32)
         self.reset()
 
     def reset(self) -> None:
@@ -172,9 +174,12 @@ class KVCache:
         try:
             for layer in range(self.k.shape[0]):
                 # [n_kv, moved, hd] -> rotate as [moved, n_kv, hd]; quantized keys go through float32 and
-                # back (and out of their Hadamard rotation and into it), as llama.cpp's shift does for them
+                # back (out of their Hadamard rotation and centering and into them), as llama.cpp's shift
+                # does for them
                 k = from_rows(self.k[layer, :, start:end], self.type_k, self.head_dim).transpose(1, 0, 2)
-                k = rotate(apply_rope(rotate(k, self.rot_k), cos, sin), self.rot_k)
+                center = self.k_center[layer] if self.type_k != T.F16 else 0
+                k = apply_rope(rotate(k, self.rot_k) + center, cos, sin) - center
+                k = rotate(k, self.rot_k)
                 self.k[layer, :, keep:end - n] = to_rows(k.transpose(1, 0, 2), self.type_k)
                 self.v[layer, :, keep:end - n] = self.v[layer, :, start:end]
         except BaseException:  # interrupted halfway: only the kept prefix is still whole
@@ -192,9 +197,23 @@ class KVCache:
 
     def write(self, layer: int, slots: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
         """Store k, v float32[n, n_kv_heads, head_dim] (k already RoPE-rotated) for one layer, converted to
-        the cache types (quantized rows Hadamard-rotated first, `rotation`)."""
-        self.k[layer, :, slots] = to_rows(rotate(k, self.rot_k), self.type_k)
+        the cache types (quantized keys centered, `_centered`, and quantized rows Hadamard-rotated,
+        `rotation`, first)."""
+        self.k[layer, :, slots] = to_rows(rotate(self._centered(layer, slots, k), self.rot_k), self.type_k)
         self.v[layer, :, slots] = to_rows(rotate(v, self.rot_v), self.type_v)
+
+    def _centered(self, layer: int, slots: np.ndarray, k: np.ndarray) -> np.ndarray:
+        """Quantized keys minus the layer's center: the mean key of the first batch the empty cache took.
+
+        Exact for attention: q.(k - c) = q.k - q.c shifts every score of a query by the same amount, which
+        softmax ignores. It matters to the blocks: Qwen2's keys share a large offset (their bias, in
+        slowly turning RoPE pairs) that a Q8_0/Q4_0 block would otherwise spend its range on. F16 keys
+        are stored as they are, as llama.cpp stores them."""
+        if self.type_k == T.F16:
+            return k
+        if slots[0] == 0:  # nothing else held: keys stored with an older center are all gone
+            self.k_center[layer] = k.mean(axis=0)
+        return k - self.k_center[layer]
 
     def layer(self, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """What attention reads for one layer: k, v uint8[n_kv_heads, capacity, row_bytes] (the whole

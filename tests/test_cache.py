@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from qcpu.cache import hadamard, rotate, rotation
+from qcpu.cache import KVCache, hadamard, rotate, rotation
 from qcpu.model import Qwen2Model
 from tests.reference import reference_logits
 from tests.tiny_model import write_tiny_qwen2
@@ -136,8 +136,8 @@ def test_rotation_sizes_are_llama_cpps():
 @pytest.mark.parametrize("ggml_type", [T.Q8_0, T.Q4_0, T.F16])
 def test_quantized_cache_rows_are_the_reference_quantizers_bytes(request, which, ggml_type):
     """What the cache stores is gguf-py's reference quantization (llama.cpp's quantize_row_*_ref) of the
-    RoPE-rotated keys and the values, Hadamard-rotated first where llama.cpp rotates them, laid out
-    [n_kv_heads, slot, row]."""
+    RoPE-rotated keys (quantized ones minus their mean) and the values, Hadamard-rotated first where
+    llama.cpp rotates them, laid out [n_kv_heads, slot, row]."""
     model, built = request.getfixturevalue(which)
     cache = model.new_cache(8, type_k=ggml_type, type_v=ggml_type)
     rng = np.random.default_rng(8)
@@ -147,7 +147,8 @@ def test_quantized_cache_rows_are_the_reference_quantizers_bytes(request, which,
     slots, _, _ = cache.reserve(3)
     layer = c.n_layers - 1
     cache.write(layer, slots, k, v)
-    for x, stored, keys in ((k, cache.k[layer], True), (v, cache.v[layer], False)):
+    centered = k - k.mean(axis=0) if ggml_type != T.F16 else k  # the empty cache's first batch: its mean
+    for x, stored, keys in ((centered, cache.k[layer], True), (v, cache.v[layer], False)):
         x = rotate(x, rotation(ggml_type, c.head_dim, keys))
         want = gguf.quants.quantize(x.reshape(-1, c.head_dim), ggml_type).view(np.uint8).reshape(3, c.n_kv_heads, -1)
         assert np.array_equal(stored[:, :3].transpose(1, 0, 2), want)
@@ -184,3 +185,37 @@ def test_a_quantized_cache_shifts_its_context_like_f16(request, which):
             assert (cache.n_evicted > 0) == (capacity == 24)
         err[capacity] = rel_err(outs[T.Q8_0], outs[T.F16])
     assert err[24] < max(0.02, 1.5 * err[64]) and err[64] < 0.06, err
+
+
+@pytest.mark.parametrize("ggml_type", [T.Q8_0, T.Q4_0])
+def test_centered_quantized_keys_give_attention_closer_to_exact(ggml_type, monkeypatch):
+    """Keys sharing a large offset (as Qwen2's do, from their bias): stored minus the first batch's mean
+    key, the quantized cache's attention is closer to the exact float64 one than stored as they are, and
+    subtracting one vector from every key leaves the exact attention itself unchanged."""
+    from qcpu.attention import attention
+    from tests.test_attention import reference
+
+    rng = np.random.default_rng(12)
+    n, n_kv, hd = 200, 2, 64
+    offset = np.zeros(hd, np.float32)
+    offset[[3, 35, 20]] = [40.0, -30.0, 25.0]
+    k = (rng.standard_normal((n, n_kv, hd)) + offset).astype(np.float32)
+    v = rng.standard_normal((n, n_kv, hd)).astype(np.float32)
+    q = rng.standard_normal((1, 14, hd)).astype(np.float32)
+    seq, query = np.arange(n, dtype=np.int64), np.array([n - 1])
+    exact = reference(q, k, v, seq, query)
+    assert np.allclose(reference(q, k - k[:50].mean(axis=0), v, seq, query), exact, atol=1e-5)  # float32 k - c
+
+    def stored_attention():
+        cache = KVCache(1, 256, n_kv, hd, rope=None, type_k=ggml_type)  # no shift: no rope needed
+        for lo in (0, 50, 120):  # the center comes from the first batch only
+            hi = {0: 50, 50: 120, 120: n}[lo]
+            slots, _, _ = cache.reserve(hi - lo)
+            cache.write(0, slots, k[lo:hi], v[lo:hi])
+        return attention(q, *cache.layer(0), query, cache.type_k, cache.type_v)
+
+    centered = stored_attention()
+    monkeypatch.setattr(KVCache, "_centered", lambda self, layer, slots, keys: keys)
+    plain = stored_attention()
+    err_centered, err_plain = np.abs(centered - exact).max(), np.abs(plain - exact).max()
+    assert err_centered < 0.5 * err_plain, (err_centered, err_plain)

@@ -83,19 +83,25 @@ def test_perplexity_within_one_percent_of_llama_cpp(real_engine):
     assert abs(result["perplexity"] / ref["perplexity"] - 1) < 0.01
 
 
-# q4_0 keys cost this model ten times its perplexity in llama.cpp too (60 against 6): per-token losses
-# that large move with every rounding, so its band is wider; q8_0's is f16's.
+# q4_0 keys cost this model ten times its perplexity in llama.cpp (62 against 6): per-token losses that
+# large move with every rounding, so its band against llama.cpp is wider.
 @pytest.mark.parametrize("cache,tol", [("q8_0", 0.01), ("q4_0", 0.05)])
-def test_perplexity_with_a_quantized_cache_is_llama_cpps(real_model_path, cache, tol):
+def test_perplexity_with_a_quantized_cache_is_no_worse_than_llama_cpps(real_model_path, cache, tol):
     """-ctk/-ctv q8_0 and q4_0 against llama.cpp's with the same cache (flash attention on, its Hadamard
-    attention rotation). Without the rotation q8_0 was 10% above f16 at ctx 2048, where llama.cpp is 4%."""
+    attention rotation, which qcpu also applies). qcpu also centers quantized keys (cache.py), which
+    llama.cpp does not: q8_0 then costs nothing measurable over f16 where llama.cpp's q8_0 costs 4%, and
+    q4_0 a third where llama.cpp's costs ten times the perplexity."""
     from qcpu.generate import Engine
 
     ref = json.loads((GOLDEN / f"perplexity_{cache}.json").read_text())
+    f16 = json.loads((GOLDEN / "perplexity.json").read_text())
     assert ref["settings"]["cache_type"] == cache
     text = (DATA / "ppl_text.txt").read_text(encoding="utf-8")
     engine = Engine.load(real_model_path, ctx=ref["settings"]["n_ctx"], cache_type_k=cache, cache_type_v=cache)
     result = perplexity(engine, text, ctx=ref["settings"]["n_ctx"])
     assert result["scored_tokens"] == ref["count"]
-    print(f"perplexity, {cache} cache: qcpu {result['perplexity']:.4f}, llama.cpp {ref['perplexity']:.4f}")
-    assert abs(result["perplexity"] / ref["perplexity"] - 1) < tol
+    ours, theirs = result["perplexity"], ref["perplexity"]
+    print(f"perplexity, {cache} cache: qcpu {ours:.4f}, llama.cpp {theirs:.4f} (llama.cpp f16 {f16['perplexity']:.4f})")
+    assert ours < theirs * (1 + tol)
+    # measured: q8_0 5.914 (llama.cpp 6.216), q4_0 7.936 (llama.cpp 61.78), against f16's 5.965
+    assert ours < f16["perplexity"] * {"q8_0": 1.01, "q4_0": 1.5}[cache]
