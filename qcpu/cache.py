@@ -9,7 +9,8 @@ q8_0 or q4_0, quantized on write with the reference quantizer (gguf-py's and lla
 Quantized rows hold the head rotated by a Walsh-Hadamard matrix first (`rotation`, llama.cpp's attention
 rotation): an orthogonal map spreads the few huge channels of Qwen2's keys over the whole block, so one
 block scale no longer crushes the small ones. Attention rotates q the same way (q.k is unchanged) and
-rotates its output back for values.
+rotates its output back for values. Quantized keys are also stored minus one center per layer and kv
+head (`_centered`, qcpu's own step beyond llama.cpp): what the keys share no longer sets the scales.
 
 When a batch does not fit, the oldest tokens after the first `keep` (the system prompt) are discarded
 and the survivors move down, their keys re-rotated back by the same number of positions: llama.cpp's
