@@ -9,3 +9,8 @@ import os as _os
 # spinning thread is preempted and every region waits a scheduler tick: measured 0.6 tok/s instead of
 # 20 on the default model with a loaded 2-core machine. Sleeping waits cost microseconds instead.
 _os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+# OpenBLAS (under NumPy's matmuls: prefill attention) also spins after each call, by default for 2**28
+# cycles, on the cores the next Numba kernel needs: the prefill GEMMs ran at half speed beside it
+# (default model, pp512: 126 -> 185 tok/s with the minimum, 2**4). OpenBLAS reads this when NumPy loads
+# it, so it applies when qcpu is imported first (the CLI; a script that imported NumPy before keeps its own).
+_os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")

@@ -264,7 +264,7 @@ def test_dequantize_random_float_bits(qtype):
 
 def test_dequantize_portable_half_decode_all_scales():
     """Dequantize built without F16C (integer half decode in IR), over every non-NaN fp16 scale."""
-    run, _ = legacy.make_kernels(T.Q8_0, avx2=False, f16c=False)
+    run = legacy.make_kernels(T.Q8_0, avx2=False, f16c=False)[0]
 
     h = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
     h = h[~np.isnan(h.view(np.float16))]
@@ -386,3 +386,87 @@ def test_matmul_batch_path(real_floats, qtype):
     single = np.stack([matmul(w, qtype, xs[i:i + 1])[0] for i in range(3)])
     for got in (batch, single):
         assert np.linalg.norm(got - ref) <= TOL_REF[qtype] * np.linalg.norm(ref)
+
+
+# --------------------------------------------------------------------------------------------------
+# Batched products: the integer GEMM on interleaved 8-row groups (qcpu/kernels/gemm.py)
+
+# (rows, blocks per row, tokens): rows not a multiple of the 8-row group, tokens not a multiple of the
+# micro-kernel's, a tile boundary (more than 64 rows), one token.
+GEMM_SHAPES = [(1, 1, 1), (7, 2, 2), (9, 3, 5), (37, 4, 17), (130, 28, 13), (16, 1, 3)]
+
+
+def gemm_kernel(qtype, portable):
+    return legacy.make_kernels(qtype, avx2=False, f16c=False)[2] if portable else REGISTRY[qtype].gemm
+
+
+def run_gemm(qtype, w, xs, portable=False):
+    out = np.full((xs.shape[0], w.shape[0]), np.nan, dtype=np.float32)
+    gemm_kernel(qtype, portable)(w, np.ascontiguousarray(xs, dtype=np.float32), out)
+    return out
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["native", "portable"])
+@pytest.mark.parametrize("qtype", LEGACY, ids=lambda t: t.name)
+def test_gemm_integer_part_is_exact(qtype, portable):
+    """Block scales 1, mins 0, integer activations whose every block reaches +-127 (so their Q8 scale is
+    1 and the quants are the values): each output must be the exact integer W @ x, with W's integers
+    taken from gguf's dequantize and the product from NumPy int64 (all sums < 2**24: float32 holds them)."""
+    rng = np.random.default_rng(7)
+    size = GGML_QUANT_SIZES[qtype][1]
+    for k, (rows, nb, n) in enumerate(GEMM_SHAPES):
+        w = rng.integers(0, 256, (rows, nb, size), dtype=np.uint8)
+        if k % 2:  # the extremes: every quant at its largest magnitude, where int16 partial sums could overflow
+            w[:] = 0x80 if qtype == T.Q8_0 else 0xFF
+        w[:, :, 0:2] = np.frombuffer(np.float16(1).tobytes(), np.uint8)
+        if qtype in ACT_Q8_1:
+            w[:, :, 2:4] = 0
+        w = w.reshape(rows, nb * size)
+        ints = gq.dequantize(w, qtype).astype(np.int64)
+        x = rng.integers(-127, 128, (n, nb, QK))
+        x[np.arange(n)[:, None], np.arange(nb)[None, :], rng.integers(0, QK, (n, nb))] = 127 * rng.choice([-1, 1], (n, nb))
+        if k % 2:
+            x[:] = 127 * rng.choice([-1, 1], (n, 1, 1))
+        x = x.reshape(n, nb * QK)
+        ref = x @ ints.T
+        assert np.abs(ref).max() < 2**24
+        assert np.array_equal(run_gemm(qtype, w, x, portable), ref.astype(np.float32))
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["native", "portable"])
+@pytest.mark.parametrize("qtype", LEGACY, ids=lambda t: t.name)
+def test_gemm_follows_llama_arithmetic(qtype, portable):
+    """Random blocks (scales of many magnitudes, subnormals, zeros) and activations with outliers: every
+    token's row of the product agrees with the float64 emulation of llama.cpp's vec_dot (exact integer
+    block dots) as tightly as the matvec does."""
+    for i, (rows, nb, n) in enumerate(GEMM_SHAPES):
+        w = random_blocks(qtype, rows, nb, seed=100 + i)
+        xs = np.stack([activation(nb * QK, seed=200 + 31 * i + t) for t in range(n)])
+        got = run_gemm(qtype, w, xs, portable).astype(np.float64)
+        assert np.isfinite(got).all()
+        for t in range(n):
+            emu, scale = np_llama_matvec(qtype, w, xs[t])
+            assert (np.abs(got[t] - emu) <= TOL_EMU * scale + 1e-30).all()
+
+
+@pytest.mark.parametrize("qtype", LEGACY, ids=lambda t: t.name)
+def test_gemm_output_does_not_depend_on_the_batch(qtype):
+    """A token's outputs are bit-identical whether it comes alone, in a small batch or in a large one
+    (so prefill logits do not depend on the chunking), and match the real weights' float64 product."""
+    f = np.concatenate([np.random.default_rng(3).standard_normal((75, 256)).astype(np.float32)])
+    w = as_rows(qtype, gq.quantize(f, qtype))
+    xs = np.stack([activation(256, seed=s) for s in range(19)])
+    whole = run_gemm(qtype, w, xs)
+    for lo, hi in ((0, 1), (5, 7), (3, 19), (18, 19)):
+        assert np.array_equal(run_gemm(qtype, w, xs[lo:hi]), whole[lo:hi])
+    ref = xs.astype(np.float64) @ gq.dequantize(w, qtype).T.astype(np.float64)
+    assert np.linalg.norm(whole - ref) <= TOL_REF[qtype] * np.linalg.norm(ref)
+
+
+@pytest.mark.parametrize("qtype", LEGACY, ids=lambda t: t.name)
+def test_gemm_rejects_mismatched_shapes(qtype):
+    w = random_blocks(qtype, rows=3, nb=2, seed=1)
+    with pytest.raises(ValueError):
+        REGISTRY[qtype].gemm(w, np.zeros((2, 96), np.float32), np.empty((2, 3), np.float32))
+    with pytest.raises(ValueError):
+        REGISTRY[qtype].gemm(w, np.zeros((2, 64), np.float32), np.empty((2, 4), np.float32))

@@ -70,6 +70,7 @@ class QuantKernel:
     ggml_type: GGMLQuantizationType
     dequantize: Callable[[np.ndarray, np.ndarray], None]
     matvec: Callable[[np.ndarray, np.ndarray, np.ndarray], None]
+    gemm: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None
 
     @property
     def block_size(self) -> int:
@@ -85,8 +86,8 @@ class QuantKernel:
 REGISTRY: dict[GGMLQuantizationType, QuantKernel] = {}
 
 
-def register(ggml_type: GGMLQuantizationType, dequantize, matvec) -> QuantKernel:
-    kernel = QuantKernel(ggml_type, dequantize, matvec)
+def register(ggml_type: GGMLQuantizationType, dequantize, matvec, gemm=None) -> QuantKernel:
+    kernel = QuantKernel(ggml_type, dequantize, matvec, gemm)
     REGISTRY[ggml_type] = kernel
     return kernel
 
@@ -127,6 +128,9 @@ def matmul(w: np.ndarray, ggml_type: int, x: np.ndarray) -> np.ndarray:
     out = np.empty((n, rows), dtype=np.float32)
     if n == 1:
         kernel.matvec(w, np.ascontiguousarray(x[0], dtype=np.float32), out[0])
+        return out
+    if kernel.gemm is not None:
+        kernel.gemm(w, np.ascontiguousarray(x, dtype=np.float32), out)
         return out
     round_activations = ACTIVATION_ROUNDING.get(kernel.ggml_type)
     if round_activations is not None:

@@ -45,7 +45,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from qcpu.kernels import check_rows, literal_values, register, specialise
+from qcpu.kernels import check_rows, gemm, literal_values, register, specialise
 from qcpu.kernels.cpu import F16C, X86_AVX2
 from qcpu.kernels.halves import f16_to_f32, f32_to_f16, ir_half_at
 from qcpu.kernels.llvm_ir import (
@@ -280,6 +280,40 @@ def _row_dot(typingctx, wrow, xq, xd, xs, xc, spec):
     return types.float32(wrow, xq, xd, xs, xc, spec), codegen
 
 
+@intrinsic
+def _pack_row(typingctx, wrow, q, d, m, r, spec):
+    """Unpack one weight row into row r (0..7) of a packed 8-row group (gemm.py's layout): q uint8[nb*256]
+    gets the row's quants, 4 at a time, at bytes 256b + 32g + 4r (nibble types unsigned, before their
+    offset; Q8_0 signed), d / m float32[nb*8] its block scales / mins at 8b + r."""
+    layout = literal_values(spec)
+    if layout is None:
+        return None
+    type_size, has_m, has_qh, nibbles, _, _, f16c = layout
+
+    def codegen(context, b, signature, args):
+        aw, aq, ad, am = [context.make_array(t)(context, b, a) for t, a in zip(signature.args[:4], args[:4])]
+        wp = b.bitcast(aw.data, _I8.as_pointer())
+        qp = b.bitcast(aq.data, _I8.as_pointer())
+        dp = b.bitcast(ad.data, _F32.as_pointer())
+        mp = b.bitcast(am.data, _F32.as_pointer())
+        row = args[4]
+        nb = b.udiv(b.extract_value(ad.shape, 0), ir.Constant(_I64, 8))
+        with cgutils.for_range(b, nb) as loop:
+            blk = b.gep(wp, [b.mul(loop.index, ir.Constant(_I64, type_size))])
+            w4 = b.bitcast(_emit_weights(b, blk, has_m, has_qh, nibbles, 0), _vec(8, _I32))
+            base = b.add(b.mul(loop.index, ir.Constant(_I64, 256)), b.mul(row, ir.Constant(_I64, 4)))
+            for g in range(8):
+                at = b.gep(qp, [b.add(base, ir.Constant(_I64, 32 * g))])
+                b.store(b.extract_element(w4, ir.Constant(_I32, g)), b.bitcast(at, _I32.as_pointer()), align=1)
+            at = b.add(b.mul(loop.index, ir.Constant(_I64, 8)), row)
+            b.store(ir_half_at(b, blk, 0, f16c), b.gep(dp, [at]))
+            if has_m:
+                b.store(ir_half_at(b, blk, 2, f16c), b.gep(mp, [at]))
+        return context.get_dummy_value()
+
+    return types.void(wrow, q, d, m, r, spec), codegen
+
+
 # (type_size, has_m, has_qh, nibbles, offset) -- the block layouts drawn at the top of this file.
 LAYOUTS = {
     GGMLQuantizationType.Q4_0: (18, False, False, True, 8),
@@ -298,9 +332,11 @@ LAYOUTS = {
 
 @functools.cache
 def make_kernels(qtype, avx2=X86_AVX2, f16c=F16C):
-    """(dequantize(w, out), matvec(w, x, out)) for one legacy type, jitted: w uint8[rows, row_bytes] of
-    ggml-common.h's block_q4_0..block_q8_0 (LAYOUTS), out float32[rows, cols] / x float32[cols] -> out
-    float32[rows]; ggml's dequantize_row_* and ggml_vec_dot_*_q8_0/q8_1 arithmetic.
+    """(dequantize(w, out), matvec(w, x, out), gemm(w, x, out)) for one legacy type, jitted: w
+    uint8[rows, row_bytes] of ggml-common.h's block_q4_0..block_q8_0 (LAYOUTS); dequantize: out
+    float32[rows, cols]; matvec: x float32[cols] -> out float32[rows]; gemm: x float32[n, cols] -> out
+    float32[n, rows] (gemm.py). ggml's dequantize_row_* and ggml_vec_dot_*_q8_0/q8_1 arithmetic; ValueError
+    when the shapes do not match.
 
     avx2 / f16c: the instructions the emitted code may use (default: this CPU's); the tests also build the
     portable IR (both False) on every machine.
@@ -328,8 +364,58 @@ def make_kernels(qtype, avx2=X86_AVX2, f16c=F16C):
         for r in prange(w.shape[0]):
             out[r] = _row_dot(w[r], xq, xd, xs, xc, spec)
 
+    # The batched product (gemm.py): quants unpacked per tile into 8-row groups, int8 dots.
+    signed = not spec[3]  # Q8_0; the nibble types are packed unsigned
+    max_q = 128 if signed else (31 if spec[2] else 15)
+    g1, g2, g_full = [(has_m, signed, offset != 0, max_q, avx2, gemm.RG, rn) for rn in (1, 2, gemm.RN)]
+    rn_full, unit = gemm.RN, gemm.RG * gemm.ROWS
+
+    def batched(w, x, out):
+        n, cols = x.shape
+        rows = w.shape[0]
+        check_rows(w, rows, cols, QK, type_size, "gemm: weight row bytes do not match the activation length")
+        if out.shape[0] != n or out.shape[1] != rows:
+            raise ValueError("gemm: the output shape is not [tokens, rows]")
+        nb = cols // QK
+        xq = np.empty((n, cols), np.int8)
+        xd = np.empty((n, nb), np.float32)
+        xc = np.empty((n, nb), np.int32)
+        xs = np.empty((n, nb), np.float32)
+        for t in prange(n):
+            gemm.quantize_rows(x, t, xq, xd, xc, xs, offset)
+        per_tile = gemm.tile_rows(cols)
+        for tile in prange((rows + per_tile - 1) // per_tile):
+            r0 = tile * per_tile
+            nr = min(rows - r0, per_tile)
+            groups = (nr + unit - 1) // unit * gemm.RG
+            q = np.empty((groups, nb * gemm.GROUP_BLOCK_BYTES), np.uint8)
+            d = np.zeros((groups, nb * gemm.ROWS), np.float32)  # padding rows: scale 0, output 0
+            m = np.zeros((groups, nb * gemm.ROWS), np.float32)
+            for r in range(nr):
+                _pack_row(w[r0 + r], q[r // gemm.ROWS], d[r // gemm.ROWS], m[r // gemm.ROWS], r % gemm.ROWS, spec)
+            o = np.empty((n, groups * gemm.ROWS), np.float32)
+            chunk = gemm.token_chunk(cols)
+            for c0 in range(0, n, chunk):  # a chunk of activations stays cached while every group sweeps it
+                c1 = min(n, c0 + chunk)
+                full = c1 - (c1 - c0) % rn_full
+                for g0 in range(0, groups, gemm.RG):
+                    for t0 in range(c0, full, rn_full):
+                        gemm._gemm_tile(q, d, m, g0, xq, xd, xc, xs, t0, o, g_full)
+                    t0 = full
+                    while t0 < c1:  # the chunk's last tokens, two or one at a time
+                        if c1 - t0 >= 2:
+                            gemm._gemm_tile(q, d, m, g0, xq, xd, xc, xs, t0, o, g2)
+                            t0 += 2
+                        else:
+                            gemm._gemm_tile(q, d, m, g0, xq, xd, xc, xs, t0, o, g1)
+                            t0 += 1
+            for t in range(n):
+                for r in range(nr):
+                    out[t, r0 + r] = o[t, r]
+
     return (specialise(dequantize, f"dequantize_{name}", parallel=True),
-            specialise(matvec, f"matvec_{name}", parallel=True))
+            specialise(matvec, f"matvec_{name}", parallel=True),
+            specialise(batched, f"gemm_{name}", parallel=True))
 
 
 for _t in LAYOUTS:
