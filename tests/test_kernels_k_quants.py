@@ -147,7 +147,7 @@ def run_matvec(qtype, w, x, simd=True):
     if simd:
         kernel_for(qtype).matvec(w, x, out)
     else:
-        kq.make_matvec(qtype, avx2=False, f16c=False)(w, x, out)
+        kq.make_matvec(qtype, avx2=False, f16c=False)[0](w, x, out)
     return out
 
 
@@ -319,3 +319,110 @@ def test_matvec_same_bits_for_any_thread_count(qtype):
     finally:
         numba.set_num_threads(before)
     assert np.array_equal(one, many)
+
+
+# --------------------------------------------------------------------------------------------------
+# Batched products: the integer GEMM on interleaved 8-row groups (qcpu/kernels/gemm.py)
+
+# (rows, super-blocks per row, tokens): rows not a multiple of the 8-row group, tokens not a multiple of
+# the micro-kernel's, a tile boundary (more than 64 rows), one token.
+GEMM_SHAPES = [(1, 1, 1), (7, 1, 2), (9, 2, 5), (37, 1, 17), (70, 3, 6), (16, 1, 3)]
+
+
+def run_gemm(qtype, w, xs, simd=True):
+    out = np.full((xs.shape[0], w.shape[0]), np.nan, np.float32)
+    gemm = kernel_for(qtype).gemm if simd else kq.make_matvec(qtype, avx2=False, f16c=False)[1]
+    gemm(w, np.ascontiguousarray(xs, np.float32), out)
+    return out
+
+
+def _with_unit_scales(qtype, w):
+    """The same blocks with d = 1 and dmin = 0 (the fp16 fields), so only the integer part remains."""
+    size = GGML_QUANT_SIZES[qtype][1]
+    b = w.reshape(w.shape[0], -1, size).copy()
+    fields = F16_FIELDS[qtype]
+    b[:, :, fields[0]:fields[0] + 2] = np.frombuffer(np.float16(1).tobytes(), np.uint8)
+    if len(fields) > 1:
+        b[:, :, fields[1]:fields[1] + 2] = 0
+    return b.reshape(w.shape[0], -1)
+
+
+# Scale bytes that decode to sub-block scale 1 and min 0 (layouts in qcpu/kernels/k_quants.py).
+_UNIT_SCALE_BYTES = {
+    T.Q2_K: (0, [0x01] * 16),  # low nibble scale, high nibble min
+    T.Q3_K: (96, [0x11] * 8 + [0xAA] * 4),  # stored scale 33 = 0b10_0001 (scale - 32 = 1)
+    T.Q4_K: (4, [1] * 4 + [0] * 4 + [0x01] * 4),
+    T.Q5_K: (4, [1] * 4 + [0] * 4 + [0x01] * 4),
+    T.Q6_K: (192, [1] * 16),
+}
+
+
+def _extreme_quants(qtype, w):
+    """Every quant at its largest unsigned value (all bits set), sub-block scales 1 and mins 0."""
+    size = GGML_QUANT_SIZES[qtype][1]
+    b = np.full((w.shape[0], w.shape[1] // size, size), 0xFF, np.uint8)
+    at, vals = _UNIT_SCALE_BYTES[qtype]
+    b[:, :, at:at + len(vals)] = vals
+    return b.reshape(w.shape)
+
+
+@pytest.mark.parametrize("simd", [True, False], ids=["native", "portable"])
+@pytest.mark.parametrize("qtype", K_TYPES, ids=lambda t: t.name)
+def test_gemm_integer_part_is_exact(qtype, simd):
+    """d = 1, dmin = 0, and activation blocks whose largest magnitude is -127 (so Q8_K's scale is exactly
+    1 and its quants are the values): every output must equal the integer sum_s scale_s * (q . x)_s, from
+    the NumPy unpacking checked against gguf above (exact: all sums < 2**24). Half the shapes use the
+    extremes (every quant at its largest, scales 1, activations all -127), where int16 partial sums could
+    overflow."""
+    rng = np.random.default_rng(11)
+    for k, (rows, nb, n) in enumerate(GEMM_SHAPES):
+        w = random_blocks(qtype, rows, nb, seed=k)
+        if k % 2:
+            w = _extreme_quants(qtype, w)
+        w = _with_unit_scales(qtype, w)
+        x = rng.integers(-127, 128, (n, nb, QK))
+        x[np.arange(n)[:, None], np.arange(nb)[None, :], rng.integers(0, QK, (n, nb))] = -127
+        if k % 2:
+            x[:] = -127
+        x = x.reshape(n, nb * QK)
+        q, sc, _, _, _ = unpack_ref(qtype, w.reshape(rows * nb, -1))
+        n_sub = sc.shape[1]
+        prod = q.reshape(rows, nb, n_sub, -1)[None] * x.reshape(n, 1, nb, n_sub, -1)
+        ref = (prod.sum(-1) * sc.reshape(1, rows, nb, n_sub)).sum((-1, -2))
+        assert np.abs(ref).max() < 2**24
+        assert np.array_equal(run_gemm(qtype, w, x, simd), ref.astype(np.float32))
+
+
+@pytest.mark.parametrize("simd", [True, False], ids=["native", "portable"])
+@pytest.mark.parametrize("qtype", K_TYPES, ids=lambda t: t.name)
+def test_gemm_follows_llama_arithmetic(qtype, simd):
+    """Random blocks and activations: each token's outputs agree with the float64 emulation of
+    ggml_vec_dot_q*_K_q8_K, within float32 rounding of the block terms."""
+    rng = np.random.default_rng(12)
+    for k, (rows, nb, n) in enumerate(GEMM_SHAPES):
+        w = random_blocks(qtype, rows, nb, seed=50 + k)
+        xs = rng.standard_normal((n, nb * QK)).astype(np.float32)
+        xs[:, rng.integers(0, nb * QK, 3)] *= 30
+        got = run_gemm(qtype, w, xs, simd).astype(np.float64)
+        for t in range(n):
+            ref, scale = vec_dot_ref(qtype, w, xs[t])
+            assert (np.abs(got[t] - ref) <= 1e-5 * scale + 1e-30).all()
+
+
+@pytest.mark.parametrize("qtype", K_TYPES, ids=lambda t: t.name)
+def test_gemm_output_does_not_depend_on_the_batch(qtype):
+    """A token's outputs are bit-identical alone, in a small batch or a large one."""
+    w = random_blocks(qtype, 75, 2, seed=9)
+    xs = np.random.default_rng(5).standard_normal((19, 2 * QK)).astype(np.float32)
+    whole = run_gemm(qtype, w, xs)
+    for lo, hi in ((0, 1), (5, 7), (3, 19), (18, 19)):
+        assert np.array_equal(run_gemm(qtype, w, xs[lo:hi]), whole[lo:hi])
+
+
+@pytest.mark.parametrize("qtype", K_TYPES, ids=lambda t: t.name)
+def test_gemm_rejects_mismatched_shapes(qtype):
+    w = random_blocks(qtype, 3, 2, seed=1)
+    with pytest.raises(ValueError):
+        kernel_for(qtype).gemm(w, np.zeros((2, 256), np.float32), np.empty((2, 3), np.float32))
+    with pytest.raises(ValueError):
+        kernel_for(qtype).gemm(w, np.zeros((2, 512), np.float32), np.empty((2, 4), np.float32))

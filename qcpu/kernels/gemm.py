@@ -43,6 +43,8 @@ from qcpu.kernels.llvm_ir import (
     _contract,
     _lanes,
     _load,
+    _madd,
+    _maddubs,
     _splat,
     _vec,
 )
@@ -120,104 +122,199 @@ def _pairs_avx2(b, wv, xb, signed):
     return _call(b, "llvm.x86.avx2.pmadd.ub.sw", _vec(16, _I16), wv, xb)
 
 
-def _widen_avx2(b, pairs):
-    return _call(b, "llvm.x86.avx2.pmadd.wd", _vec(8, _I32), pairs, _splat(_I16, 16, 1))
-
-
-@intrinsic
-def _gemm_tile(typingctx, q, d, m, g0, xq, xd, xc, xs, t0, out, spec):
-    """Groups g0..g0+RG-1 of a packed tile times tokens t0..t0+rn-1 -> out[t, 8*g .. 8*g+8] (float32).
-
-    q uint8[groups, nb*256], d / m float32[groups, nb*8] (the packed tile, layout in the module doc);
-    xq int8[n, cols], xd / xs float32[n, nb], xc int32[n, nb] (quantize_rows); out float32[n, >= 8*groups].
-    spec (literal): (has_m, signed, sub_offset, max_q, avx2, rg, rn). Unsigned quants (nibble types) have
-    their offset taken off as offset * sum(x) per block (xc) when sub_offset; max_q bounds |weight quant|:
-    it decides how many pmaddubsw results may be summed in int16 (|pair| <= 2 * max_q * 127) before
-    widening.
-    """
-    spec_v = literal_values(spec)
-    if spec_v is None:
-        return None
-    has_m, signed, sub_offset, max_q, avx2, rg, rn = spec_v
-    per_i16 = max(1, min(8, 32767 // (2 * max_q * 127))) if avx2 else 0
-
-    def codegen(context, b, signature, args):
-        arr = {}
-        for name, ty, a in zip(("q", "d", "m", "xq", "xd", "xc", "xs", "out"),
-                               [signature.args[i] for i in (0, 1, 2, 4, 5, 6, 7, 9)],
-                               [args[i] for i in (0, 1, 2, 4, 5, 6, 7, 9)]):
-            arr[name] = context.make_array(ty)(context, b, a)
-        g0_, t0_ = args[3], args[8]
-        qp = b.bitcast(arr["q"].data, _I8.as_pointer())
-        dp = b.bitcast(arr["d"].data, _F32.as_pointer())
-        mp = b.bitcast(arr["m"].data, _F32.as_pointer())
-        xqp = b.bitcast(arr["xq"].data, _I8.as_pointer())
-        xdp = b.bitcast(arr["xd"].data, _F32.as_pointer())
-        xcp = b.bitcast(arr["xc"].data, _I32.as_pointer())
-        xsp = b.bitcast(arr["xs"].data, _F32.as_pointer())
-        op = b.bitcast(arr["out"].data, _F32.as_pointer())
-        nb = b.extract_value(arr["xd"].shape, 1)
-        cols = b.extract_value(arr["xq"].shape, 1)
-        ostride = b.extract_value(arr["out"].shape, 1)
-        gstride = b.extract_value(arr["q"].shape, 1)  # bytes per group = nb * 256
-        c64 = lambda v: ir.Constant(_I64, v)
-
-        zero8 = ir.Constant(_vec(8, _F32), [0.0] * 8)
-        accs = [[cgutils.alloca_once_value(b, zero8) for _ in range(rn)] for _ in range(rg)]
-        groups = [b.add(g0_, c64(i)) for i in range(rg)]
-        tokens = [b.add(t0_, c64(j)) for j in range(rn)]
-        xrows = [b.gep(xqp, [b.mul(t, cols)]) for t in tokens]
-
-        with cgutils.for_range(b, nb) as loop:
-            blk = loop.index
-            wbase = [b.gep(qp, [b.add(b.mul(g, gstride), b.mul(blk, c64(GROUP_BLOCK_BYTES)))]) for g in groups]
-            xoff = b.mul(blk, c64(QK))
-            isum = [[None] * rn for _ in range(rg)]
-            part = [[None] * rn for _ in range(rg)]
-            for step in range(8):
-                wv = [_load(b, wbase[i], step * 32, _vec(32, _I8)) for i in range(rg)]
-                for j in range(rn):
-                    x4 = _load(b, xrows[j], b.add(xoff, c64(4 * step)), _I32)
-                    undef = ir.Constant(_vec(8, _I32), None)
-                    xb = b.bitcast(b.shuffle_vector(b.insert_element(undef, x4, ir.Constant(_I32, 0)), undef,
-                                                    _lanes([0] * 8)), _vec(32, _I8))
-                    for i in range(rg):
-                        if avx2:
-                            pairs = _pairs_avx2(b, wv[i], xb, signed)
-                            part[i][j] = pairs if part[i][j] is None else b.add(part[i][j], pairs)
-                            if (step + 1) % per_i16 == 0 or step == 7:
-                                wide = _widen_avx2(b, part[i][j])
-                                isum[i][j] = wide if isum[i][j] is None else b.add(isum[i][j], wide)
-                                part[i][j] = None
-                        else:
-                            s = _dot_step_generic(b, wv[i], xb, signed)
-                            isum[i][j] = s if isum[i][j] is None else b.add(isum[i][j], s)
-            for i in range(rg):
-                gb = b.add(b.mul(groups[i], nb), blk)  # (group, block) index into d / m
-                dv = _load(b, b.bitcast(dp, _I8.as_pointer()), b.mul(gb, c64(32)), _vec(8, _F32))
-                mv = _load(b, b.bitcast(mp, _I8.as_pointer()), b.mul(gb, c64(32)), _vec(8, _F32)) if has_m else None
-                for j in range(rn):
-                    tb = b.add(b.mul(tokens[j], nb), blk)
-                    s32 = isum[i][j]
-                    if sub_offset:  # sum (q - offset) x = sum q x - offset * sum x: exact in int32
-                        xc_ = b.load(b.gep(xcp, [tb]))
-                        s32 = b.sub(s32, _splat_value(b, xc_, _I32))
-                    scale = b.fmul(dv, _splat_value(b, b.load(b.gep(xdp, [tb])), _F32))  # d_w * d_x first
-                    term = _contract(b.fmul(b.sitofp(s32, _vec(8, _F32)), scale))
-                    acc = _contract(b.fadd(b.load(accs[i][j]), term))
-                    if has_m:
-                        mterm = _contract(b.fmul(mv, _splat_value(b, b.load(b.gep(xsp, [tb])), _F32)))
-                        acc = _contract(b.fadd(acc, mterm))
-                    b.store(acc, accs[i][j])
-        for i in range(rg):
-            for j in range(rn):
-                at = b.add(b.mul(tokens[j], ostride), b.mul(groups[i], c64(ROWS)))
-                b.store(b.load(accs[i][j]), b.bitcast(b.gep(op, [at]), _vec(8, _F32).as_pointer()), align=4)
-        return context.get_dummy_value()
-
-    return types.void(q, d, m, g0, xq, xd, xc, xs, t0, out, spec), codegen
+def _broadcast4(b, row, at):
+    """The 4 bytes at row + at, repeated in all 8 lanes: <32 x i8>."""
+    undef = ir.Constant(_vec(8, _I32), None)
+    x4 = _load(b, row, at, _I32)
+    return b.bitcast(b.shuffle_vector(b.insert_element(undef, x4, ir.Constant(_I32, 0)), undef, _lanes([0] * 8)),
+                     _vec(32, _I8))
 
 
 def _splat_value(b, v, ty):
     undef = ir.Constant(_vec(8, ty), None)
     return b.shuffle_vector(b.insert_element(undef, v, ir.Constant(_I32, 0)), undef, _lanes([0] * 8))
+
+
+def _c64(v):
+    return ir.Constant(_I64, v)
+
+
+def _emit_legacy(b, arr, g0, t0, spec):
+    """Legacy blocks of 32: packed (q, d, m), acts (xq, xd, xc, xs) = quantize_rows's arrays."""
+    _, has_m, signed, sub_offset, max_q, avx2, rg, rn = spec
+    per_i16 = max(1, min(8, 32767 // (2 * max_q * 127))) if avx2 else 0
+    (q, d, m), (xq, xd, xc, xs), out = arr
+    qp, dp, mp = (b.bitcast(a.data, _I8.as_pointer()) for a in (q, d, m))
+    xqp, xdp, xcp, xsp = (b.bitcast(a.data, _I8.as_pointer()) for a in (xq, xd, xc, xs))
+    nb = b.extract_value(xd.shape, 1)
+    cols = b.extract_value(xq.shape, 1)
+    gstride = b.extract_value(q.shape, 1)  # bytes per group = nb * 256
+    groups = [b.add(g0, _c64(i)) for i in range(rg)]
+    tokens = [b.add(t0, _c64(j)) for j in range(rn)]
+    xrows = [b.gep(xqp, [b.mul(t, cols)]) for t in tokens]
+    accs = [[cgutils.alloca_once_value(b, ir.Constant(_vec(8, _F32), [0.0] * 8)) for _ in range(rn)] for _ in range(rg)]
+
+    with cgutils.for_range(b, nb) as loop:
+        blk = loop.index
+        wbase = [b.gep(qp, [b.add(b.mul(g, gstride), b.mul(blk, _c64(GROUP_BLOCK_BYTES)))]) for g in groups]
+        xoff = b.mul(blk, _c64(QK))
+        isum = [[None] * rn for _ in range(rg)]
+        part = [[None] * rn for _ in range(rg)]
+        for step in range(8):
+            wv = [_load(b, wbase[i], step * 32, _vec(32, _I8)) for i in range(rg)]
+            for j in range(rn):
+                xb = _broadcast4(b, xrows[j], b.add(xoff, _c64(4 * step)))
+                for i in range(rg):
+                    if avx2:
+                        pairs = _pairs_avx2(b, wv[i], xb, signed)
+                        part[i][j] = pairs if part[i][j] is None else b.add(part[i][j], pairs)
+                        if (step + 1) % per_i16 == 0 or step == 7:
+                            wide = _madd(b, part[i][j], _splat(_I16, 16, 1), True)
+                            isum[i][j] = wide if isum[i][j] is None else b.add(isum[i][j], wide)
+                            part[i][j] = None
+                    else:
+                        s_ = _dot_step_generic(b, wv[i], xb, signed)
+                        isum[i][j] = s_ if isum[i][j] is None else b.add(isum[i][j], s_)
+        for i in range(rg):
+            gb = b.mul(b.add(b.mul(groups[i], nb), blk), _c64(32))  # (group, block) -> 8 floats of d / m
+            dv = _load(b, dp, gb, _vec(8, _F32))
+            mv = _load(b, mp, gb, _vec(8, _F32)) if has_m else None
+            for j in range(rn):
+                tb = b.mul(b.add(b.mul(tokens[j], nb), blk), _c64(4))
+                s32 = isum[i][j]
+                if sub_offset:  # sum (q - offset) x = sum q x - offset * sum x: exact in int32
+                    s32 = b.sub(s32, _splat_value(b, _load(b, xcp, tb, _I32), _I32))
+                scale = b.fmul(dv, _splat_value(b, _load(b, xdp, tb, _F32), _F32))  # d_w * d_x first, as ggml
+                acc = _contract(b.fadd(b.load(accs[i][j]), _contract(b.fmul(b.sitofp(s32, _vec(8, _F32)), scale))))
+                if has_m:
+                    mterm = _contract(b.fmul(mv, _splat_value(b, _load(b, xsp, tb, _F32), _F32)))
+                    acc = _contract(b.fadd(acc, mterm))
+                b.store(acc, accs[i][j])
+    return groups, tokens, accs
+
+
+def _emit_k(b, arr, g0, t0, spec):
+    """K-quant super-blocks of 256: packed (q, sc, mc, d, dm) as k_quants._pack_block lays them out, acts
+    (xq, xd, xb) = Q8_K (quants, float32 d per 256, int16 sums of 16). Per super-block and row, as
+    ggml_vec_dot_q*_K_q8_K: isum = sum over 16-value groups s of sc_s * (u . x)_s, exact in int32 (the
+    pair sums widened by pmaddwd with the scale itself); msum = sum_s mc_s * bsum_s, one pmaddwd per pair
+    of groups; then d*d_x*isum - dmin*d_x*msum (Q2_K/Q4_K/Q5_K: mins), or d*d_x*(isum - msum)
+    (Q3_K/Q6_K: mc_s = offset * sc_s)."""
+    _, has_min, fold, max_q, avx2, rg, rn = spec
+    per_i16 = max(1, min(4, 32767 // (2 * max_q * 127)))
+    (q, sc, mc, d, dm), (xq, xd, xb), out = arr
+    qp, scp, mcp, dp, dmp = (b.bitcast(a.data, _I8.as_pointer()) for a in (q, sc, mc, d, dm))
+    xqp, xdp, xbp = (b.bitcast(a.data, _I8.as_pointer()) for a in (xq, xd, xb))
+    nbk = b.extract_value(xd.shape, 1)
+    cols = b.extract_value(xq.shape, 1)
+    gstride = b.extract_value(q.shape, 1)  # bytes per group = nbk * 2048
+    groups = [b.add(g0, _c64(i)) for i in range(rg)]
+    tokens = [b.add(t0, _c64(j)) for j in range(rn)]
+    xrows = [b.gep(xqp, [b.mul(t, cols)]) for t in tokens]
+    brows = [b.gep(xbp, [b.mul(t, b.mul(nbk, _c64(32)))]) for t in tokens]  # 16 int16 per super-block
+    accs = [[cgutils.alloca_once_value(b, ir.Constant(_vec(8, _F32), [0.0] * 8)) for _ in range(rn)] for _ in range(rg)]
+
+    with cgutils.for_range(b, nbk) as loop:
+        blk = loop.index
+        gb = [b.add(b.mul(g, nbk), blk) for g in groups]  # (group, super-block)
+        wbase = [b.gep(qp, [b.add(b.mul(g, gstride), b.mul(blk, _c64(8 * GROUP_BLOCK_BYTES)))]) for g in groups]
+        xoff = b.mul(blk, _c64(256))
+        isum = [[None] * rn for _ in range(rg)]
+        for s in range(16):  # 16-value groups: 4 steps of 4 weights
+            scv = [_load(b, scp, b.mul(b.add(b.mul(gb[i], _c64(16)), _c64(s)), _c64(32)), _vec(16, _I16)) for i in range(rg)]
+            part = [[None] * rn for _ in range(rg)]
+            for k in range(4):
+                step = 4 * s + k
+                wv = [_load(b, wbase[i], 32 * step, _vec(32, _I8)) for i in range(rg)]
+                for j in range(rn):
+                    xv = _broadcast4(b, xrows[j], b.add(xoff, _c64(4 * step)))
+                    for i in range(rg):
+                        pairs = _maddubs(b, wv[i], xv, avx2)
+                        part[i][j] = pairs if part[i][j] is None else b.add(part[i][j], pairs)
+                        if (k + 1) % per_i16 == 0 or k == 3:
+                            wide = _madd(b, part[i][j], scv[i], avx2)
+                            isum[i][j] = wide if isum[i][j] is None else b.add(isum[i][j], wide)
+                            part[i][j] = None
+        msum = [[None] * rn for _ in range(rg)]
+        for p in range(8):  # pairs of 16-value groups
+            mcv = [_load(b, mcp, b.mul(b.add(b.mul(gb[i], _c64(8)), _c64(p)), _c64(32)), _vec(16, _I16)) for i in range(rg)]
+            for j in range(rn):
+                bs = b.bitcast(_splat_value(b, _load(b, brows[j], b.add(b.mul(blk, _c64(32)), _c64(4 * p)), _I32), _I32),
+                               _vec(16, _I16))
+                for i in range(rg):
+                    w_ = _madd(b, mcv[i], bs, avx2)
+                    msum[i][j] = w_ if msum[i][j] is None else b.add(msum[i][j], w_)
+        for i in range(rg):
+            dv = _load(b, dp, b.mul(gb[i], _c64(32)), _vec(8, _F32))
+            dmv = _load(b, dmp, b.mul(gb[i], _c64(32)), _vec(8, _F32)) if has_min else None
+            for j in range(rn):
+                dx = _splat_value(b, _load(b, xdp, b.mul(b.add(b.mul(tokens[j], nbk), blk), _c64(4)), _F32), _F32)
+                s32 = b.sub(isum[i][j], msum[i][j]) if fold else isum[i][j]
+                acc = _contract(b.fadd(b.load(accs[i][j]), _contract(b.fmul(b.sitofp(s32, _vec(8, _F32)), b.fmul(dv, dx)))))
+                if has_min:
+                    acc = _contract(b.fsub(acc, _contract(b.fmul(b.sitofp(msum[i][j], _vec(8, _F32)), b.fmul(dmv, dx)))))
+                b.store(acc, accs[i][j])
+    return groups, tokens, accs
+
+
+@intrinsic
+def _gemm_tile(typingctx, packed, acts, g0, t0, out, spec):
+    """Groups g0..g0+rg-1 of a packed tile times tokens t0..t0+rn-1 -> out[t, 8*g .. 8*g+8] (float32).
+
+    packed / acts: tuples of arrays, the family's packed tile and quantized activations (see _emit_legacy,
+    _emit_k); out float32[n, >= 8*groups]. spec (literal): ("legacy", has_m, signed, sub_offset, max_q,
+    avx2, rg, rn) or ("k", has_min, fold_offset, max_q, avx2, rg, rn). Unsigned quants have their offset
+    taken off through activation sums, exactly; max_q bounds |weight quant|: it decides how many
+    pmaddubsw results may be summed in int16 (|pair| <= 2 * max_q * 127) before widening.
+    """
+    spec_v = literal_values(spec)
+    if spec_v is None:
+        return None
+    emit = _emit_legacy if spec_v[0] == "legacy" else _emit_k
+
+    def codegen(context, b, signature, args):
+        def arrays(ty, val):
+            return [context.make_array(t)(context, b, v) for t, v in zip(ty.types, cgutils.unpack_tuple(b, val))]
+
+        arr = (arrays(signature.args[0], args[0]), arrays(signature.args[1], args[1]),
+               context.make_array(signature.args[4])(context, b, args[4]))
+        groups, tokens, accs = emit(b, arr, args[2], args[3], spec_v)
+        op = b.bitcast(arr[2].data, _F32.as_pointer())
+        ostride = b.extract_value(arr[2].shape, 1)
+        for i, g in enumerate(groups):
+            for j, t in enumerate(tokens):
+                at = b.add(b.mul(t, ostride), b.mul(g, _c64(ROWS)))
+                b.store(b.load(accs[i][j]), b.bitcast(b.gep(op, [at]), _vec(8, _F32).as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.void(packed, acts, g0, t0, out, spec), codegen
+
+
+@njit(cache=True, inline="always")
+def sweep(packed, acts, n, cols, groups, o, spec_full, spec2, spec1):
+    """All tokens x all groups of one packed tile into o float32[n, 8*groups]: tokens in chunks whose
+    activations stay cached while every group sweeps them; RN tokens per micro-kernel call, the last
+    ones two or one at a time (spec_full / spec2 / spec1: the micro-kernel for RN, 2, 1 tokens)."""
+    chunk = token_chunk(cols)
+    for c0 in range(0, n, chunk):
+        c1 = min(n, c0 + chunk)
+        full = c1 - (c1 - c0) % RN
+        for g0 in range(0, groups, RG):
+            for t0 in range(c0, full, RN):
+                _gemm_tile(packed, acts, g0, t0, o, spec_full)
+            t0 = full
+            while t0 < c1:
+                if c1 - t0 >= 2:
+                    _gemm_tile(packed, acts, g0, t0, o, spec2)
+                    t0 += 2
+                else:
+                    _gemm_tile(packed, acts, g0, t0, o, spec1)
+                    t0 += 1
+
+
+@njit(cache=True, inline="always")
+def scatter(o, out, r0, nr):
+    """A tile's outputs o[:, :nr] into out[:, r0:r0+nr]."""
+    for t in range(out.shape[0]):
+        for r in range(nr):
+            out[t, r0 + r] = o[t, r]

@@ -31,21 +31,10 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from qcpu.kernels import check_rows, literal_values, register, specialise
+from qcpu.kernels import check_rows, gemm, literal_values, register, specialise
 from qcpu.kernels.cpu import F16C, X86_AVX2
 from qcpu.kernels.halves import f16_at, ir_half_at
-from qcpu.kernels.llvm_ir import (
-    _F64,
-    _I8,
-    _I16,
-    _I32,
-    _I64,
-    _call,
-    _lanes,
-    _load,
-    _splat,
-    _vec,
-)
+from qcpu.kernels.llvm_ir import _F64, _I8, _I16, _I32, _I64, _call, _load, _madd, _maddubs, _shuffle, _splat, _vec
 
 QK_K = 256
 
@@ -320,27 +309,6 @@ def _prepare(w, x, out, size):
 
 
 
-def _shuffle(b, v, idx):
-    return b.shuffle_vector(v, v, _lanes(idx))
-
-
-def _maddubs(b, u, y, avx2):
-    """pmaddubsw: <32 x u8> u, <32 x i8> y -> <16 x i16>, lane k = u[2k]*y[2k] + u[2k+1]*y[2k+1]."""
-    if avx2:
-        return _call(b, "llvm.x86.avx2.pmadd.ub.sw", _vec(16, _I16), u, y)
-    p = b.mul(b.zext(u, _vec(32, _I16)), b.sext(y, _vec(32, _I16)))  # cannot overflow: see top
-    return b.add(_shuffle(b, p, range(0, 32, 2)), _shuffle(b, p, range(1, 32, 2)))
-
-
-def _madd(b, p, s, avx2):
-    """pmaddwd: <16 x i16> p, s -> <8 x i32>, lane k = p[2k]*s[2k] + p[2k+1]*s[2k+1]."""
-    if avx2:
-        return _call(b, "llvm.x86.avx2.pmadd.wd", _vec(8, _I32), p, s)
-    e = b.mul(b.sext(_shuffle(b, p, range(0, 16, 2)), _vec(8, _I32)), b.sext(_shuffle(b, s, range(0, 16, 2)), _vec(8, _I32)))
-    o = b.mul(b.sext(_shuffle(b, p, range(1, 16, 2)), _vec(8, _I32)), b.sext(_shuffle(b, s, range(1, 16, 2)), _vec(8, _I32)))
-    return b.add(e, o)
-
-
 def _hsum(b, v):
     return _call(b, "llvm.vector.reduce.add.v8i32", _I32, v)
 
@@ -474,6 +442,64 @@ def _block_dot(typingctx, row, o, qx, dx, bsums, blk, w0, w1, spec):
     return types.float64(row, o, qx, dx, bsums, blk, w0, w1, spec), codegen
 
 
+@intrinsic
+def _pack_block(typingctx, row, o, q, sc, mc, d, dm, r, blk, w0, w1, spec):
+    """Unpack the weight super-block at row[o:] into row r (0..7) of a packed 8-row group, super-block blk
+    (gemm.py's K layout): q uint8[nbk*2048] gets the unsigned quants u, 4 at a time, at 2048 blk + 32 step
+    + 4r (step = value // 4); sc int16[nbk*256] the 16 scales, each twice, at 256 blk + 16 s + 2r (+1);
+    mc int16[nbk*128] the coefficients of the activation sums of 16 (the mins, or offset * scale for
+    Q3_K/Q6_K, whose q = u - offset) at 128 blk + 16 (s // 2) + 2r + s % 2; d / dm float32[nbk*8] the
+    row's d / dmin at 8 blk + r. spec: (kind, avx2, f16c), as _block_dot's."""
+    layout = literal_values(spec)
+    if layout is None:
+        return None
+    kind, _, f16c = layout
+    quants, offset, d_at, dmin_at = _TYPES[kind]
+
+    def codegen(context, b, signature, args):
+        data = [b.bitcast(context.make_array(signature.args[i])(context, b, args[i]).data, _I8.as_pointer())
+                for i in (0, 2, 3, 4, 5, 6)]
+        rowp, qp, scp, mcp, dp, dmp = data
+        o_, r_, blk_, w0_, w1_ = args[1], args[7], args[8], args[9], args[10]
+        wb = b.gep(rowp, [o_])
+
+        def store(ptr, at, value):
+            b.store(value, b.bitcast(b.gep(ptr, [at]), value.type.as_pointer()), align=1)
+
+        qbase = b.add(b.mul(blk_, ir.Constant(_I64, 2048)), b.mul(r_, ir.Constant(_I64, 4)))
+        for j, u in enumerate(quants(b, wb)):
+            u4 = b.bitcast(u, _vec(8, _I32))
+            for g in range(8):
+                store(qp, b.add(qbase, ir.Constant(_I64, 256 * j + 32 * g)), b.extract_element(u4, ir.Constant(_I32, g)))
+        scv, mnv = _scales_16(b, wb, w0_, w1_, kind)
+        coef = b.mul(scv, _splat(_I16, 16, offset)) if offset else mnv
+        two_r = b.mul(r_, ir.Constant(_I64, 2))
+        for s_ in range(16):
+            sv = b.extract_element(scv, ir.Constant(_I32, s_))
+            at = b.mul(b.add(b.add(b.mul(blk_, ir.Constant(_I64, 256)), ir.Constant(_I64, 16 * s_)), two_r), ir.Constant(_I64, 2))
+            store(scp, at, sv)
+            store(scp, b.add(at, ir.Constant(_I64, 2)), sv)
+            at = b.add(b.add(b.mul(blk_, ir.Constant(_I64, 128)), ir.Constant(_I64, 16 * (s_ // 2) + s_ % 2)), two_r)
+            store(mcp, b.mul(at, ir.Constant(_I64, 2)), b.extract_element(coef, ir.Constant(_I32, s_)))
+        at = b.mul(b.add(b.mul(blk_, ir.Constant(_I64, 8)), r_), ir.Constant(_I64, 4))
+        store(dp, at, ir_half_at(b, wb, d_at, f16c))
+        if dmin_at is not None:
+            store(dmp, at, ir_half_at(b, wb, dmin_at, f16c))
+        return context.get_dummy_value()
+
+    return types.void(row, o, q, sc, mc, d, dm, r, blk, w0, w1, spec), codegen
+
+
+@njit(cache=True, inline="always")
+def _scale_words(row, o, kind):
+    """The int64 scale words _block_dot and _pack_block take (see _scales_16); a compile-time branch on kind."""
+    if kind == "q3_K":
+        return _scales_q3_K(row, o + 96)
+    if kind == "q4_K" or kind == "q5_K":
+        return _scale_min_k4(row, o + 4)
+    return 0, 0
+
+
 # ----------------------------------------------------------------------------------------------------
 # Matvecs: one factory, one specialisation per type. Rows in parallel; each row sums its block dots in
 # float64. No fastmath: nothing here gains.
@@ -481,8 +507,10 @@ def _block_dot(typingctx, row, o, qx, dx, bsums, blk, w0, w1, spec):
 
 @functools.cache
 def make_matvec(qtype, avx2=X86_AVX2, f16c=F16C):
-    """matvec(w uint8[rows, row_bytes], x float32[cols], out float32[rows]) for one K-quant type, jitted:
-    w holds ggml-common.h's block_q*_K, x is quantized to Q8_K, and each block is ggml_vec_dot_q*_K_q8_K.
+    """(matvec, gemm) for one K-quant type, jitted. matvec(w uint8[rows, row_bytes], x float32[cols], out
+    float32[rows]): w holds ggml-common.h's block_q*_K, x is quantized to Q8_K, and each block is
+    ggml_vec_dot_q*_K_q8_K. gemm(w, x float32[n, cols], out float32[n, rows]): the same arithmetic for a
+    batch, on packed tiles (gemm.py). ValueError when the shapes do not match.
 
     avx2 / f16c: the instructions the emitted code may use (default: this CPU's); the tests also build the
     target-independent IR (both False) on every machine.
@@ -498,20 +526,54 @@ def make_matvec(qtype, avx2=X86_AVX2, f16c=F16C):
             row, acc = w[r], 0.0
             for blk in range(dx.shape[0]):
                 o = blk * size
-                # The scale words the block dot takes (see _scales_16); compile-time branches on kind.
-                if kind == "q3_K":
-                    w0, w1 = _scales_q3_K(row, o + 96)
-                elif kind == "q4_K" or kind == "q5_K":
-                    w0, w1 = _scale_min_k4(row, o + 4)
-                else:
-                    w0, w1 = 0, 0
+                w0, w1 = _scale_words(row, o, kind)
                 acc += _block_dot(row, o, qx, dx, bsums, blk, w0, w1, spec)
             out[r] = acc
 
-    return specialise(matvec, f"matvec_{name}", parallel=True)
+    # The batched product (gemm.py): super-blocks unpacked per tile into 8-row groups, int8 dots.
+    _, offset, _, dmin_at = _TYPES[kind]
+    max_q = {"q2_K": 3, "q3_K": 7, "q4_K": 15, "q5_K": 31, "q6_K": 63}[kind]
+    g1, g2, g_full = [("k", dmin_at is not None, offset != 0, max_q, avx2, gemm.RG, rn) for rn in (1, 2, gemm.RN)]
+    unit = gemm.RG * gemm.ROWS
+
+    def batched(w, x, out):
+        n, cols = x.shape
+        rows = w.shape[0]
+        check_rows(w, rows, cols, QK_K, size, "gemm: weight row bytes do not match the activation length")
+        if out.shape[0] != n or out.shape[1] != rows:
+            raise ValueError("gemm: the output shape is not [tokens, rows]")
+        nbk = cols // QK_K
+        xq = np.empty((n, cols), np.int8)
+        xd = np.empty((n, nbk), np.float32)
+        xb = np.empty((n, nbk * 16), np.int16)
+        for t in prange(n):
+            quantize_q8_K(x[t], xq[t], xd[t], xb[t])
+        per_tile = gemm.tile_rows(cols)
+        for tile in prange((rows + per_tile - 1) // per_tile):
+            r0 = tile * per_tile
+            nr = min(rows - r0, per_tile)
+            groups = (nr + unit - 1) // unit * gemm.RG
+            q = np.empty((groups, nbk * 2048), np.uint8)
+            sc = np.zeros((groups, nbk * 256), np.int16)
+            mc = np.zeros((groups, nbk * 128), np.int16)
+            d = np.zeros((groups, nbk * 8), np.float32)  # padding rows: scale 0, output 0
+            dm = np.zeros((groups, nbk * 8), np.float32)
+            for r in range(nr):
+                row = w[r0 + r]
+                g = r // gemm.ROWS
+                for blk in range(nbk):
+                    o = blk * size
+                    w0, w1 = _scale_words(row, o, kind)
+                    _pack_block(row, o, q[g], sc[g], mc[g], d[g], dm[g], r % gemm.ROWS, blk, w0, w1, spec)
+            o = np.empty((n, groups * gemm.ROWS), np.float32)
+            gemm.sweep((q, sc, mc, d, dm), (xq, xd, xb), n, cols, groups, o, g_full, g2, g1)
+            gemm.scatter(o, out, r0, nr)
+
+    return (specialise(matvec, f"matvec_{name}", parallel=True),
+            specialise(batched, f"gemm_{name}", parallel=True))
 
 
 _T = GGMLQuantizationType
 for _t, _dequantize in ((_T.Q2_K, dequantize_q2_K), (_T.Q3_K, dequantize_q3_K), (_T.Q4_K, dequantize_q4_K),
                         (_T.Q5_K, dequantize_q5_K), (_T.Q6_K, dequantize_q6_K)):
-    register(_t, _dequantize, make_matvec(_t))
+    register(_t, _dequantize, *make_matvec(_t))

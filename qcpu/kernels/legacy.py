@@ -367,8 +367,8 @@ def make_kernels(qtype, avx2=X86_AVX2, f16c=F16C):
     # The batched product (gemm.py): quants unpacked per tile into 8-row groups, int8 dots.
     signed = not spec[3]  # Q8_0; the nibble types are packed unsigned
     max_q = 128 if signed else (31 if spec[2] else 15)
-    g1, g2, g_full = [(has_m, signed, offset != 0, max_q, avx2, gemm.RG, rn) for rn in (1, 2, gemm.RN)]
-    rn_full, unit = gemm.RN, gemm.RG * gemm.ROWS
+    g1, g2, g_full = [("legacy", has_m, signed, offset != 0, max_q, avx2, gemm.RG, rn) for rn in (1, 2, gemm.RN)]
+    unit = gemm.RG * gemm.ROWS
 
     def batched(w, x, out):
         n, cols = x.shape
@@ -394,24 +394,8 @@ def make_kernels(qtype, avx2=X86_AVX2, f16c=F16C):
             for r in range(nr):
                 _pack_row(w[r0 + r], q[r // gemm.ROWS], d[r // gemm.ROWS], m[r // gemm.ROWS], r % gemm.ROWS, spec)
             o = np.empty((n, groups * gemm.ROWS), np.float32)
-            chunk = gemm.token_chunk(cols)
-            for c0 in range(0, n, chunk):  # a chunk of activations stays cached while every group sweeps it
-                c1 = min(n, c0 + chunk)
-                full = c1 - (c1 - c0) % rn_full
-                for g0 in range(0, groups, gemm.RG):
-                    for t0 in range(c0, full, rn_full):
-                        gemm._gemm_tile(q, d, m, g0, xq, xd, xc, xs, t0, o, g_full)
-                    t0 = full
-                    while t0 < c1:  # the chunk's last tokens, two or one at a time
-                        if c1 - t0 >= 2:
-                            gemm._gemm_tile(q, d, m, g0, xq, xd, xc, xs, t0, o, g2)
-                            t0 += 2
-                        else:
-                            gemm._gemm_tile(q, d, m, g0, xq, xd, xc, xs, t0, o, g1)
-                            t0 += 1
-            for t in range(n):
-                for r in range(nr):
-                    out[t, r0 + r] = o[t, r]
+            gemm.sweep((q, d, m), (xq, xd, xc, xs), n, cols, groups, o, g_full, g2, g1)
+            gemm.scatter(o, out, r0, nr)
 
     return (specialise(dequantize, f"dequantize_{name}", parallel=True),
             specialise(matvec, f"matvec_{name}", parallel=True),

@@ -39,3 +39,24 @@ def _contract(instr):
     instr.flags.append("contract")
     return instr
 
+
+def _shuffle(b, v, idx):
+    return b.shuffle_vector(v, v, _lanes(idx))
+
+
+def _maddubs(b, u, y, avx2):
+    """pmaddubsw: <32 x u8> u, <32 x i8> y -> <16 x i16>, lane k = u[2k]*y[2k] + u[2k+1]*y[2k+1]. The
+    portable IR computes the products in int16: callers keep |u*y| pair sums within int16 (AVX2 saturates)."""
+    if avx2:
+        return _call(b, "llvm.x86.avx2.pmadd.ub.sw", _vec(16, _I16), u, y)
+    p = b.mul(b.zext(u, _vec(32, _I16)), b.sext(y, _vec(32, _I16)))
+    return b.add(_shuffle(b, p, range(0, 32, 2)), _shuffle(b, p, range(1, 32, 2)))
+
+
+def _madd(b, p, s, avx2):
+    """pmaddwd: <16 x i16> p, s -> <8 x i32>, lane k = p[2k]*s[2k] + p[2k+1]*s[2k+1]."""
+    if avx2:
+        return _call(b, "llvm.x86.avx2.pmadd.wd", _vec(8, _I32), p, s)
+    e = b.mul(b.sext(_shuffle(b, p, range(0, 16, 2)), _vec(8, _I32)), b.sext(_shuffle(b, s, range(0, 16, 2)), _vec(8, _I32)))
+    o = b.mul(b.sext(_shuffle(b, p, range(1, 16, 2)), _vec(8, _I32)), b.sext(_shuffle(b, s, range(1, 16, 2)), _vec(8, _I32)))
+    return b.add(e, o)
