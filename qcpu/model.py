@@ -21,7 +21,7 @@ from qcpu.attention import attention
 from qcpu.cache import KVCache
 from qcpu.config import ModelConfig
 from qcpu.gguf_file import GGUFFile
-from qcpu.ops import rms_norm, silu
+from qcpu.ops import rms_norm, swiglu
 from qcpu.rope import Rope, apply_rope
 from qcpu.weights import ModelWeights
 
@@ -72,7 +72,7 @@ class Qwen2Model:
             x = x + lw.wo @ a.reshape(n, c.n_heads * c.head_dim)
 
             h = rms_norm(x, lw.ffn_norm, c.rms_eps)
-            x = x + lw.w_down @ (silu(lw.w_gate @ h) * (lw.w_up @ h))
+            x = x + lw.w_down @ swiglu(lw.w_gate @ h, lw.w_up @ h)
 
         if not all_logits:
             x = x[-1:]

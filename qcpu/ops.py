@@ -1,12 +1,16 @@
-"""Dense operations of the transformer: RMSNorm and SiLU (RoPE: rope.py; attention: attention.py).
+"""Dense operations of the transformer: RMSNorm and the SwiGLU gate (RoPE: rope.py; attention: attention.py).
 
-Arithmetic follows llama.cpp's CPU backend where it is cheap to do so (float64 sum in RMSNorm), so that
-our logits track the reference closely.
+Arithmetic follows llama.cpp's CPU backend where it is cheap to do so (float64 sum in RMSNorm, ggml's own
+vectorized expf in SiLU), so that our logits track the reference closely.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+from qcpu.kernels.llvm_ir import _F32, _call
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -16,5 +20,59 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return (x * scale[:, None]) * weight
 
 
-def silu(x: np.ndarray) -> np.ndarray:
-    return x / (1.0 + np.exp(-x))
+@intrinsic
+def _fma(typingctx, a, b, c):
+    """float32 a*b + c rounded once (llvm.fma: one instruction where the CPU has FMA)."""
+    if not all(t == types.float32 for t in (a, b, c)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return _call(builder, "llvm.fma.f32", _F32, *args)
+
+    return types.float32(a, b, c), codegen
+
+
+def _h(s):
+    return np.float32(float.fromhex(s))
+
+
+_R, _LOG2E, _LN2_HI, _LN2_LO = _h("0x1.8p23"), _h("0x1.715476p+0"), _h("0x1.62e4p-1"), _h("0x1.7f7d1cp-20")
+_P0, _P1, _P2, _P3, _P4 = _h("0x1.0e4020p-7"), _h("0x1.573e2ep-5"), _h("0x1.555e66p-3"), _h("0x1.fffdb6p-2"), _h("0x1.ffffecp-1")
+
+
+@njit(cache=True, inline="always")
+def _expf(x):
+    """exp(x) for float32 as ggml_v_expf (ggml-cpu/vec.h, after ARM's optimized-routines expf): x = n ln2
+    + b with |b| <= ln2/2, a degree-5 polynomial for e^b, 2^n put in the exponent bits, and the range
+    ends (|n| > 126) scaled in two steps. The same IEEE operations as its AVX2+FMA code, lane by lane."""
+    z = _fma(x, _LOG2E, _R)
+    n = z - _R
+    b = _fma(-n, _LN2_LO, _fma(-n, _LN2_HI, x))
+    e = np.uint32(np.float32(z).view(np.uint32) << np.uint32(23))  # integer ops wrap in 32 bits, as the SIMD lanes do
+    k = np.uint32(e + np.uint32(0x3F800000)).view(np.float32)  # 2**n: e plus the bits of 1.0
+    u = b * b
+    j = _fma(_fma(_fma(_P0, b, _P1), u, _fma(_P2, b, _P3)), u, _P4 * b)
+    if abs(n) <= np.float32(126.0):
+        return _fma(j, k, k)
+    g = np.uint32(0x82000000) if n <= np.float32(0.0) else np.uint32(0)
+    s1 = np.uint32(g + np.uint32(0x7F000000)).view(np.float32)
+    if abs(n) > np.float32(192.0):
+        return s1 * s1
+    s2 = np.uint32(e - g).view(np.float32)
+    return _fma(s2, j, s2) * s1
+
+
+@njit(parallel=True, cache=True)
+def _swiglu(gate, up, out):
+    for r in prange(gate.shape[0]):
+        for i in range(gate.shape[1]):
+            x = gate[r, i]
+            out[r, i] = x / (np.float32(1.0) + _expf(-x)) * up[r, i]
+
+
+def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """silu(gate) * up, float32[n, ffn_dim] each -> float32[n, ffn_dim]; silu(x) = x / (1 + exp(-x)) with
+    ggml's expf, as ggml_vec_swiglu_f32 (the FFN of llama.cpp's graph: ggml_swiglu_split)."""
+    out = np.empty_like(gate)
+    _swiglu(np.ascontiguousarray(gate, dtype=np.float32), np.ascontiguousarray(up, dtype=np.float32), out)
+    return out

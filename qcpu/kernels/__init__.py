@@ -71,6 +71,7 @@ class QuantKernel:
     dequantize: Callable[[np.ndarray, np.ndarray], None]
     matvec: Callable[[np.ndarray, np.ndarray, np.ndarray], None]
     gemm: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None
+    gemm_min_tokens: int = 2  # below this many tokens, separate matvecs are faster (packing a tile costs)
 
     @property
     def block_size(self) -> int:
@@ -86,8 +87,8 @@ class QuantKernel:
 REGISTRY: dict[GGMLQuantizationType, QuantKernel] = {}
 
 
-def register(ggml_type: GGMLQuantizationType, dequantize, matvec, gemm=None) -> QuantKernel:
-    kernel = QuantKernel(ggml_type, dequantize, matvec, gemm)
+def register(ggml_type: GGMLQuantizationType, dequantize, matvec, gemm=None, gemm_min_tokens=2) -> QuantKernel:
+    kernel = QuantKernel(ggml_type, dequantize, matvec, gemm, gemm_min_tokens)
     REGISTRY[ggml_type] = kernel
     return kernel
 
@@ -118,16 +119,18 @@ _TILE_ROWS = 512
 def matmul(w: np.ndarray, ggml_type: int, x: np.ndarray) -> np.ndarray:
     """y = x @ W.T for raw weight blocks W (uint8[rows, row_bytes]) and float32 x[n, cols] -> [n, rows].
 
-    One token: the type's fused dequant-dot matvec. Several tokens (prefill): dequantize a tile of rows
-    once and hand it to BLAS with the whole batch, so the weights are read once per batch, not per token;
-    the activations are first rounded as the matvec (and llama.cpp) would quantize them.
+    One token (or fewer than the type's gemm_min_tokens): the type's fused dequant-dot matvec per token.
+    Several tokens (prefill): the type's integer GEMM (gemm.py) where it has one, else (float types)
+    dequantize a tile of rows once and hand it to BLAS with the whole batch, the activations first rounded
+    as the matvec (and llama.cpp) would convert them. Either way the weights are read once per batch.
     """
     kernel = kernel_for(ggml_type)
     n, cols = x.shape
     rows = w.shape[0]
     out = np.empty((n, rows), dtype=np.float32)
-    if n == 1:
-        kernel.matvec(w, np.ascontiguousarray(x[0], dtype=np.float32), out[0])
+    if n == 1 or (kernel.gemm is not None and n < kernel.gemm_min_tokens):
+        for i in range(n):
+            kernel.matvec(w, np.ascontiguousarray(x[i], dtype=np.float32), out[i])
         return out
     if kernel.gemm is not None:
         kernel.gemm(w, np.ascontiguousarray(x, dtype=np.float32), out)

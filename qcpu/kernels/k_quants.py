@@ -576,4 +576,4 @@ def make_matvec(qtype, avx2=X86_AVX2, f16c=F16C):
 _T = GGMLQuantizationType
 for _t, _dequantize in ((_T.Q2_K, dequantize_q2_K), (_T.Q3_K, dequantize_q3_K), (_T.Q4_K, dequantize_q4_K),
                         (_T.Q5_K, dequantize_q5_K), (_T.Q6_K, dequantize_q6_K)):
-    register(_t, _dequantize, *make_matvec(_t))
+    register(_t, _dequantize, *make_matvec(_t), gemm_min_tokens=5)  # measured: 4 matvecs ~ a packed tile

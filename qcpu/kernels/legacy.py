@@ -403,4 +403,4 @@ def make_kernels(qtype, avx2=X86_AVX2, f16c=F16C):
 
 
 for _t in LAYOUTS:
-    register(_t, *make_kernels(_t))
+    register(_t, *make_kernels(_t), gemm_min_tokens=3)  # measured: 2 matvecs ~ a packed tile
