@@ -112,13 +112,12 @@ def _dot_step_generic(b, wv, xb, signed):
                  b.shuffle_vector(s16, s16, _lanes(range(1, 16, 2))))
 
 
-def _pairs_avx2(b, wv, xb, signed):
-    """<16 x i16> pmaddubsw pairs; signed weights go in as |w| with x given w's sign (ggml's trick)."""
+def _pairs_avx2(b, wv, wabs, xb, signed):
+    """<16 x i16> pmaddubsw pairs. Signed weights (Q8_0) go in as |w| (wabs, computed once per step) with x
+    given w's sign by psignb, ggml's mul_sum_i8_pairs: |pair| <= 2*128*127 < 32768."""
     if signed:
-        zero = _splat(_I8, 32, 0)
-        neg = b.icmp_signed("<", wv, zero)
-        xb = b.select(neg, b.sub(zero, xb), xb)
-        wv = b.select(neg, b.sub(zero, wv), wv)
+        xb = _call(b, "llvm.x86.avx2.psign.b", _vec(32, _I8), xb, wv)
+        wv = wabs
     return _call(b, "llvm.x86.avx2.pmadd.ub.sw", _vec(16, _I16), wv, xb)
 
 
@@ -162,11 +161,12 @@ def _emit_legacy(b, arr, g0, t0, spec):
         part = [[None] * rn for _ in range(rg)]
         for step in range(8):
             wv = [_load(b, wbase[i], step * 32, _vec(32, _I8)) for i in range(rg)]
+            wabs = [_call(b, "llvm.abs.v32i8", _vec(32, _I8), w_, ir.Constant(ir.IntType(1), 0)) for w_ in wv] if signed and avx2 else wv
             for j in range(rn):
                 xb = _broadcast4(b, xrows[j], b.add(xoff, _c64(4 * step)))
                 for i in range(rg):
                     if avx2:
-                        pairs = _pairs_avx2(b, wv[i], xb, signed)
+                        pairs = _pairs_avx2(b, wv[i], wabs[i], xb, signed)
                         part[i][j] = pairs if part[i][j] is None else b.add(part[i][j], pairs)
                         if (step + 1) % per_i16 == 0 or step == 7:
                             wide = _madd(b, part[i][j], _splat(_I16, 16, 1), True)
