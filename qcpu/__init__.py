@@ -9,6 +9,12 @@ import os as _os
 # spinning thread is preempted and every region waits a scheduler tick: measured 0.6 tok/s instead of
 # 20 on the default model with a loaded 2-core machine. Sleeping waits cost microseconds instead.
 _os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+# ...after a short spin: on these VMs waking a sleeping thread costs ~80 us, and a decode step starts ~200
+# parallel regions. Decode, default model, 2 threads, tok/s with the machine idle / one core busy / both
+# busy: sleeping at once 20.5 / 22.4 / 12.1; 1000 spins 27.5-32.2 / 17.4 / 12.2; 2000 spins 31.9-38.0 /
+# 13.7-14.2 / 12.9; 20000 spins 36.0 / 5.1 / 3.1 (llama.cpp b11434, spinning: 38.8 / 15.6 / 14.6). 2000 is
+# llama.cpp's profile; GOMP_SPINCOUNT=0 sleeps at once (best beside another busy program).
+_os.environ.setdefault("GOMP_SPINCOUNT", "2000")
 # OpenBLAS (under NumPy's matmuls: prefill attention) also spins after each call, by default for 2**28
 # cycles, on the cores the next Numba kernel needs: the prefill GEMMs ran at half speed beside it
 # (default model, pp512: 126 -> 185 tok/s with the minimum, 2**4). OpenBLAS reads this when NumPy loads

@@ -62,17 +62,28 @@ def _expf(x):
     return _fma(s2, j, s2) * s1
 
 
+@njit(cache=True, inline="always")
+def _swiglu_row(gate, up, out, r):
+    for i in range(gate.shape[1]):
+        x = gate[r, i]
+        out[r, i] = x / (np.float32(1.0) + _expf(-x)) * up[r, i]
+
+
 @njit(parallel=True, cache=True)
 def _swiglu(gate, up, out):
     for r in prange(gate.shape[0]):
-        for i in range(gate.shape[1]):
-            x = gate[r, i]
-            out[r, i] = x / (np.float32(1.0) + _expf(-x)) * up[r, i]
+        _swiglu_row(gate, up, out, r)
+
+
+@njit(cache=True)
+def _swiglu_one(gate, up, out):
+    _swiglu_row(gate, up, out, 0)  # one row (decode): a few microseconds, not worth waking a thread
 
 
 def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     """silu(gate) * up, float32[n, ffn_dim] each -> float32[n, ffn_dim]; silu(x) = x / (1 + exp(-x)) with
     ggml's expf, as ggml_vec_swiglu_f32 (the FFN of llama.cpp's graph: ggml_swiglu_split)."""
     out = np.empty_like(gate)
-    _swiglu(np.ascontiguousarray(gate, dtype=np.float32), np.ascontiguousarray(up, dtype=np.float32), out)
+    run = _swiglu_one if gate.shape[0] == 1 else _swiglu
+    run(np.ascontiguousarray(gate, dtype=np.float32), np.ascontiguousarray(up, dtype=np.float32), out)
     return out
