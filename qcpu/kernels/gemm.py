@@ -200,8 +200,8 @@ def _emit_k(b, arr, g0, t0, spec):
     pair sums widened by pmaddwd with the scale itself); msum = sum_s mc_s * bsum_s, one pmaddwd per pair
     of groups; then d*d_x*isum - dmin*d_x*msum (Q2_K/Q4_K/Q5_K: mins), or d*d_x*(isum - msum)
     (Q3_K/Q6_K: mc_s = offset * sc_s)."""
-    _, has_min, fold, max_q, avx2, rg, rn = spec
-    per_i16 = max(1, min(4, 32767 // (2 * max_q * 127)))
+    _, has_min, fold, max_q, group_steps, avx2, rg, rn = spec
+    per_i16 = max(1, min(group_steps, 32767 // (2 * max_q * 127)))
     (q, sc, mc, d, dm), (xq, xd, xb), out = arr
     qp, scp, mcp, dp, dmp = (b.bitcast(a.data, _I8.as_pointer()) for a in (q, sc, mc, d, dm))
     xqp, xdp, xbp = (b.bitcast(a.data, _I8.as_pointer()) for a in (xq, xd, xb))
@@ -220,10 +220,10 @@ def _emit_k(b, arr, g0, t0, spec):
         wbase = [b.gep(qp, [b.add(b.mul(g, gstride), b.mul(blk, _c64(8 * GROUP_BLOCK_BYTES)))]) for g in groups]
         xoff = b.mul(blk, _c64(256))
         isum = [[None] * rn for _ in range(rg)]
-        for s in range(16):  # 16-value groups: 4 steps of 4 weights
+        for s in range(0, 16, group_steps // 4):  # groups of values sharing a scale: 4 or 8 steps of 4 weights
             scv = [_load(b, scp, b.mul(b.add(b.mul(gb[i], _c64(16)), _c64(s)), _c64(32)), _vec(16, _I16)) for i in range(rg)]
             part = [[None] * rn for _ in range(rg)]
-            for k in range(4):
+            for k in range(group_steps):
                 step = 4 * s + k
                 wv = [_load(b, wbase[i], 32 * step, _vec(32, _I8)) for i in range(rg)]
                 for j in range(rn):
@@ -231,7 +231,7 @@ def _emit_k(b, arr, g0, t0, spec):
                     for i in range(rg):
                         pairs = _maddubs(b, wv[i], xv, avx2)
                         part[i][j] = pairs if part[i][j] is None else b.add(part[i][j], pairs)
-                        if (k + 1) % per_i16 == 0 or k == 3:
+                        if (k + 1) % per_i16 == 0 or k == group_steps - 1:
                             wide = _madd(b, part[i][j], scv[i], avx2)
                             isum[i][j] = wide if isum[i][j] is None else b.add(isum[i][j], wide)
                             part[i][j] = None
@@ -263,7 +263,8 @@ def _gemm_tile(typingctx, packed, acts, g0, t0, out, spec):
 
     packed / acts: tuples of arrays, the family's packed tile and quantized activations (see _emit_legacy,
     _emit_k); out float32[n, >= 8*groups]. spec (literal): ("legacy", has_m, signed, sub_offset, max_q,
-    avx2, rg, rn) or ("k", has_min, fold_offset, max_q, avx2, rg, rn). Unsigned quants have their offset
+    avx2, rg, rn) or ("k", has_min, fold_offset, max_q, group_steps, avx2, rg, rn), group_steps = 4 or 8:
+    the steps of 4 weights that share one sub-block scale (16 or 32 values). Unsigned quants have their offset
     taken off through activation sums, exactly; max_q bounds |weight quant|: it decides how many
     pmaddubsw results may be summed in int16 (|pair| <= 2 * max_q * 127) before widening.
     """

@@ -533,7 +533,8 @@ def make_matvec(qtype, avx2=X86_AVX2, f16c=F16C):
     # The batched product (gemm.py): super-blocks unpacked per tile into 8-row groups, int8 dots.
     _, offset, _, dmin_at = _TYPES[kind]
     max_q = {"q2_K": 3, "q3_K": 7, "q4_K": 15, "q5_K": 31, "q6_K": 63}[kind]
-    g1, g2, g_full = [("k", dmin_at is not None, offset != 0, max_q, avx2, gemm.RG, rn) for rn in (1, 2, gemm.RN)]
+    group_steps = 8 if kind in ("q4_K", "q5_K") else 4  # scales per 32 values, else per 16
+    g1, g2, g_full = [("k", dmin_at is not None, offset != 0, max_q, group_steps, avx2, gemm.RG, rn) for rn in (1, 2, gemm.RN)]
     unit = gemm.RG * gemm.ROWS
 
     def batched(w, x, out):
