@@ -121,6 +121,15 @@ print(json.dumps({"pp_tps": statistics.median(pp), "tg_tps": statistics.median(t
 """
 
 
+def foreign_env() -> dict[str, str]:
+    """This process's environment without the thread-pool settings qcpu made for itself (qcpu.ENV_DEFAULTS):
+    llama.cpp is measured as its users run it. (They shape OpenMP, which llama.cpp also uses: inherited,
+    qcpu's sleeping waits once halved llama.cpp's decode speed in these comparisons.)"""
+    import qcpu
+
+    return {k: v for k, v in os.environ.items() if qcpu.ENV_DEFAULTS.get(k) != v}
+
+
 def bench_llama_cpp(path: Path, n_prompt: int, n_gen: int, repeats: int, threads: int, depth: int = 0,
                     flash_attn: bool = False, cache_types: tuple[str, str] = ("f16", "f16")) -> dict:
     """llama-cpp-python's pp/tg tokens/s (median of `repeats`) and RSS on the same sizes, in a child
@@ -134,7 +143,7 @@ def bench_llama_cpp(path: Path, n_prompt: int, n_gen: int, repeats: int, threads
     proc = subprocess.run([sys.executable, "-c", _LLAMA_CHILD, str(path), str(n_prompt), str(n_gen),
                            str(repeats), str(threads), str(depth), str(int(flash_attn)),
                            *(str(int(cache_type(t))) for t in cache_types)], capture_output=True,
-                          text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+                          text=True, env={**foreign_env(), "OMP_NUM_THREADS": str(threads)})
     if proc.returncode != 0:
         raise QcpuError(f"llama-cpp-python benchmark failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -155,7 +164,7 @@ def run_llama_bench(binary: Path, path: Path, n_prompt: int, n_gen: int, repeats
     cmd = [str(binary), "-m", str(path), "-t", str(threads), "-p", str(n_prompt), "-n", str(n_gen), "-d", str(depth),
            "-r", str(repeats), "-fa", "1" if flash_attn else "0", "-ctk", cache_types[0], "-ctv", cache_types[1],
            "-o", "json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=foreign_env())
     if proc.returncode != 0:
         raise QcpuError(f"llama-bench failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
     rows = json.loads(proc.stdout)

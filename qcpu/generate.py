@@ -27,7 +27,7 @@ from qcpu.sampling import SamplingParams, make_sampler
 from qcpu.tokenizer import StreamDecoder, Tokenizer
 
 DEFAULT_CTX = 4096  # tokens of KV cache when the user names none (capped to the trained context)
-PREFILL_CHUNK = 256  # tokens per prefill pass: large enough for BLAS, small enough for the cache
+PREFILL_CHUNK = 256  # tokens per prefill pass: packed weight tiles serve them all (512 measured no faster)
 
 
 def common_prefix(a: Sequence, b: Sequence) -> int:

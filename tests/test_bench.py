@@ -36,3 +36,19 @@ def test_depth_runs_after_that_many_tokens_and_counts_in_the_context(tiny_path):
     assert result["depth"] == 200 and result["pp_tps"] > 0 and result["tg_tps"] > 0
     with pytest.raises(QcpuError, match="--depth 250"):
         bench_qcpu(tiny_path, n_prompt=8, n_gen=4, repeats=1, threads=1, depth=250)
+
+
+def test_llama_cpp_runs_without_qcpus_thread_pool_settings(monkeypatch):
+    """The environment handed to llama.cpp drops what qcpu set for its own OpenMP/OpenBLAS pools (inherited,
+    they changed llama.cpp's speed), but keeps whatever the user set, including those names."""
+    import qcpu
+    from qcpu.bench import foreign_env
+
+    assert set(qcpu.ENV_DEFAULTS) <= {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OPENBLAS_THREAD_TIMEOUT"}
+    monkeypatch.setattr(qcpu, "ENV_DEFAULTS", {"GOMP_SPINCOUNT": "2000", "OMP_WAIT_POLICY": "passive"})
+    monkeypatch.setenv("GOMP_SPINCOUNT", "2000")  # qcpu's value: dropped
+    monkeypatch.setenv("OMP_WAIT_POLICY", "active")  # the user's own value: kept
+    monkeypatch.setenv("QCPU_TEST_OTHER", "x")
+    env = foreign_env()
+    assert "GOMP_SPINCOUNT" not in env
+    assert env["OMP_WAIT_POLICY"] == "active" and env["QCPU_TEST_OTHER"] == "x"
