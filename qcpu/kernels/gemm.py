@@ -1,9 +1,10 @@
 """Integer GEMM for batched products (prefill): weight tiles interleaved 8 rows at a time, int8 dots.
 
 A batched product y[n, rows] = x[n, cols] @ W.T runs as llama.cpp's quantized products do, not through
-float BLAS: x is quantized once to the weight type's vec_dot_type (Q8_0 / Q8_1 blocks of 32), and every
-(row, token, block) contributes (d_w * d_x) * sum_k(q_k * xq_k) with the block sum an exact int32, as the
-decode matvec does. What changes is the order of the work, so each weight byte loaded serves many tokens:
+float BLAS: x is quantized once to the weight type's vec_dot_type (Q8_0 / Q8_1 blocks of 32 for the legacy
+types, Q8_K super-blocks of 256 for the K-quants; by the family module), and every (row, token, block)
+contributes (d_w * d_x) * (exact int32 block dot), as the decode matvec does. What changes is the order of
+the work, so each weight byte loaded serves many tokens:
 
   Tile: a family's `pack` unpacks a tile of weight rows (L2-sized, per thread) into groups of 8 rows,
   interleaved 4 weights at a time (the layout of llama.cpp's repack.cpp, block_q4_0x8, with an interleave
@@ -12,6 +13,9 @@ decode matvec does. What changes is the order of the work, so each weight byte l
       group, block b:  q   uint8[256]   byte 32g + 4r + i = weight (32b + 4g + i) of row r
                                          (g = 0..7, r = 0..7, i = 0..3; nibble types unsigned, Q8_0 signed)
                        d   float32[8]    row r's block scale;  m  float32[8]  row r's block min (*_1 types)
+
+  (K-quants: the same interleave per 32 values of a super-block, plus per-16 scale vectors and the
+  coefficients of the activation block sums: k_quants._pack_block and _emit_k below.)
 
   Micro-kernel (`_gemm_tile`): RG groups x RN tokens at a time. For each 4-weight step g, the 4 activation
   bytes of a token are broadcast to all 8 lanes, so one multiply-add of the group's vector with it yields
@@ -32,7 +36,6 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from qcpu.kernels import literal_values
-from qcpu.kernels.halves import f16_to_f32, f32_to_f16
 from qcpu.kernels.llvm_ir import (
     _F32,
     _I8,
@@ -54,8 +57,6 @@ ROWS = 8  # rows per interleaved group
 GROUP_BLOCK_BYTES = ROWS * QK  # one group's quants for one block
 RG, RN = 1, 4  # micro-kernel: groups (of 8 rows) x tokens per call (measured best of 1..4 x 1..8 on AVX2)
 TILE_BYTES = 256 * 1024  # a thread's packed tile: fits a 512 KiB L2 with the activations beside it
-
-
 CHUNK_BYTES = 48 * 1024  # activations of the tokens a group sweeps before the next group: L1/L2-resident
 
 
@@ -68,35 +69,9 @@ def token_chunk(cols):
 @njit(cache=True)
 def tile_rows(cols):
     """Rows per packed tile for rows of `cols` weights: a multiple of RG*8, at most TILE_BYTES of int8
-    quants, between 16 and 64 (enough tiles for every thread on the 128-row K/V projections)."""
+    quants, at most 64 (enough tiles for every thread on the 128-row K/V projections)."""
     unit = RG * ROWS
     return max(unit, min(64, TILE_BYTES // max(cols, 1) // unit * unit))
-
-
-# ---- activations: quantized once per product -------------------------------------------------------
-
-
-@njit(cache=True, inline="always")
-def quantize_rows(x, t, xq, xd, xc, xs, offset):
-    """Quantize x[t] into llama.cpp's Q8_0 / Q8_1 (x86 quantize_row_q8_0/q8_1: d = amax/127, quants
-    rounded half to even, d stored as fp16): xq int8[n, cols], xd float32[n, nb] (d widened), xc
-    int32[n, nb] = offset * sum of the block's quants (the weight offset's correction, see _gemm_tile),
-    xs float32[n, nb] = fp16(d * sum of quants) (Q8_1's s, read by the types with a min)."""
-    for b in range(xd.shape[1]):
-        o = b * QK
-        amax = np.float32(0.0)
-        for j in range(QK):
-            amax = max(amax, abs(x[t, o + j]))
-        d = amax / np.float32(127.0)
-        inv = np.float32(127.0) / amax if amax != np.float32(0.0) else np.float32(0.0)
-        total = 0
-        for j in range(QK):
-            q = np.int8(np.rint(x[t, o + j] * inv))
-            xq[t, o + j] = q
-            total += q
-        xd[t, b] = f16_to_f32(f32_to_f16(d))
-        xc[t, b] = offset * total
-        xs[t, b] = f16_to_f32(f32_to_f16(d * np.float32(total)))
 
 
 # ---- the micro-kernel ----------------------------------------------------------------------------------
@@ -139,7 +114,7 @@ def _c64(v):
 
 
 def _emit_legacy(b, arr, g0, t0, spec):
-    """Legacy blocks of 32: packed (q, d, m), acts (xq, xd, xc, xs) = quantize_rows's arrays."""
+    """Legacy blocks of 32: packed (q, d, m), acts (xq, xd, xc, xs) = legacy.quantize_row_q8's arrays."""
     _, has_m, signed, sub_offset, max_q, avx2, rg, rn = spec
     per_i16 = max(1, min(8, 32767 // (2 * max_q * 127))) if avx2 else 0
     (q, d, m), (xq, xd, xc, xs), out = arr

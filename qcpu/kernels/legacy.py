@@ -114,6 +114,18 @@ def quantize_q8_1(x):
     return qs, d, s
 
 
+@njit(cache=True, inline="always")
+def quantize_row_q8(x, t, xq, xd, xc, xs, offset):
+    """x[t] (float32[n, cols]) as the GEMM reads it: xq int8[n, cols] and xd float32[n, nb] as
+    quantize_q8_0; xc int32[n, nb] = offset * the block's sum of quants (the weight offset's correction);
+    xs float32[n, nb] = Q8_1's s, fp16(d * sum of quants), read by the types with a min."""
+    for b in range(xd.shape[1]):
+        df, dh, total = _q8_block(x[t], b * QK, xq[t])
+        xd[t, b] = f16_to_f32(dh)
+        xc[t, b] = offset * total
+        xs[t, b] = f16_to_f32(f32_to_f16(df * np.float32(total)))
+
+
 @njit(cache=True)
 def offset_sums(xq, offset):
     """offset * (sum of each 4 consecutive activation quants): the lane layout of pmaddwd's output, so
@@ -382,7 +394,7 @@ def make_kernels(qtype, avx2=X86_AVX2, f16c=F16C):
         xc = np.empty((n, nb), np.int32)
         xs = np.empty((n, nb), np.float32)
         for t in prange(n):
-            gemm.quantize_rows(x, t, xq, xd, xc, xs, offset)
+            quantize_row_q8(x, t, xq, xd, xc, xs, offset)
         per_tile = gemm.tile_rows(cols)
         for tile in prange((rows + per_tile - 1) // per_tile):
             r0 = tile * per_tile
