@@ -35,7 +35,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from qcpu.kernels import literal_values
+from qcpu.kernels import check_rows, literal_values
 from qcpu.kernels.llvm_ir import (
     _F32,
     _I8,
@@ -113,6 +113,16 @@ def _c64(v):
     return ir.Constant(_I64, v)
 
 
+def _frame(b, g0, t0, rg, rn, xqp, cols):
+    """The micro-kernel's indices: its groups and tokens (i64), the tokens' activation rows, and one
+    zeroed <8 x float> accumulator per (group, token)."""
+    groups = [b.add(g0, _c64(i)) for i in range(rg)]
+    tokens = [b.add(t0, _c64(j)) for j in range(rn)]
+    xrows = [b.gep(xqp, [b.mul(t, cols)]) for t in tokens]
+    accs = [[cgutils.alloca_once_value(b, ir.Constant(_vec(8, _F32), [0.0] * 8)) for _ in range(rn)] for _ in range(rg)]
+    return groups, tokens, xrows, accs
+
+
 def _emit_legacy(b, arr, g0, t0, spec):
     """Legacy blocks of 32: packed (q, d, m), acts (xq, xd, xc, xs) = legacy.quantize_row_q8's arrays."""
     _, has_m, signed, sub_offset, max_q, avx2, rg, rn = spec
@@ -123,10 +133,7 @@ def _emit_legacy(b, arr, g0, t0, spec):
     nb = b.extract_value(xd.shape, 1)
     cols = b.extract_value(xq.shape, 1)
     gstride = b.extract_value(q.shape, 1)  # bytes per group = nb * 256
-    groups = [b.add(g0, _c64(i)) for i in range(rg)]
-    tokens = [b.add(t0, _c64(j)) for j in range(rn)]
-    xrows = [b.gep(xqp, [b.mul(t, cols)]) for t in tokens]
-    accs = [[cgutils.alloca_once_value(b, ir.Constant(_vec(8, _F32), [0.0] * 8)) for _ in range(rn)] for _ in range(rg)]
+    groups, tokens, xrows, accs = _frame(b, g0, t0, rg, rn, xqp, cols)
 
     with cgutils.for_range(b, nb) as loop:
         blk = loop.index
@@ -183,11 +190,8 @@ def _emit_k(b, arr, g0, t0, spec):
     nbk = b.extract_value(xd.shape, 1)
     cols = b.extract_value(xq.shape, 1)
     gstride = b.extract_value(q.shape, 1)  # bytes per group = nbk * 2048
-    groups = [b.add(g0, _c64(i)) for i in range(rg)]
-    tokens = [b.add(t0, _c64(j)) for j in range(rn)]
-    xrows = [b.gep(xqp, [b.mul(t, cols)]) for t in tokens]
+    groups, tokens, xrows, accs = _frame(b, g0, t0, rg, rn, xqp, cols)
     brows = [b.gep(xbp, [b.mul(t, b.mul(nbk, _c64(32)))]) for t in tokens]  # 16 int16 per super-block
-    accs = [[cgutils.alloca_once_value(b, ir.Constant(_vec(8, _F32), [0.0] * 8)) for _ in range(rn)] for _ in range(rg)]
 
     with cgutils.for_range(b, nbk) as loop:
         blk = loop.index
@@ -286,6 +290,22 @@ def sweep(packed, acts, n, cols, groups, o, spec_full, spec2, spec1):
                 else:
                     _gemm_tile(packed, acts, g0, t0, o, spec1)
                     t0 += 1
+
+
+@njit(cache=True, inline="always")
+def check_shapes(w, x, out, block, type_size):
+    """Raise ValueError unless w uint8[rows, cols/block*type_size], x float32[n, cols], out float32[n, rows]."""
+    check_rows(w, out.shape[1], x.shape[1], block, type_size, "gemm: weight row bytes do not match the activation length")
+    if out.shape[0] != x.shape[0]:
+        raise ValueError("gemm: the output shape is not [tokens, rows]")
+
+
+@njit(cache=True, inline="always")
+def tile_span(tile, rows, per_tile):
+    """Tile number -> (first row, rows in it, groups to pack: a multiple of RG, padding rows included)."""
+    r0 = tile * per_tile
+    nr = min(rows - r0, per_tile)
+    return r0, nr, (nr + RG * ROWS - 1) // (RG * ROWS) * RG
 
 
 @njit(cache=True, inline="always")

@@ -535,14 +535,11 @@ def make_matvec(qtype, avx2=X86_AVX2, f16c=F16C):
     max_q = {"q2_K": 3, "q3_K": 7, "q4_K": 15, "q5_K": 31, "q6_K": 63}[kind]
     group_steps = 8 if kind in ("q4_K", "q5_K") else 4  # scales per 32 values, else per 16
     g1, g2, g_full = [("k", dmin_at is not None, offset != 0, max_q, group_steps, avx2, gemm.RG, rn) for rn in (1, 2, gemm.RN)]
-    unit = gemm.RG * gemm.ROWS
 
     def batched(w, x, out):
+        gemm.check_shapes(w, x, out, QK_K, size)
         n, cols = x.shape
         rows = w.shape[0]
-        check_rows(w, rows, cols, QK_K, size, "gemm: weight row bytes do not match the activation length")
-        if out.shape[0] != n or out.shape[1] != rows:
-            raise ValueError("gemm: the output shape is not [tokens, rows]")
         nbk = cols // QK_K
         xq = np.empty((n, cols), np.int8)
         xd = np.empty((n, nbk), np.float32)
@@ -551,9 +548,7 @@ def make_matvec(qtype, avx2=X86_AVX2, f16c=F16C):
             quantize_q8_K(x[t], xq[t], xd[t], xb[t])
         per_tile = gemm.tile_rows(cols)
         for tile in prange((rows + per_tile - 1) // per_tile):
-            r0 = tile * per_tile
-            nr = min(rows - r0, per_tile)
-            groups = (nr + unit - 1) // unit * gemm.RG
+            r0, nr, groups = gemm.tile_span(tile, rows, per_tile)
             q = np.empty((groups, nbk * 2048), np.uint8)
             sc = np.zeros((groups, nbk * 256), np.int16)
             mc = np.zeros((groups, nbk * 128), np.int16)

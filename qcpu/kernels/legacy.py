@@ -380,14 +380,11 @@ def make_kernels(qtype, avx2=X86_AVX2, f16c=F16C):
     signed = not spec[3]  # Q8_0; the nibble types are packed unsigned
     max_q = 128 if signed else (31 if spec[2] else 15)
     g1, g2, g_full = [("legacy", has_m, signed, offset != 0, max_q, avx2, gemm.RG, rn) for rn in (1, 2, gemm.RN)]
-    unit = gemm.RG * gemm.ROWS
 
     def batched(w, x, out):
+        gemm.check_shapes(w, x, out, QK, type_size)
         n, cols = x.shape
         rows = w.shape[0]
-        check_rows(w, rows, cols, QK, type_size, "gemm: weight row bytes do not match the activation length")
-        if out.shape[0] != n or out.shape[1] != rows:
-            raise ValueError("gemm: the output shape is not [tokens, rows]")
         nb = cols // QK
         xq = np.empty((n, cols), np.int8)
         xd = np.empty((n, nb), np.float32)
@@ -397,9 +394,7 @@ def make_kernels(qtype, avx2=X86_AVX2, f16c=F16C):
             quantize_row_q8(x, t, xq, xd, xc, xs, offset)
         per_tile = gemm.tile_rows(cols)
         for tile in prange((rows + per_tile - 1) // per_tile):
-            r0 = tile * per_tile
-            nr = min(rows - r0, per_tile)
-            groups = (nr + unit - 1) // unit * gemm.RG
+            r0, nr, groups = gemm.tile_span(tile, rows, per_tile)
             q = np.empty((groups, nb * gemm.GROUP_BLOCK_BYTES), np.uint8)
             d = np.zeros((groups, nb * gemm.ROWS), np.float32)  # padding rows: scale 0, output 0
             m = np.zeros((groups, nb * gemm.ROWS), np.float32)
