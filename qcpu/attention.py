@@ -49,7 +49,6 @@ from qcpu.kernels.legacy import (
     QK,
     _dot8_avx2,
     _emit_weights,
-    _splat_f32,
     offset_sums,
     quantize_q8_0,
 )
@@ -60,9 +59,11 @@ from qcpu.kernels.llvm_ir import (
     _I32,
     _I64,
     _contract,
+    _dot8_portable,
     _lanes,
     _load,
     _splat,
+    _splat_value,
     _vec,
 )
 
@@ -151,18 +152,6 @@ def _lane_sums(b, vs, adjacent):
     w = b.fadd(b.shuffle_vector(u[0], u[1], _lanes([0, 2, 8, 10, 4, 6, 12, 14])),
                b.shuffle_vector(u[0], u[1], _lanes([1, 3, 9, 11, 5, 7, 13, 15])))
     return b.shuffle_vector(w, w, _lanes([0, 4, 1, 5, 2, 6, 3, 7]))
-
-
-def _dot8_portable(b, wq, xv, signed):
-    """legacy._dot8_avx2's exact int32 partial sums (lane k: terms 4k..4k+3) in target-independent IR,
-    so the float sums after it, hence the scores, are the same on every CPU. (legacy._dot8_generic
-    spreads the terms over the lanes differently.)"""
-    wx = (b.sext if signed else b.zext)(wq, _vec(32, _I32))
-    prod = b.mul(wx, b.sext(xv, _vec(32, _I32)))
-    pairs = b.add(b.shuffle_vector(prod, prod, _lanes(range(0, 32, 2))),
-                  b.shuffle_vector(prod, prod, _lanes(range(1, 32, 2))))
-    return b.add(b.shuffle_vector(pairs, pairs, _lanes(range(0, 16, 2))),
-                 b.shuffle_vector(pairs, pairs, _lanes(range(1, 16, 2))))
 
 
 def _i64(v):
@@ -260,7 +249,7 @@ def _score_keys(typingctx, krows, qf, qq, qd, qc, slot_seq, query_seq, scale, sc
                             if sub_offset:
                                 s8 = b.sub(s8, _load(b, crow, 32 * i, _vec(8, _I32)))
                             scale_i = b.fmul(dk[i], b.load(b.gep(drow, [_i64(i)])))
-                            term = _contract(b.fmul(b.sitofp(s8, _V8F), _splat_f32(b, scale_i, 8)))
+                            term = _contract(b.fmul(b.sitofp(s8, _V8F), _splat_value(b, scale_i, 8)))
                             accs[i % 2] = _contract(b.fadd(accs[i % 2], term))
                         v = b.fadd(accs[0], accs[1])
                     b.store(v, b.gep(vbuf, [b.add(b.mul(heads.index, _i64(STEP)), _i64(j))]), align=4)
@@ -276,7 +265,7 @@ def _score_keys(typingctx, krows, qf, qq, qd, qc, slot_seq, query_seq, scale, sc
                 h = b.add(h0_, heads.index)
                 base = b.mul(heads.index, _i64(STEP))
                 vs = [b.load(b.gep(vbuf, [b.add(base, _i64(j))]), align=4) for j in range(STEP)]
-                x = b.fmul(_lane_sums(b, vs, k_f16), _splat_f32(b, scl, 8))
+                x = b.fmul(_lane_sums(b, vs, k_f16), _splat_value(b, scl, 8))
                 x = b.select(hidden, neg_inf, x)
                 bp = b.gep(best, [heads.index])
                 old = b.load(bp, align=4)
@@ -359,7 +348,7 @@ def _weigh_values(typingctx, vrows, probs, out, h0, group, lo, hi, work, spec):
                                 blk = b.gep(row, [_i64(i * type_size)])
                                 q = _emit_weights(b, blk, has_m, has_qh, nibbles, offset)
                                 y = b.fmul((b.sitofp if signed else b.uitofp)(q, _vec(QK, _F32)),
-                                           _splat_f32(b, ir_half_at(b, blk, 0, f16c)))
+                                           _splat_value(b, ir_half_at(b, blk, 0, f16c), QK))
                                 for c in range(4):
                                     b.store(b.shuffle_vector(y, y, _lanes(range(8 * c, 8 * c + 8))),
                                             b.gep(dst, [_i64(4 * i + c)]), align=4)
@@ -373,7 +362,7 @@ def _weigh_values(typingctx, vrows, probs, out, h0, group, lo, hi, work, spec):
                 acc = [b.load(b.gep(orow, [_i64(c)]), align=4) for c in range(hd // 8)]
                 for j in range(STEP):
                     p = b.select(live[j], b.load(b.gep(prow, [slots[j]])), zero)
-                    pv = _splat_f32(b, p, 8)
+                    pv = _splat_value(b, p, 8)
                     for c in range(hd // 8):
                         y = b.load(b.gep(wp, [_i64(j * hd // 8 + c)]), align=4)
                         acc[c] = _contract(b.fadd(acc[c], _contract(b.fmul(pv, y))))

@@ -376,7 +376,7 @@ def test_rejects_mismatched_shapes(qtype):
 
 @pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0, T.F16], ids=lambda t: t.name)
 def test_matmul_batch_path(real_floats, qtype):
-    """The registry's batched path (dequantize tiles + BLAS) runs on these kernels' dequantize and
+    """The registry's batched path (the integer GEMM for Q4_0 / Q8_0, dequantized tiles + BLAS for F16)
     agrees with float64 W @ x and with the per-token matvec, within the activation-rounding bound."""
     f = real_floats[1]
     w = as_rows(qtype, gq.quantize(f, qtype))

@@ -71,7 +71,7 @@ class QuantKernel:
     dequantize: Callable[[np.ndarray, np.ndarray], None]
     matvec: Callable[[np.ndarray, np.ndarray, np.ndarray], None]
     gemm: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None
-    gemm_min_tokens: int = 2  # below this many tokens, separate matvecs are faster (packing a tile costs)
+    gemm_min_tokens: int = 2  # the batched path from this many tokens; below, one matvec per token (packing costs)
 
     @property
     def block_size(self) -> int:
@@ -128,7 +128,7 @@ def matmul(w: np.ndarray, ggml_type: int, x: np.ndarray) -> np.ndarray:
     n, cols = x.shape
     rows = w.shape[0]
     out = np.empty((n, rows), dtype=np.float32)
-    if n == 1 or (kernel.gemm is not None and n < kernel.gemm_min_tokens):
+    if n < kernel.gemm_min_tokens:
         for i in range(n):
             kernel.matvec(w, np.ascontiguousarray(x[i], dtype=np.float32), out[i])
         return out

@@ -1,10 +1,10 @@
-"""The activation side of llama.cpp's quantized products, for the batched (prefill) path.
+"""The activation side of llama.cpp's products, for the paths that multiply in float.
 
-llama.cpp multiplies every quantized weight by activations rounded to the weight type's `vec_dot_type`
-(Q8_0 blocks for the legacy types, Q8_K for the K-quants, fp16 for F16...). Our decode matvecs do that
-with integer dots; the batched path hands float tiles to BLAS, so here the activations are rounded the
-same way first (quantize, then dequantize). Real-number-equal to the integer dot, so prefill logits track
-llama.cpp's as closely as decode's do, at a cost of one pass over the activations.
+llama.cpp multiplies every weight by activations converted to the weight type's `vec_dot_type` (Q8_0
+blocks for the legacy types, Q8_K for the K-quants, fp16 for F16...). The matvecs and the integer GEMM
+(gemm.py) quantize and dot in integers; the paths that hand float arrays to BLAS (the float weight types'
+batched products, prefill attention's q) round the activations the same way first (quantize, then
+dequantize): real-number-equal to the integer dot, so their results track llama.cpp's too.
 """
 
 from __future__ import annotations

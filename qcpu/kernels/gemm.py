@@ -29,7 +29,6 @@ prefill logits no longer depend on a BLAS tile size.
 
 from __future__ import annotations
 
-import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
@@ -44,11 +43,12 @@ from qcpu.kernels.llvm_ir import (
     _I64,
     _call,
     _contract,
-    _lanes,
+    _dot8_portable,
     _load,
     _madd,
     _maddubs,
     _splat,
+    _splat_value,
     _vec,
 )
 
@@ -77,16 +77,6 @@ def tile_rows(cols):
 # ---- the micro-kernel ----------------------------------------------------------------------------------
 
 
-def _dot_step_generic(b, wv, xb, signed):
-    """<8 x i32>: lane r = sum of the 4 products of row r's weights 4g..4g+3 with the broadcast bytes.
-    Target-independent IR (LLVM picks pmaddwd-like instructions where it can)."""
-    prod = b.mul((b.sext if signed else b.zext)(wv, _vec(32, _I32)), b.sext(xb, _vec(32, _I32)))
-    s16 = b.add(b.shuffle_vector(prod, prod, _lanes(range(0, 32, 2))),
-                b.shuffle_vector(prod, prod, _lanes(range(1, 32, 2))))
-    return b.add(b.shuffle_vector(s16, s16, _lanes(range(0, 16, 2))),
-                 b.shuffle_vector(s16, s16, _lanes(range(1, 16, 2))))
-
-
 def _pairs_avx2(b, wv, wabs, xb, signed):
     """<16 x i16> pmaddubsw pairs. Signed weights (Q8_0) go in as |w| (wabs, computed once per step) with x
     given w's sign by psignb, ggml's mul_sum_i8_pairs: |pair| <= 2*128*127 < 32768."""
@@ -96,17 +86,9 @@ def _pairs_avx2(b, wv, wabs, xb, signed):
     return _call(b, "llvm.x86.avx2.pmadd.ub.sw", _vec(16, _I16), wv, xb)
 
 
-def _broadcast4(b, row, at):
-    """The 4 bytes at row + at, repeated in all 8 lanes: <32 x i8>."""
-    undef = ir.Constant(_vec(8, _I32), None)
-    x4 = _load(b, row, at, _I32)
-    return b.bitcast(b.shuffle_vector(b.insert_element(undef, x4, ir.Constant(_I32, 0)), undef, _lanes([0] * 8)),
-                     _vec(32, _I8))
-
-
-def _splat_value(b, v, ty):
-    undef = ir.Constant(_vec(8, ty), None)
-    return b.shuffle_vector(b.insert_element(undef, v, ir.Constant(_I32, 0)), undef, _lanes([0] * 8))
+def _broadcast4(b, row, at, ty=None):
+    """The 4 bytes at row + at, repeated in all 8 lanes, as `ty` (32 bytes; default <32 x i8>)."""
+    return b.bitcast(_splat_value(b, _load(b, row, at, _I32), 8), ty or _vec(32, _I8))
 
 
 def _c64(v):
@@ -127,7 +109,7 @@ def _emit_legacy(b, arr, g0, t0, spec):
     """Legacy blocks of 32: packed (q, d, m), acts (xq, xd, xc, xs) = legacy.quantize_row_q8's arrays."""
     _, has_m, signed, sub_offset, max_q, avx2, rg, rn = spec
     per_i16 = max(1, min(8, 32767 // (2 * max_q * 127))) if avx2 else 0
-    (q, d, m), (xq, xd, xc, xs), out = arr
+    (q, d, m), (xq, xd, xc, xs) = arr
     qp, dp, mp = (b.bitcast(a.data, _I8.as_pointer()) for a in (q, d, m))
     xqp, xdp, xcp, xsp = (b.bitcast(a.data, _I8.as_pointer()) for a in (xq, xd, xc, xs))
     nb = b.extract_value(xd.shape, 1)
@@ -155,7 +137,7 @@ def _emit_legacy(b, arr, g0, t0, spec):
                             isum[i][j] = wide if isum[i][j] is None else b.add(isum[i][j], wide)
                             part[i][j] = None
                     else:
-                        s_ = _dot_step_generic(b, wv[i], xb, signed)
+                        s_ = _dot8_portable(b, wv[i], xb, signed)
                         isum[i][j] = s_ if isum[i][j] is None else b.add(isum[i][j], s_)
         for i in range(rg):
             gb = b.mul(b.add(b.mul(groups[i], nb), blk), _c64(32))  # (group, block) -> 8 floats of d / m
@@ -165,11 +147,11 @@ def _emit_legacy(b, arr, g0, t0, spec):
                 tb = b.mul(b.add(b.mul(tokens[j], nb), blk), _c64(4))
                 s32 = isum[i][j]
                 if sub_offset:  # sum (q - offset) x = sum q x - offset * sum x: exact in int32
-                    s32 = b.sub(s32, _splat_value(b, _load(b, xcp, tb, _I32), _I32))
-                scale = b.fmul(dv, _splat_value(b, _load(b, xdp, tb, _F32), _F32))  # d_w * d_x first, as ggml
+                    s32 = b.sub(s32, _splat_value(b, _load(b, xcp, tb, _I32), 8))
+                scale = b.fmul(dv, _splat_value(b, _load(b, xdp, tb, _F32), 8))  # d_w * d_x first, as ggml
                 acc = _contract(b.fadd(b.load(accs[i][j]), _contract(b.fmul(b.sitofp(s32, _vec(8, _F32)), scale))))
                 if has_m:
-                    mterm = _contract(b.fmul(mv, _splat_value(b, _load(b, xsp, tb, _F32), _F32)))
+                    mterm = _contract(b.fmul(mv, _splat_value(b, _load(b, xsp, tb, _F32), 8)))
                     acc = _contract(b.fadd(acc, mterm))
                 b.store(acc, accs[i][j])
     return groups, tokens, accs
@@ -184,7 +166,7 @@ def _emit_k(b, arr, g0, t0, spec):
     (Q3_K/Q6_K: mc_s = offset * sc_s)."""
     _, has_min, fold, max_q, group_steps, avx2, rg, rn = spec
     per_i16 = max(1, min(group_steps, 32767 // (2 * max_q * 127)))
-    (q, sc, mc, d, dm), (xq, xd, xb), out = arr
+    (q, sc, mc, d, dm), (xq, xd, xb) = arr
     qp, scp, mcp, dp, dmp = (b.bitcast(a.data, _I8.as_pointer()) for a in (q, sc, mc, d, dm))
     xqp, xdp, xbp = (b.bitcast(a.data, _I8.as_pointer()) for a in (xq, xd, xb))
     nbk = b.extract_value(xd.shape, 1)
@@ -218,8 +200,7 @@ def _emit_k(b, arr, g0, t0, spec):
         for p in range(8):  # pairs of 16-value groups
             mcv = [_load(b, mcp, b.mul(b.add(b.mul(gb[i], _c64(8)), _c64(p)), _c64(32)), _vec(16, _I16)) for i in range(rg)]
             for j in range(rn):
-                bs = b.bitcast(_splat_value(b, _load(b, brows[j], b.add(b.mul(blk, _c64(32)), _c64(4 * p)), _I32), _I32),
-                               _vec(16, _I16))
+                bs = _broadcast4(b, brows[j], b.add(b.mul(blk, _c64(32)), _c64(4 * p)), _vec(16, _I16))
                 for i in range(rg):
                     w_ = _madd(b, mcv[i], bs, avx2)
                     msum[i][j] = w_ if msum[i][j] is None else b.add(msum[i][j], w_)
@@ -227,7 +208,7 @@ def _emit_k(b, arr, g0, t0, spec):
             dv = _load(b, dp, b.mul(gb[i], _c64(32)), _vec(8, _F32))
             dmv = _load(b, dmp, b.mul(gb[i], _c64(32)), _vec(8, _F32)) if has_min else None
             for j in range(rn):
-                dx = _splat_value(b, _load(b, xdp, b.mul(b.add(b.mul(tokens[j], nbk), blk), _c64(4)), _F32), _F32)
+                dx = _splat_value(b, _load(b, xdp, b.mul(b.add(b.mul(tokens[j], nbk), blk), _c64(4)), _F32), 8)
                 s32 = b.sub(isum[i][j], msum[i][j]) if fold else isum[i][j]
                 acc = _contract(b.fadd(b.load(accs[i][j]), _contract(b.fmul(b.sitofp(s32, _vec(8, _F32)), b.fmul(dv, dx)))))
                 if has_min:
@@ -256,11 +237,11 @@ def _gemm_tile(typingctx, packed, acts, g0, t0, out, spec):
         def arrays(ty, val):
             return [context.make_array(t)(context, b, v) for t, v in zip(ty.types, cgutils.unpack_tuple(b, val))]
 
-        arr = (arrays(signature.args[0], args[0]), arrays(signature.args[1], args[1]),
-               context.make_array(signature.args[4])(context, b, args[4]))
+        arr = (arrays(signature.args[0], args[0]), arrays(signature.args[1], args[1]))
         groups, tokens, accs = emit(b, arr, args[2], args[3], spec_v)
-        op = b.bitcast(arr[2].data, _F32.as_pointer())
-        ostride = b.extract_value(arr[2].shape, 1)
+        out = context.make_array(signature.args[4])(context, b, args[4])
+        op = b.bitcast(out.data, _F32.as_pointer())
+        ostride = b.extract_value(out.shape, 1)
         for i, g in enumerate(groups):
             for j, t in enumerate(tokens):
                 at = b.add(b.mul(t, ostride), b.mul(g, _c64(ROWS)))

@@ -59,6 +59,7 @@ from qcpu.kernels.llvm_ir import (
     _lanes,
     _load,
     _splat,
+    _splat_value,
     _vec,
 )
 
@@ -192,11 +193,6 @@ def _dot8_avx2(b, wq, xv, signed):
     return _call(b, "llvm.x86.avx2.pmadd.wd", _vec(8, _I32), pairs, _splat(_I16, 16, 1))
 
 
-def _splat_f32(b, v, n=QK):
-    undef = ir.Constant(_vec(n, _F32), None)
-    return b.shuffle_vector(b.insert_element(undef, v, ir.Constant(_I32, 0)), undef, _lanes([0] * n))
-
-
 # ---- the row kernels, generic over the layout --------------------------------------------------------
 # `spec` is a specialisation's literal (type_size, has_m, has_qh, nibbles, offset, avx2, f16c): LAYOUTS
 # below, plus the instructions the emitted code may use.
@@ -221,10 +217,10 @@ def _row_dequantize(typingctx, wrow, orow, spec):
         with cgutils.for_range(b, nb) as loop:
             blk = b.gep(wp, [b.mul(loop.index, ir.Constant(_I64, type_size))])
             q = _emit_weights(b, blk, has_m, has_qh, nibbles, offset)
-            d = _splat_f32(b, ir_half_at(b, blk, 0, f16c))
+            d = _splat_value(b, ir_half_at(b, blk, 0, f16c), QK)
             y = b.fmul((b.sitofp if signed else b.uitofp)(q, _vec(QK, _F32)), d)
             if has_m:
-                y = b.fadd(y, _splat_f32(b, ir_half_at(b, blk, 2, f16c)))
+                y = b.fadd(y, _splat_value(b, ir_half_at(b, blk, 2, f16c), QK))
             b.store(y, b.gep(op, [loop.index]), align=4)
         return context.get_dummy_value()
 
@@ -266,7 +262,7 @@ def _row_dot(typingctx, wrow, xq, xd, xs, xc, spec):
             if sub_offset:  # sum (q - off) x = sum q x - off * sum x, per lane
                 s8 = b.sub(s8, _load(b, cp, b.mul(i, ir.Constant(_I64, 32)), _vec(8, _I32)))
             scale = b.fmul(ir_half_at(b, blk, 0, f16c), b.load(b.gep(dp, [i])))  # d_w * d_x first, as ggml
-            term = _contract(b.fmul(b.sitofp(s8, _vec(8, _F32)), _splat_f32(b, scale, 8)))
+            term = _contract(b.fmul(b.sitofp(s8, _vec(8, _F32)), _splat_value(b, scale, 8)))
             b.store(_contract(b.fadd(b.load(acc), term)), acc)
             if has_m:
                 mterm = _contract(b.fmul(ir_half_at(b, blk, 2, f16c), b.load(b.gep(sp, [i]))))

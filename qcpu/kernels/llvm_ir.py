@@ -40,6 +40,22 @@ def _contract(instr):
     return instr
 
 
+def _splat_value(b, v, n):
+    """<n x T>: the IR value v (of type T) in every lane."""
+    undef = ir.Constant(_vec(n, v.type), None)
+    return b.shuffle_vector(b.insert_element(undef, v, ir.Constant(_I32, 0)), undef, _lanes([0] * n))
+
+
+def _dot8_portable(b, wq, xv, signed):
+    """<8 x i32>, lane k = the exact sum of products 4k..4k+3 of two <32 x i8> (wq signed or unsigned, xv
+    signed): the lanes of pmaddubsw + pmaddwd-by-ones, in target-independent IR, so the float sums after
+    it are the same on every CPU."""
+    wx = (b.sext if signed else b.zext)(wq, _vec(32, _I32))
+    prod = b.mul(wx, b.sext(xv, _vec(32, _I32)))
+    pairs = b.add(_shuffle(b, prod, range(0, 32, 2)), _shuffle(b, prod, range(1, 32, 2)))
+    return b.add(_shuffle(b, pairs, range(0, 16, 2)), _shuffle(b, pairs, range(1, 16, 2)))
+
+
 def _shuffle(b, v, idx):
     return b.shuffle_vector(v, v, _lanes(idx))
 
