@@ -29,12 +29,27 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from qcpu.kernels import check_rows, gemm, literal_values, register, specialise
 from qcpu.kernels.cpu import F16C, X86_AVX2
 from qcpu.kernels.halves import f16_at, ir_half_at
-from qcpu.kernels.llvm_ir import _F64, _I8, _I16, _I32, _I64, _call, _load, _madd, _maddubs, _shuffle, _splat, _vec
+from qcpu.kernels.llvm_ir import (
+    _F32,
+    _I8,
+    _I16,
+    _I32,
+    _I64,
+    _contract,
+    _load,
+    _madd,
+    _maddubs,
+    _shuffle,
+    _splat,
+    _splat_value,
+    _vec,
+)
 
 QK_K = 256
 
@@ -305,12 +320,33 @@ def _prepare(w, x, out, size):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The block dot in LLVM IR
+# The row dot in LLVM IR
 
 
+def _ir_scale_words(b, blk, kind):
+    """IR: the two int64 scale words of the super-block at byte pointer blk, as _scale_min_k4 (Q4_K/Q5_K:
+    scales, mins) and _scales_q3_K (Q3_K: scales 0-7, 8-15) compute them; zeros for the other types."""
+    if kind not in ("q3_K", "q4_K", "q5_K"):
+        zero = ir.Constant(_I64, 0)
+        return zero, zero
+    at = 96 if kind == "q3_K" else 4
+    a, bw, c = (b.zext(_load(b, blk, at + 4 * i, _I32), _I64) for i in range(3))  # _u32's a, b, c
 
-def _hsum(b, v):
-    return _call(b, "llvm.vector.reduce.add.v8i32", _I32, v)
+    def k(v):
+        return ir.Constant(_I64, v)
+
+    def bits(v, shift, mask):  # (v >> shift) & mask
+        return b.and_(b.lshr(v, k(shift)) if shift else v, k(mask))
+
+    if kind == "q3_K":
+        s0 = b.or_(bits(a, 0, 0x0F0F0F0F), b.shl(bits(c, 0, 0x03030303), k(4)))
+        s4 = b.or_(bits(bw, 0, 0x0F0F0F0F), b.shl(bits(c, 2, 0x03030303), k(4)))
+        s8 = b.or_(bits(a, 4, 0x0F0F0F0F), b.shl(bits(c, 4, 0x03030303), k(4)))
+        s12 = b.or_(bits(bw, 4, 0x0F0F0F0F), b.shl(bits(c, 6, 0x03030303), k(4)))
+        return b.or_(s0, b.shl(s4, k(32))), b.or_(s8, b.shl(s12, k(32)))
+    sc = b.or_(bits(a, 0, 0x3F3F3F3F), b.shl(b.or_(bits(c, 0, 0x0F0F0F0F), b.shl(bits(a, 6, 0x03030303), k(4))), k(32)))
+    mn = b.or_(bits(bw, 0, 0x3F3F3F3F), b.shl(b.or_(bits(c, 4, 0x0F0F0F0F), b.shl(bits(bw, 6, 0x03030303), k(4))), k(32)))
+    return sc, mn
 
 
 def _word_bytes(b, w0, w1):
@@ -322,7 +358,6 @@ def _word_bytes(b, w0, w1):
 
 # Per type: how to get its quants (eight <32 x i8> of unsigned u, values 32g..32g+31 in order), its
 # per-16-values scales and mins as <16 x i16>, its offset (q = u - offset) and fp16 fields.
-# w0, w1: the int64 scale words the Numba caller passes (from _scale_min_k4 / _scales_q3_K).
 
 
 def _quants_q2_K(b, blk):
@@ -382,8 +417,9 @@ def _quants_q6_K(b, blk):
     return out
 
 
-def _scales_16(b, blk, w0, w1, kind):
+def _scales_16(b, blk, kind):
     """-> (scale, min or None) per 16-value sub-block, <16 x i16> each."""
+    w0, w1 = _ir_scale_words(b, blk, kind)
     if kind == "q2_K":
         s = _load(b, blk, 0, _vec(16, _I8))
         return (b.zext(b.and_(s, _splat(_I8, 16, 0xF)), _vec(16, _I16)),
@@ -407,49 +443,64 @@ _TYPES = {  # kind: (quant emitter, offset, d field, dmin field or None)
 
 
 @intrinsic
-def _block_dot(typingctx, row, o, qx, dx, bsums, blk, w0, w1, spec):
-    """dot(row u8[], o, qx i8[], dx f32[], bsums i16[], blk, w0, w1, spec) -> float64: the contribution
-    of the weight block at row[o:] times Q8_K activation block blk. spec: a specialisation's literal
-    (kind, avx2, f16c) -- the type (a _TYPES key) and the instructions the emitted code may use."""
+def _row_dot(typingctx, row, qx, dx, bsums, spec):
+    """dot(row u8[row_bytes], qx i8[cols], dx f32[nb], bsums i16[nb*16], spec) -> float32: one weight row
+    times the Q8_K activation, as ggml_vec_dot_q*_K_q8_K's AVX2 code. Per super-block the int32 lanes
+    sumi (quants times scales, less the offset term) and, for the types with mins, msum (mins times
+    bsums) are exact; then acc += (d*d_x) * sumi and acc_m += (dmin*d_x) * msum, two <8 x float>
+    accumulators as ggml's acc and acc_m (one rounding each, FMA); the row is the lane sum of acc - acc_m,
+    taken once at its end. spec: a specialisation's
+    literal (kind, avx2, f16c) -- the type (a _TYPES key) and the instructions the code may use."""
     layout = literal_values(spec)
     if layout is None:
         return None
     kind, avx2, f16c = layout
     quants, offset, d_at, dmin_at = _TYPES[kind]
+    size = GGML_QUANT_SIZES[GGMLQuantizationType[kind.upper()]][1]
 
     def codegen(context, b, signature, args):
-        o_, blk_, w0_, w1_ = args[1], args[5], args[6], args[7]
-        data = [context.make_array(signature.args[i])(context, b, args[i]).data for i in (0, 2, 3, 4)]
-        wb = b.gep(data[0], [o_])  # this weight block
-        xb = b.gep(data[1], [b.mul(blk_, ir.Constant(_I64, QK_K))])  # its activations
-        bs = _load(b, b.bitcast(data[3], _I8.as_pointer()), b.mul(blk_, ir.Constant(_I64, 32)), _vec(16, _I16))
-        sc, mn = _scales_16(b, wb, w0_, w1_, kind)
-        acc = ir.Constant(_vec(8, _I32), [0] * 8)
-        for g, u in enumerate(quants(b, wb)):
-            y = _load(b, xb, 32 * g, _vec(32, _I8))
-            # pair sums k < 8 lie in sixteen 2g, k >= 8 in sixteen 2g + 1
-            acc = b.add(acc, _madd(b, _maddubs(b, u, y, avx2), _shuffle(b, sc, [2 * g] * 8 + [2 * g + 1] * 8), avx2))
-        if offset:  # q = u - offset: subtract offset * sum_s scale_s * bsums_s
-            acc = b.sub(acc, b.mul(_madd(b, sc, bs, avx2), _splat(_I32, 8, offset)))
-        dxv = b.load(b.gep(data[2], [blk_]))
-        res = b.fmul(b.fpext(b.fmul(ir_half_at(b, wb, d_at, f16c), dxv), _F64), b.sitofp(_hsum(b, acc), _F64))
-        if dmin_at is not None:
-            msum = _hsum(b, _madd(b, mn, bs, avx2))
-            mterm = b.fmul(b.fpext(b.fmul(ir_half_at(b, wb, dmin_at, f16c), dxv), _F64), b.sitofp(msum, _F64))
-            res = b.fsub(res, mterm)
-        return res
+        arrs = [context.make_array(t)(context, b, a) for t, a in zip(signature.args[:4], args[:4])]
+        rowp, xqp, dxp, bsp = (b.bitcast(a.data, _I8.as_pointer()) for a in arrs)
+        nb = b.extract_value(arrs[2].shape, 0)
+        acc = cgutils.alloca_once_value(b, ir.Constant(_vec(8, _F32), [0.0] * 8))
+        acc_m = cgutils.alloca_once_value(b, ir.Constant(_vec(8, _F32), [0.0] * 8))
+        with cgutils.for_range(b, nb) as loop:
+            blk = loop.index
+            wb = b.gep(rowp, [b.mul(blk, ir.Constant(_I64, size))])
+            xb = b.gep(xqp, [b.mul(blk, ir.Constant(_I64, QK_K))])
+            bs = _load(b, bsp, b.mul(blk, ir.Constant(_I64, 32)), _vec(16, _I16))
+            sc, mn = _scales_16(b, wb, kind)
+            sumi = ir.Constant(_vec(8, _I32), [0] * 8)
+            for g, u in enumerate(quants(b, wb)):
+                y = _load(b, xb, 32 * g, _vec(32, _I8))
+                # pair sums k < 8 lie in sixteen 2g, k >= 8 in sixteen 2g + 1
+                sumi = b.add(sumi, _madd(b, _maddubs(b, u, y, avx2), _shuffle(b, sc, [2 * g] * 8 + [2 * g + 1] * 8), avx2))
+            if offset:  # q = u - offset: subtract offset * sum_s scale_s * bsums_s
+                sumi = b.sub(sumi, b.mul(_madd(b, sc, bs, avx2), _splat(_I32, 8, offset)))
+            dxv = b.load(b.gep(b.bitcast(dxp, _F32.as_pointer()), [blk]))
+            a = _contract(b.fadd(b.load(acc), _contract(b.fmul(b.sitofp(sumi, _vec(8, _F32)),
+                                                                   _splat_value(b, b.fmul(ir_half_at(b, wb, d_at, f16c), dxv), 8)))))
+            if dmin_at is not None:
+                msum = b.sitofp(_madd(b, mn, bs, avx2), _vec(8, _F32))
+                m = _contract(b.fadd(b.load(acc_m), _contract(b.fmul(msum, _splat_value(b, b.fmul(ir_half_at(b, wb, dmin_at, f16c), dxv), 8)))))
+                b.store(m, acc_m)
+            b.store(a, acc)
+        v = b.fsub(b.load(acc), b.load(acc_m))
+        for n in (4, 2, 1):  # horizontal sum of the 8 lanes
+            v = b.fadd(_shuffle(b, v, range(n)), _shuffle(b, v, range(n, 2 * n)))
+        return b.extract_element(v, ir.Constant(_I32, 0))
 
-    return types.float64(row, o, qx, dx, bsums, blk, w0, w1, spec), codegen
+    return types.float32(row, qx, dx, bsums, spec), codegen
 
 
 @intrinsic
-def _pack_block(typingctx, row, o, q, sc, mc, d, dm, r, blk, w0, w1, spec):
+def _pack_block(typingctx, row, o, q, sc, mc, d, dm, r, blk, spec):
     """Unpack the weight super-block at row[o:] into row r (0..7) of a packed 8-row group, super-block blk
     (gemm.py's K layout): q uint8[nbk*2048] gets the unsigned quants u, 4 at a time, at 2048 blk + 32 step
     + 4r (step = value // 4); sc int16[nbk*256] the 16 scales, each twice, at 256 blk + 16 s + 2r (+1);
     mc int16[nbk*128] the coefficients of the activation sums of 16 (the mins, or offset * scale for
     Q3_K/Q6_K, whose q = u - offset) at 128 blk + 16 (s // 2) + 2r + s % 2; d / dm float32[nbk*8] the
-    row's d / dmin at 8 blk + r. spec: (kind, avx2, f16c), as _block_dot's."""
+    row's d / dmin at 8 blk + r. spec: (kind, avx2, f16c), as _row_dot's."""
     layout = literal_values(spec)
     if layout is None:
         return None
@@ -460,7 +511,7 @@ def _pack_block(typingctx, row, o, q, sc, mc, d, dm, r, blk, w0, w1, spec):
         data = [b.bitcast(context.make_array(signature.args[i])(context, b, args[i]).data, _I8.as_pointer())
                 for i in (0, 2, 3, 4, 5, 6)]
         rowp, qp, scp, mcp, dp, dmp = data
-        o_, r_, blk_, w0_, w1_ = args[1], args[7], args[8], args[9], args[10]
+        o_, r_, blk_ = args[1], args[7], args[8]
         wb = b.gep(rowp, [o_])
 
         def store(ptr, at, value):
@@ -471,7 +522,7 @@ def _pack_block(typingctx, row, o, q, sc, mc, d, dm, r, blk, w0, w1, spec):
             u4 = b.bitcast(u, _vec(8, _I32))
             for g in range(8):
                 store(qp, b.add(qbase, ir.Constant(_I64, 256 * j + 32 * g)), b.extract_element(u4, ir.Constant(_I32, g)))
-        scv, mnv = _scales_16(b, wb, w0_, w1_, kind)
+        scv, mnv = _scales_16(b, wb, kind)
         coef = b.mul(scv, _splat(_I16, 16, offset)) if offset else mnv
         two_r = b.mul(r_, ir.Constant(_I64, 2))
         for s_ in range(16):
@@ -487,22 +538,11 @@ def _pack_block(typingctx, row, o, q, sc, mc, d, dm, r, blk, w0, w1, spec):
             store(dmp, at, ir_half_at(b, wb, dmin_at, f16c))
         return context.get_dummy_value()
 
-    return types.void(row, o, q, sc, mc, d, dm, r, blk, w0, w1, spec), codegen
-
-
-@njit(cache=True, inline="always")
-def _scale_words(row, o, kind):
-    """The int64 scale words _block_dot and _pack_block take (see _scales_16); a compile-time branch on kind."""
-    if kind == "q3_K":
-        return _scales_q3_K(row, o + 96)
-    if kind == "q4_K" or kind == "q5_K":
-        return _scale_min_k4(row, o + 4)
-    return 0, 0
+    return types.void(row, o, q, sc, mc, d, dm, r, blk, spec), codegen
 
 
 # ----------------------------------------------------------------------------------------------------
-# Matvecs: one factory, one specialisation per type. Rows in parallel; each row sums its block dots in
-# float64. No fastmath: nothing here gains.
+# Matvecs: one factory, one specialisation per type. Rows in parallel, each row one _row_dot (IR).
 
 
 @functools.cache
@@ -523,12 +563,7 @@ def make_matvec(qtype, avx2=X86_AVX2, f16c=F16C):
     def matvec(w, x, out):
         qx, dx, bsums = _prepare(w, x, out, size)
         for r in prange(w.shape[0]):
-            row, acc = w[r], 0.0
-            for blk in range(dx.shape[0]):
-                o = blk * size
-                w0, w1 = _scale_words(row, o, kind)
-                acc += _block_dot(row, o, qx, dx, bsums, blk, w0, w1, spec)
-            out[r] = acc
+            out[r] = _row_dot(w[r], qx, dx, bsums, spec)
 
     # The batched product (gemm.py): super-blocks unpacked per tile into 8-row groups, int8 dots.
     _, offset, _, dmin_at = _TYPES[kind]
@@ -558,9 +593,7 @@ def make_matvec(qtype, avx2=X86_AVX2, f16c=F16C):
                 row = w[r0 + r]
                 g = r // gemm.ROWS
                 for blk in range(nbk):
-                    o = blk * size
-                    w0, w1 = _scale_words(row, o, kind)
-                    _pack_block(row, o, q[g], sc[g], mc[g], d[g], dm[g], r % gemm.ROWS, blk, w0, w1, spec)
+                    _pack_block(row, blk * size, q[g], sc[g], mc[g], d[g], dm[g], r % gemm.ROWS, blk, spec)
             o = np.empty((n, groups * gemm.ROWS), np.float32)
             gemm.sweep((q, sc, mc, d, dm), (xq, xd, xb), n, cols, groups, o, g_full, g2, g1)
             gemm.scatter(o, out, r0, nr)
