@@ -43,7 +43,7 @@ from qcpu.cache import from_rows, rotate, rotation
 from qcpu.kernels import literal_values, specialise
 from qcpu.kernels.activations import ACTIVATION_ROUNDING
 from qcpu.kernels.cpu import F16C, X86_AVX2
-from qcpu.kernels.halves import ir_half_at, ir_half_to_f32
+from qcpu.kernels.halves import ir_half_at, ir_half_to_f32, rounded
 from qcpu.kernels.legacy import (
     LAYOUTS,
     QK,
@@ -515,7 +515,7 @@ def _decode(q, k, v, slot_seq, query_seq, scale, type_k, type_v):
     slot_seq = np.ascontiguousarray(slot_seq, dtype=np.int64)
     q = np.ascontiguousarray(q, dtype=np.float32)
     if type_k == T.F16:
-        q = q.astype(np.float16).astype(np.float32)  # llama.cpp converts q to K's type for K.Q
+        q = rounded(q.reshape(-1), False).reshape(q.shape)  # llama.cpp converts q to K's type for K.Q
         qq, qd, qc = _NO_QUANTS
     else:
         qq, qd, qc = _quantize_heads(q, LAYOUTS[type_k][4])
@@ -526,8 +526,24 @@ def _decode(q, k, v, slot_seq, query_seq, scale, type_k, type_v):
     _decode_softmax(scores, block_max, total)
     partial = np.empty((n_blocks, n_heads, hd), dtype=np.float32)
     values_kernel(scores, v, partial)
-    out = partial.sum(axis=0) if n_blocks > 1 else partial[0]
-    return _normalize(out, total)
+    return _merge_blocks(partial, total)
+
+
+@njit(cache=True)
+def _merge_blocks(partial, total):
+    """partial float32[n_blocks, n_heads, hd] summed in block order, divided by total float64[n_heads] (as
+    _normalize: zeros where total is 0)."""
+    n_blocks, n_heads, hd = partial.shape
+    out = np.zeros((n_heads, hd), np.float32)
+    for h in range(n_heads):
+        if total[h] > 0:
+            inv = np.float32(1.0 / total[h])
+            for d in range(hd):
+                acc = partial[0, h, d]
+                for blk in range(1, n_blocks):
+                    acc += partial[blk, h, d]
+                out[h, d] = acc * inv
+    return out
 
 
 def _normalize(acc, total):

@@ -23,7 +23,7 @@ from qcpu.config import ModelConfig
 from qcpu.gguf_file import GGUFFile
 from qcpu.ops import rms_norm, swiglu
 from qcpu.rope import Rope, apply_rope
-from qcpu.weights import ModelWeights
+from qcpu.weights import ModelWeights, matmul_many
 
 
 class Qwen2Model:
@@ -63,16 +63,17 @@ class Qwen2Model:
         x = w.token_embd.take_rows(tokens)  # [n, dim]
         for layer, lw in enumerate(w.layers):
             h = rms_norm(x, lw.attn_norm, c.rms_eps)
-            q = (lw.wq @ h + lw.bq).reshape(n, c.n_heads, c.head_dim)
-            k = (lw.wk @ h + lw.bk).reshape(n, c.n_kv_heads, c.head_dim)
-            v = (lw.wv @ h + lw.bv).reshape(n, c.n_kv_heads, c.head_dim)
+            q, k, v = matmul_many((lw.wq, lw.wk, lw.wv), h)
+            q = (q + lw.bq).reshape(n, c.n_heads, c.head_dim)
+            k = (k + lw.bk).reshape(n, c.n_kv_heads, c.head_dim)
+            v = (v + lw.bv).reshape(n, c.n_kv_heads, c.head_dim)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             cache.write(layer, slots, k, v)
             a = attention(q, *cache.layer(layer), seqs, cache.type_k, cache.type_v)  # [n, n_heads, hd]
             x = x + lw.wo @ a.reshape(n, c.n_heads * c.head_dim)
 
             h = rms_norm(x, lw.ffn_norm, c.rms_eps)
-            x = x + lw.w_down @ swiglu(lw.w_gate @ h, lw.w_up @ h)
+            x = x + lw.w_down @ swiglu(*matmul_many((lw.w_gate, lw.w_up), h))
 
         if not all_logits:
             x = x[-1:]

@@ -13,11 +13,36 @@ from numba.extending import intrinsic
 from qcpu.kernels.llvm_ir import _F32, _call
 
 
+@njit(cache=True, inline="always")
+def _rms_norm_row(x, weight, eps, out, r):
+    # ggml_compute_forward_rms_norm_f32, then ggml_mul by the weight: squares in float32 summed in double
+    # in order, mean and scale in float32
+    total = 0.0
+    for i in range(x.shape[1]):
+        total += np.float64(x[r, i] * x[r, i])
+    scale = np.float32(1.0) / np.sqrt(np.float32(total / x.shape[1]) + eps)
+    for i in range(x.shape[1]):
+        out[r, i] = (x[r, i] * scale) * weight[i]
+
+
+@njit(parallel=True, cache=True)
+def _rms_norm(x, weight, eps, out):
+    for r in prange(x.shape[0]):
+        _rms_norm_row(x, weight, eps, out, r)
+
+
+@njit(cache=True)
+def _rms_norm_one(x, weight, eps, out):
+    _rms_norm_row(x, weight, eps, out, 0)  # one row (decode): a microsecond, not worth waking a thread
+
+
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """x[n, dim] / rms(x) * weight[dim] (sum of squares in float64, as ggml does)."""
-    mean_sq = np.einsum("ij,ij->i", x, x, dtype=np.float64) / x.shape[1]
-    scale = (1.0 / np.sqrt(mean_sq + eps)).astype(np.float32)
-    return (x * scale[:, None]) * weight
+    """x float32[n, dim] / rms(x) * weight float32[dim] -> float32[n, dim], as ggml's rms_norm then mul
+    (ggml_compute_forward_rms_norm_f32: x*x in float32 summed in double, 1/sqrtf(mean + eps) in float32)."""
+    out = np.empty(x.shape, np.float32)
+    run = _rms_norm_one if x.shape[0] == 1 else _rms_norm
+    run(np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(weight, dtype=np.float32), np.float32(eps), out)
+    return out
 
 
 @intrinsic

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
 from qcpu.errors import QcpuError
 
@@ -102,11 +103,24 @@ def rope_cos_sin(positions: np.ndarray, head_dim: int, theta: float, freq_scale:
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """Rotate x[n, heads, head_dim] in NEOX order: pairs are (i, i + head_dim/2), not adjacent."""
-    half = x.shape[-1] // 2
-    x0, x1 = x[..., :half], x[..., half:]
-    c, s = cos[:, None, :], sin[:, None, :]
-    return np.concatenate((x0 * c - x1 * s, x0 * s + x1 * c), axis=-1)
+    """Rotate x float32[n, heads, head_dim] by the angles of cos, sin float32[n, head_dim // 2] in NEOX
+    order: pairs are (i, i + head_dim/2), not adjacent (ggml's rope_f32 with GGML_ROPE_TYPE_NEOX: x0*cos -
+    x1*sin, x0*sin + x1*cos). Returns a new float32[n, heads, head_dim]."""
+    out = np.empty(x.shape, np.float32)
+    _rope(np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(cos, dtype=np.float32),
+          np.ascontiguousarray(sin, dtype=np.float32), out)
+    return out
+
+
+@njit(cache=True)
+def _rope(x, cos, sin, out):
+    half = x.shape[2] // 2
+    for t in range(x.shape[0]):
+        for h in range(x.shape[1]):
+            for i in range(half):
+                x0, x1, c, s = x[t, h, i], x[t, h, i + half], cos[t, i], sin[t, i]
+                out[t, h, i] = x0 * c - x1 * s
+                out[t, h, i + half] = x0 * s + x1 * c
 
 
 @dataclass(frozen=True)

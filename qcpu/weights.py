@@ -35,6 +35,12 @@ class QTensor:
         return kernels.dequantize(np.ascontiguousarray(self.raw[ids]), self.ggml_type, self.cols)
 
 
+def matmul_many(tensors: tuple[QTensor, ...], x: np.ndarray) -> list[np.ndarray]:
+    """[x @ W.T for W in tensors], float32[n, W.rows] each, for weights that read the same x[n, cols]
+    (Q/K/V, gate/up): in decode each quant type's weights are one pass (kernels.matmul_many)."""
+    return kernels.matmul_many([(t.raw, t.ggml_type) for t in tensors], x)
+
+
 @dataclass(frozen=True)
 class LayerWeights:
     attn_norm: np.ndarray  # [dim]

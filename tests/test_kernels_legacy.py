@@ -347,7 +347,8 @@ def test_matvec_zero_activation_and_threads(qtype, real_floats):
 def generic_matvec(qtype):
     """The target-independent IR path (what CPUs without AVX2 and F16C run), built here so it is tested
     on every machine, whichever path the registry picked."""
-    return legacy.make_kernels(qtype, avx2=False, f16c=False)[1]
+    many = legacy.make_kernels(qtype, avx2=False, f16c=False)[1]
+    return lambda w, x, out: many((w,), x, (out,))
 
 
 @pytest.mark.parametrize("qtype", LEGACY, ids=lambda t: t.name)

@@ -9,6 +9,10 @@ Kernel contract (all arrays C-contiguous):
   matvec(w, x, out)    w: uint8[rows, row_bytes]; x: float32[cols]; out: float32[rows]
                        (the decode hot path: x is quantized once to the type's activation format and
                         multiplied with integer dot products, as llama.cpp's vec_dot does)
+  matvec_many(ws, x, outs)   the same for a tuple of weights of this type that read the same x (Q/K/V,
+                       gate/up): x quantized once, one parallel region over all their rows. Where a family
+                       has it, its matvec is matvec_many of one weight.
+  gemm(w, x, out)      x: float32[n, cols]; out: float32[n, rows] (batched products: gemm.py)
 
 A family writes each entry point once, as a factory over its layout constants, and `specialise` jits one
 copy per type (Numba needs one compiled function per specialisation; see its docstring for the cache).
@@ -65,6 +69,25 @@ def check_rows(w, rows, cols, block, type_size, what):
         raise ValueError(what)
 
 
+@njit(cache=True, inline="always")
+def total_rows(ws):
+    """Rows of all the weights in the tuple ws."""
+    n = 0
+    for m in range(len(ws)):
+        n += ws[m].shape[0]
+    return n
+
+
+@njit(cache=True)  # not inlined at Numba's level: its loop would count as writing the prange index
+def locate_row(ws, r):
+    """(m, i): row r of the weights in the tuple ws, counted across them in order, is row i of ws[m]."""
+    m, i = 0, np.int64(r)  # a prange index may be unsigned: int64 keeps i - shape an integer
+    while i >= ws[m].shape[0]:
+        i -= ws[m].shape[0]
+        m += 1
+    return m, i
+
+
 @dataclass(frozen=True)
 class QuantKernel:
     ggml_type: GGMLQuantizationType
@@ -72,6 +95,7 @@ class QuantKernel:
     matvec: Callable[[np.ndarray, np.ndarray, np.ndarray], None]
     gemm: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None
     gemm_min_tokens: int = 2  # the batched path from this many tokens; below, one matvec per token (packing costs)
+    matvec_many: Callable[[tuple, np.ndarray, tuple], None] | None = None
 
     @property
     def block_size(self) -> int:
@@ -87,8 +111,13 @@ class QuantKernel:
 REGISTRY: dict[GGMLQuantizationType, QuantKernel] = {}
 
 
-def register(ggml_type: GGMLQuantizationType, dequantize, matvec, gemm=None, gemm_min_tokens=2) -> QuantKernel:
-    kernel = QuantKernel(ggml_type, dequantize, matvec, gemm, gemm_min_tokens)
+def register(ggml_type: GGMLQuantizationType, dequantize, matvec=None, gemm=None, gemm_min_tokens=2,
+             matvec_many=None) -> QuantKernel:
+    """Enter a type in the table; a family that has matvec_many may leave matvec to it."""
+    if matvec is None:
+        def matvec(w, x, out, _many=matvec_many):
+            _many((w,), x, (out,))
+    kernel = QuantKernel(ggml_type, dequantize, matvec, gemm, gemm_min_tokens, matvec_many)
     REGISTRY[ggml_type] = kernel
     return kernel
 
@@ -149,6 +178,29 @@ def matmul(w: np.ndarray, ggml_type: int, x: np.ndarray) -> np.ndarray:
         np.matmul(t, x_t, out=out_t[r0:r1])
     out[:] = out_t.T
     return out
+
+
+def matmul_many(pairs, x: np.ndarray) -> list[np.ndarray]:
+    """[x @ W.T for each (W, ggml_type) in pairs]: several weights that read the same x float32[n, cols]
+    (Q/K/V, gate/up), float32[n, rows_W] each. One token: the weights of each type go through that type's
+    matvec_many together (x quantized once per type, one parallel region); else as `matmul` one by one."""
+    if x.shape[0] != 1:
+        return [matmul(w, t, x) for w, t in pairs]
+    x0 = np.ascontiguousarray(x[0], dtype=np.float32)
+    outs = [np.empty((1, w.shape[0]), dtype=np.float32) for w, _ in pairs]
+    by_type: dict[int, list[int]] = {}
+    for i, (_, t) in enumerate(pairs):
+        by_type.setdefault(t, []).append(i)
+    for t, idx in by_type.items():
+        kernel = kernel_for(t)
+        ws = tuple(pairs[i][0] for i in idx)
+        # Numba indexes a tuple at run time only if its arrays have one type (layout, writability)
+        if kernel.matvec_many is not None and len({(w.flags.c_contiguous, w.flags.writeable) for w in ws}) == 1:
+            kernel.matvec_many(ws, x0, tuple(outs[i][0] for i in idx))
+        else:
+            for i in idx:
+                kernel.matvec(pairs[i][0], x0, outs[i][0])
+    return outs
 
 
 # Importing a family module registers its types.

@@ -32,7 +32,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from qcpu.kernels import check_rows, gemm, literal_values, register, specialise
+from qcpu.kernels import check_rows, gemm, literal_values, locate_row, register, specialise, total_rows
 from qcpu.kernels.cpu import F16C, X86_AVX2
 from qcpu.kernels.halves import f16_at, ir_half_at
 from qcpu.kernels.llvm_ir import (
@@ -307,10 +307,12 @@ def quantize_q8_K(x, qs, d, bsums):
 
 
 @njit(cache=True)
-def _prepare(w, x, out, size):
-    """Shape checks, then x -> Q8_K (qs, d, bsums)."""
-    check_rows(w, out.shape[0], x.shape[0], QK_K, size,
-               "matvec: weight row bytes do not match the activation length (or rows not contiguous)")
+def _prepare(ws, x, outs, size):
+    """Shape checks of each weight in the tuple ws against its output in outs, then x -> Q8_K (qs, d,
+    bsums)."""
+    for m in range(len(ws)):
+        check_rows(ws[m], outs[m].shape[0], x.shape[0], QK_K, size,
+                   "matvec: weight row bytes do not match the activation length (or rows not contiguous)")
     nb = x.shape[0] // QK_K
     qs = np.empty(nb * QK_K, np.int8)
     d = np.empty(nb, np.float32)
@@ -560,10 +562,11 @@ def make_matvec(qtype, avx2=X86_AVX2, f16c=F16C):
     size = GGML_QUANT_SIZES[qtype][1]
     name = kind + ("" if (avx2, f16c) == (X86_AVX2, F16C) else f"_avx2{avx2:d}_f16c{f16c:d}")
 
-    def matvec(w, x, out):
-        qx, dx, bsums = _prepare(w, x, out, size)
-        for r in prange(w.shape[0]):
-            out[r] = _row_dot(w[r], qx, dx, bsums, spec)
+    def matvec(ws, x, outs):
+        qx, dx, bsums = _prepare(ws, x, outs, size)
+        for r in prange(total_rows(ws)):
+            m, i = locate_row(ws, r)
+            outs[m][i] = _row_dot(ws[m][i], qx, dx, bsums, spec)
 
     # The batched product (gemm.py): super-blocks unpacked per tile into 8-row groups, int8 dots.
     _, offset, _, dmin_at = _TYPES[kind]
@@ -605,4 +608,5 @@ def make_matvec(qtype, avx2=X86_AVX2, f16c=F16C):
 _T = GGMLQuantizationType
 for _t, _dequantize in ((_T.Q2_K, dequantize_q2_K), (_T.Q3_K, dequantize_q3_K), (_T.Q4_K, dequantize_q4_K),
                         (_T.Q5_K, dequantize_q5_K), (_T.Q6_K, dequantize_q6_K)):
-    register(_t, _dequantize, *make_matvec(_t), gemm_min_tokens=5)  # measured: 4 matvecs ~ a packed tile
+    _matvec, _gemm = make_matvec(_t)
+    register(_t, _dequantize, gemm=_gemm, gemm_min_tokens=5, matvec_many=_matvec)  # measured: 4 matvecs ~ a packed tile

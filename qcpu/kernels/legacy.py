@@ -45,7 +45,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from qcpu.kernels import check_rows, gemm, literal_values, register, specialise
+from qcpu.kernels import check_rows, gemm, literal_values, locate_row, register, specialise, total_rows
 from qcpu.kernels.cpu import F16C, X86_AVX2
 from qcpu.kernels.halves import f16_to_f32, f32_to_f16, ir_half_at
 from qcpu.kernels.llvm_ir import (
@@ -358,8 +358,10 @@ def make_kernels(qtype, avx2=X86_AVX2, f16c=F16C):
         for r in prange(w.shape[0]):
             _row_dequantize(w[r], out[r], spec)
 
-    def matvec(w, x, out):
-        check_rows(w, out.shape[0], x.shape[0], QK, type_size, "matvec: weight row bytes do not match the activation length")
+    def matvec(ws, x, outs):
+        for m in range(len(ws)):
+            check_rows(ws[m], outs[m].shape[0], x.shape[0], QK, type_size,
+                       "matvec: weight row bytes do not match the activation length")
         if has_m:  # vec_dot_type Q8_1 (with the block sums the min multiplies), else Q8_0
             xq, xd, xs = quantize_q8_1(x)
         else:
@@ -369,8 +371,9 @@ def make_kernels(qtype, avx2=X86_AVX2, f16c=F16C):
             xc = offset_sums(xq, offset)
         else:
             xc = xs  # not read
-        for r in prange(w.shape[0]):
-            out[r] = _row_dot(w[r], xq, xd, xs, xc, spec)
+        for r in prange(total_rows(ws)):
+            m, i = locate_row(ws, r)
+            outs[m][i] = _row_dot(ws[m][i], xq, xd, xs, xc, spec)
 
     # The batched product (gemm.py): quants unpacked per tile into 8-row groups, int8 dots.
     signed = not spec[3]  # Q8_0; the nibble types are packed unsigned
@@ -406,4 +409,5 @@ def make_kernels(qtype, avx2=X86_AVX2, f16c=F16C):
 
 
 for _t in LAYOUTS:
-    register(_t, *make_kernels(_t), gemm_min_tokens=3)  # measured: 2 matvecs ~ a packed tile
+    _dequantize, _matvec, _gemm = make_kernels(_t)
+    register(_t, _dequantize, gemm=_gemm, gemm_min_tokens=3, matvec_many=_matvec)  # measured: 2 matvecs ~ a packed tile
