@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import math
 
+import numba
 import numpy as np
 from gguf import GGMLQuantizationType as T
 from llvmlite import ir
@@ -67,6 +68,12 @@ from qcpu.kernels.llvm_ir import (
     _vec,
 )
 
+# Decode attention over fewer multiply-adds than this (keys x heads x head_dim) runs on the calling thread:
+# its three parallel regions cost more in waking the other threads (~80 us each on these VMs once they
+# sleep) than the work. Measured in decode, attention ms per token one thread / two: default model at
+# 64 tokens 2.6-3.2 / 4.6-9.2, at 600 4.6-5.1 / 8.1-12.8, at 2000 7.6-9.8 / 7.1-7.8; 4B shape at 64
+# tokens 9.2-11.1 / 11.1-14.9. The break-even, ~1500 tokens x 896, is about 2**20.
+SERIAL_MACS = 1 << 20
 BLOCK = 256  # keys per decode task: enough tasks for 2..16 threads at 4K+ tokens, little merging
 TILE = 512  # keys per prefill tile: a [256 * group, 512] float32 score tile is a few MB
 
@@ -506,6 +513,19 @@ _NO_QUANTS = (np.zeros((1, 32), np.int8), np.zeros((1, 1), np.float32), np.zeros
 
 
 def _decode(q, k, v, slot_seq, query_seq, scale, type_k, type_v):
+    n_heads, hd = q.shape
+    n_slots = len(slot_seq)
+    threads = numba.get_num_threads()
+    if threads > 1 and n_slots * n_heads * hd < SERIAL_MACS:
+        numba.set_num_threads(1)  # the kernels give the same bits on any number of threads
+        try:
+            return _decode_run(q, k, v, slot_seq, query_seq, scale, type_k, type_v)
+        finally:
+            numba.set_num_threads(threads)
+    return _decode_run(q, k, v, slot_seq, query_seq, scale, type_k, type_v)
+
+
+def _decode_run(q, k, v, slot_seq, query_seq, scale, type_k, type_v):
     n_heads, hd = q.shape
     n_slots = len(slot_seq)
     n_blocks = max(1, -(-n_slots // BLOCK))

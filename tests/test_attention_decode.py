@@ -5,6 +5,7 @@ against the native one."""
 
 import functools
 
+import numba
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
@@ -166,3 +167,21 @@ def test_hidden_slots_are_never_read_into_the_results(type_k):
     poisoned = run(kernels, type_k, n_kv, group, hd, n_slots, seed=9, poison=True)
     for a, b in zip(clean, poisoned):
         assert np.array_equal(bits(a), bits(b))
+
+
+@pytest.mark.parametrize("type_k", [T.F16, T.Q8_0], ids=lambda t: t.name)
+def test_small_attention_on_one_thread_gives_the_same_bits(type_k, monkeypatch):
+    """Below SERIAL_MACS decode attention runs on the calling thread; the result must not change."""
+    n_kv, group, hd, n_slots = SHAPES[0]
+    rng = np.random.default_rng(4)
+    k = to_rows((rng.standard_normal((n_kv, n_slots, hd)) * 2).astype(np.float32), type_k)
+    v = to_rows(rng.standard_normal((n_kv, n_slots, hd)).astype(np.float32), type_k)
+    q = rng.standard_normal((1, n_kv * group, hd)).astype(np.float32)
+    seq = np.arange(n_slots, dtype=np.int64)
+    query = np.array([n_slots], np.int64)
+    runs, before = [], numba.get_num_threads()
+    for threshold in (0, 1 << 40):  # always parallel, always serial
+        monkeypatch.setattr(att, "SERIAL_MACS", threshold)
+        runs.append(att.attention(q, k, v, seq, query, type_k, type_k))
+    assert np.array_equal(bits(runs[0]), bits(runs[1]))
+    assert numba.get_num_threads() == before  # restored
