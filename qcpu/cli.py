@@ -379,10 +379,24 @@ def list_models():
         print(f"{name:<{width}}  {size / 2**20:>8.1f} MiB  {path}")
 
 
+def _thread_list(text: Optional[str]) -> list[Optional[int]]:
+    """-t for bench: one count or a comma list, as llama-bench's (-t 1,2); a bad value is a usage error."""
+    if text is None:
+        return [None]
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"--threads takes a count or a comma list of counts (1,2), got {text!r}") from None
+    for c in counts:
+        _positive("--threads", c)
+    return counts
+
+
 @app.command()
 def bench(
     model: Optional[str] = ModelArg,
-    threads: Optional[int] = Threads,
+    threads: Optional[str] = typer.Option(None, "--threads", "-t",
+                                          help="CPU threads (default: all cores); a comma list runs each (-t 1,2)."),
     n_prompt: int = typer.Option(512, "--n-prompt", "-p", help="Prompt tokens for pp."),
     n_gen: int = typer.Option(128, "--n-gen", "-g", help="Generated tokens for tg."),
     repeats: int = typer.Option(3, "--repeats", "-r", help="Runs; the median is reported."),
@@ -396,9 +410,7 @@ def bench(
 ):
     """Prompt-processing and generation speed, time to first token and memory (llama-bench's pp/tg)."""
     import numba
-    from rich.table import Table
 
-    from qcpu.bench import bench_qcpu, best_of_llama_cpp, time_to_first_token
     from qcpu.models import resolve_model
 
     for name, value in (("--n-prompt", n_prompt), ("--n-gen", n_gen), ("--repeats", repeats)):
@@ -406,6 +418,7 @@ def bench(
     if depth < 0:
         raise typer.BadParameter(f"--depth must be 0 or more, got {depth}")
     cache_types = _cache_types(cache_type_k, cache_type_v)
+    thread_counts = _thread_list(threads)
     if compare_llama_cpp:
         import importlib.util
 
@@ -413,9 +426,22 @@ def bench(
 
         if llama_bench_binary() is None and importlib.util.find_spec("llama_cpp") is None:  # say so before the minutes qcpu's side takes
             _fail("--compare-llama-cpp needs llama.cpp: python tools/build_llama_cpp.py (llama-bench), or pip install -e \".[llama]\"")
-    _set_threads(threads)
-    n_threads = numba.get_num_threads()
     path = resolve_model(model, err)
+    results = []
+    for count in thread_counts:
+        _set_threads(count)
+        results.append(_bench_one(path, numba.get_num_threads(), n_prompt, n_gen, repeats, depth, cache_types,
+                                  compare_llama_cpp, as_json))
+    if as_json:
+        print(json.dumps(results[0] if len(results) == 1 else results))
+
+
+def _bench_one(path, n_threads, n_prompt, n_gen, repeats, depth, cache_types, compare_llama_cpp, as_json) -> dict:
+    """One `qcpu bench` row set at n_threads: measure, print the table unless as_json, return the result."""
+    from rich.table import Table
+
+    from qcpu.bench import bench_qcpu, best_of_llama_cpp, time_to_first_token
+
     with err.status("benchmarking qcpu"):
         ours = bench_qcpu(path, n_prompt, n_gen, repeats, n_threads, depth, cache_types)
         ours["ttft_s"] = time_to_first_token(path, n_threads)
@@ -426,9 +452,9 @@ def bench(
                                                            cache_types)
             ref = both["best"]
         result["ratio"] = {"pp": ours["pp_tps"] / ref["pp_tps"], "tg": ours["tg_tps"] / ref["tg_tps"]}
+    result = result if compare_llama_cpp else ours
     if as_json:
-        print(json.dumps(result if compare_llama_cpp else ours))
-        return
+        return result
     at = f" @ d{depth}" if depth else ""
     table = Table(title=f"{path.name}, {n_threads} threads, KV {cache_types[0]}/{cache_types[1]}{at} (median of {repeats})")
     table.add_column("")
@@ -447,6 +473,7 @@ def bench(
     Console().print(table)
     gbs = ours["weights_read_per_token_mb"] * ours["tg_tps"] / 1024
     Console().print(f"time to first token {ours['ttft_s']:.2f} s; decode reads {gbs:.1f} GB/s of weights")
+    return result
 
 
 # The quantization tool's commands (convert, quantize) live with it, in quant/.

@@ -52,3 +52,21 @@ def test_llama_cpp_runs_without_qcpus_thread_pool_settings(monkeypatch):
     env = foreign_env()
     assert "GOMP_SPINCOUNT" not in env
     assert env["OMP_WAIT_POLICY"] == "active" and env["QCPU_TEST_OTHER"] == "x"
+
+
+def test_thread_list_runs_each_count(tiny_path):
+    """`-t 1,2` (llama-bench's form) measures once per thread count, in order."""
+    import json
+    import subprocess
+    import sys
+
+    import numba
+
+    counts = [1, 2] if numba.config.NUMBA_NUM_THREADS >= 2 else [1, 1]
+    proc = subprocess.run([sys.executable, "-m", "qcpu.cli", "bench", str(tiny_path), "-p", "4", "-g", "2", "-r", "1",
+                           "-t", ",".join(map(str, counts)), "--json"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert [r["threads"] for r in json.loads(proc.stdout)] == counts
+    bad = subprocess.run([sys.executable, "-m", "qcpu.cli", "bench", str(tiny_path), "-t", "1,x"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
