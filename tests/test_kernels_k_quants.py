@@ -325,8 +325,9 @@ def test_matvec_same_bits_for_any_thread_count(qtype):
 # Batched products: the integer GEMM on interleaved 8-row groups (qcpu/kernels/gemm.py)
 
 # (rows, super-blocks per row, tokens): rows not a multiple of the 8-row group, tokens not a multiple of
-# the micro-kernel's, a tile boundary (more than 64 rows), one token.
-GEMM_SHAPES = [(1, 1, 1), (7, 1, 2), (9, 2, 5), (37, 1, 17), (70, 3, 6), (16, 1, 3)]
+# the micro-kernel's, a tile boundary (more than 64 rows), one token; more tiles than gemm.WORKERS (1093
+# rows: workers reuse their buffers, the last tile ragged).
+GEMM_SHAPES = [(1, 1, 1), (7, 1, 2), (9, 2, 5), (37, 1, 17), (70, 3, 6), (16, 1, 3), (1093, 1, 3)]
 
 
 def run_gemm(qtype, w, xs, simd=True):

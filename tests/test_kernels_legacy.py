@@ -393,8 +393,9 @@ def test_matmul_batch_path(real_floats, qtype):
 # Batched products: the integer GEMM on interleaved 8-row groups (qcpu/kernels/gemm.py)
 
 # (rows, blocks per row, tokens): rows not a multiple of the 8-row group, tokens not a multiple of the
-# micro-kernel's, a tile boundary (more than 64 rows), one token.
-GEMM_SHAPES = [(1, 1, 1), (7, 2, 2), (9, 3, 5), (37, 4, 17), (130, 28, 13), (16, 1, 3)]
+# micro-kernel's, a tile boundary (more than 64 rows), one token; more tiles than gemm.WORKERS (1093 rows:
+# workers reuse their buffers, the last tile ragged).
+GEMM_SHAPES = [(1, 1, 1), (7, 2, 2), (9, 3, 5), (37, 4, 17), (130, 28, 13), (16, 1, 3), (1093, 1, 3)]
 
 
 def gemm_kernel(qtype, portable):

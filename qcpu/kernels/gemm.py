@@ -58,6 +58,10 @@ GROUP_BLOCK_BYTES = ROWS * QK  # one group's quants for one block
 RG, RN = 1, 4  # micro-kernel: groups (of 8 rows) x tokens per call (measured best of 1..4 x 1..8 on AVX2)
 TILE_BYTES = 256 * 1024  # a thread's packed tile: fits a 512 KiB L2 with the activations beside it
 CHUNK_BYTES = 48 * 1024  # activations of the tokens a group sweeps before the next group: L1/L2-resident
+# The drivers' parallel loop runs over this many workers, each allocating its tile buffers once and taking
+# every WORKERS-th tile. A prange over the tiles themselves allocated the buffers per tile and scaled
+# 1.24-1.44x from 1 to 2 threads (4B ffn_gate Q4_K, 256 tokens; llama.cpp's pp: 2.0x); this: 1.9-2.0x.
+WORKERS = 16
 
 
 @njit(cache=True)

@@ -585,21 +585,28 @@ def make_matvec(qtype, avx2=X86_AVX2, f16c=F16C):
         for t in prange(n):
             quantize_q8_K(x[t], xq[t], xd[t], xb[t])
         per_tile = gemm.tile_rows(cols)
-        for tile in prange((rows + per_tile - 1) // per_tile):
-            r0, nr, groups = gemm.tile_span(tile, rows, per_tile)
-            q = np.empty((groups, nbk * 2048), np.uint8)
-            sc = np.zeros((groups, nbk * 256), np.int16)
-            mc = np.zeros((groups, nbk * 128), np.int16)
-            d = np.zeros((groups, nbk * 8), np.float32)  # padding rows: scale 0, output 0
-            dm = np.zeros((groups, nbk * 8), np.float32)
-            for r in range(nr):
-                row = w[r0 + r]
-                g = r // gemm.ROWS
-                for blk in range(nbk):
-                    _pack_block(row, blk * size, q[g], sc[g], mc[g], d[g], dm[g], r % gemm.ROWS, blk, spec)
-            o = np.empty((n, groups * gemm.ROWS), np.float32)
-            gemm.sweep((q, sc, mc, d, dm), (xq, xd, xb), n, cols, groups, o, g_full, g2, g1)
-            gemm.scatter(o, out, r0, nr)
+        n_tiles = (rows + per_tile - 1) // per_tile
+        workers = min(gemm.WORKERS, n_tiles)
+        max_groups = per_tile // gemm.ROWS
+        for worker in prange(workers):  # buffers once per worker, tiles dealt round-robin (see gemm.WORKERS)
+            q = np.empty((max_groups, nbk * 2048), np.uint8)
+            sc = np.zeros((max_groups, nbk * 256), np.int16)
+            mc = np.zeros((max_groups, nbk * 128), np.int16)
+            d = np.zeros((max_groups, nbk * 8), np.float32)  # padding rows: scale 0, output 0
+            dm = np.zeros((max_groups, nbk * 8), np.float32)
+            o = np.empty((n, max_groups * gemm.ROWS), np.float32)
+            for tile in range(worker, n_tiles, workers):
+                r0, nr, groups = gemm.tile_span(tile, rows, per_tile)
+                if nr < groups * gemm.ROWS:
+                    d[:] = 0
+                    dm[:] = 0
+                for r in range(nr):
+                    row = w[r0 + r]
+                    g = r // gemm.ROWS
+                    for blk in range(nbk):
+                        _pack_block(row, blk * size, q[g], sc[g], mc[g], d[g], dm[g], r % gemm.ROWS, blk, spec)
+                gemm.sweep((q, sc, mc, d, dm), (xq, xd, xb), n, cols, groups, o, g_full, g2, g1)
+                gemm.scatter(o, out, r0, nr)
 
     return (specialise(matvec, f"matvec_{name}", parallel=True),
             specialise(batched, f"gemm_{name}", parallel=True))

@@ -392,16 +392,23 @@ def make_kernels(qtype, avx2=X86_AVX2, f16c=F16C):
         for t in prange(n):
             quantize_row_q8(x, t, xq, xd, xc, xs, offset)
         per_tile = gemm.tile_rows(cols)
-        for tile in prange((rows + per_tile - 1) // per_tile):
-            r0, nr, groups = gemm.tile_span(tile, rows, per_tile)
-            q = np.empty((groups, nb * gemm.GROUP_BLOCK_BYTES), np.uint8)
-            d = np.zeros((groups, nb * gemm.ROWS), np.float32)  # padding rows: scale 0, output 0
-            m = np.zeros((groups, nb * gemm.ROWS), np.float32)
-            for r in range(nr):
-                _pack_row(w[r0 + r], q[r // gemm.ROWS], d[r // gemm.ROWS], m[r // gemm.ROWS], r % gemm.ROWS, spec)
-            o = np.empty((n, groups * gemm.ROWS), np.float32)
-            gemm.sweep((q, d, m), (xq, xd, xc, xs), n, cols, groups, o, g_full, g2, g1)
-            gemm.scatter(o, out, r0, nr)
+        n_tiles = (rows + per_tile - 1) // per_tile
+        workers = min(gemm.WORKERS, n_tiles)
+        max_groups = per_tile // gemm.ROWS
+        for worker in prange(workers):  # buffers once per worker, tiles dealt round-robin (see gemm.WORKERS)
+            q = np.empty((max_groups, nb * gemm.GROUP_BLOCK_BYTES), np.uint8)
+            d = np.zeros((max_groups, nb * gemm.ROWS), np.float32)  # padding rows: scale 0, output 0
+            m = np.zeros((max_groups, nb * gemm.ROWS), np.float32)
+            o = np.empty((n, max_groups * gemm.ROWS), np.float32)
+            for tile in range(worker, n_tiles, workers):
+                r0, nr, groups = gemm.tile_span(tile, rows, per_tile)
+                if nr < groups * gemm.ROWS:
+                    d[:] = 0
+                    m[:] = 0
+                for r in range(nr):
+                    _pack_row(w[r0 + r], q[r // gemm.ROWS], d[r // gemm.ROWS], m[r // gemm.ROWS], r % gemm.ROWS, spec)
+                gemm.sweep((q, d, m), (xq, xd, xc, xs), n, cols, groups, o, g_full, g2, g1)
+                gemm.scatter(o, out, r0, nr)
 
     return (specialise(dequantize, f"dequantize_{name}", parallel=True),
             specialise(matvec, f"matvec_{name}", parallel=True),
