@@ -68,11 +68,13 @@ from qcpu.kernels.llvm_ir import (
     _vec,
 )
 
-# Decode attention over fewer multiply-adds than this (keys x heads x head_dim) runs on the calling thread:
-# its three parallel regions cost more in waking the other threads (~80 us each on these VMs once they
-# sleep) than the work. Measured in decode, attention ms per token one thread / two: default model at
-# 64 tokens 2.6-3.2 / 4.6-9.2, at 600 4.6-5.1 / 8.1-12.8, at 2000 7.6-9.8 / 7.1-7.8; 4B shape at 64
-# tokens 9.2-11.1 / 11.1-14.9. The break-even, ~1500 tokens x 896, is about 2**20.
+# Decode attention over more than BLOCK keys but fewer multiply-adds than this (keys x heads x head_dim)
+# runs on the calling thread: its three parallel regions cost more in waking the other threads (~50-80
+# us each on these VMs once they sleep, after ~60 us idle) than the work. Measured in decode, attention ms
+# per token, one thread / three regions on two: default model at 600 tokens 4.6-5.1 / 8.1-12.8 (token
+# 40-48 / 45-64 ms), at 2000 7.6-9.8 / 7.1-7.8; the break-even, ~1500 tokens x 896, is about 2**20. Up to
+# BLOCK keys the one-region kernel runs on all threads: at 64 tokens, token 31.6-35.0 ms against 32.5-42.1
+# serial (its attention is slower, 3.0-3.8 / 2.0-2.5 ms, but the next product finds the threads awake).
 SERIAL_MACS = 1 << 20
 BLOCK = 256  # keys per decode task: enough tasks for 2..16 threads at 4K+ tokens, little merging
 TILE = 512  # keys per prefill tile: a [256 * group, 512] float32 score tile is a few MB
@@ -382,7 +384,7 @@ def _weigh_values(typingctx, vrows, probs, out, h0, group, lo, hi, work, spec):
 
 @functools.cache
 def _decode_kernels(type_k: T, type_v: T, head_dim: int, avx2: bool = X86_AVX2, f16c: bool = F16C):
-    """(scores, values) decode kernels for one pair of cache types and head_dim, jitted once
+    """(scores, values, one_block) decode kernels for one pair of cache types and head_dim, jitted once
     (kernels.specialise); avx2 / f16c: the instructions the IR may use (default: this CPU's; the tests
     also build the portable IR, which gives the same numbers).
 
@@ -392,6 +394,9 @@ def _decode_kernels(type_k: T, type_v: T, head_dim: int, avx2: bool = X86_AVX2, 
       qc: Q4_0's offset sums), llama.cpp's vec_dot_q8_0_q8_0 / vec_dot_q4_0_q8_0.
     values(probs, v, partial): partial[n_blocks, n_heads, hd] = sum over each block's slots of p * v
       (_weigh_values).
+    one_block(q, qq, qd, qc, k, v, slot_seq, query_seq, scale, scores, total, partial): for n_slots <=
+      BLOCK, the three steps (scores, _decode_softmax's per-head softmax into total, values into
+      partial[0]) in one parallel region, one task per kv head; the same bits as the three.
     """
     k_f16, v_f16 = type_k == T.F16, type_v == T.F16
     # captured constants (the layouts the quantized paths read; unused but typed for F16)
@@ -433,11 +438,34 @@ def _decode_kernels(type_k: T, type_v: T, head_dim: int, avx2: bool = X86_AVX2, 
             _weigh_values(v[kvh], probs, out, kvh * group, group, b * BLOCK, min(n_slots, (b + 1) * BLOCK),
                           work, spec_v)
 
+    def one_block_kernel(q, qq, qd, qc, k, v, slot_seq, query_seq, scale, scores, total, partial):
+        # n_slots <= BLOCK: scores, softmax and values of each kv head's group in one task, so the whole
+        # attention is one parallel region (the three above cost three wake-ups of the other threads)
+        n_heads = q.shape[0]
+        n_slots, n_kv = scores.shape[1], k.shape[0]
+        group = n_heads // n_kv
+        if (q.shape[1] != head_dim or k.shape[2] != k_bytes or v.shape[2] != v_bytes or k.shape[1] < n_slots
+                or v.shape[1] < n_slots or slot_seq.shape[0] < n_slots or n_slots > BLOCK or scores.shape[0] != n_heads
+                or total.shape[0] != n_heads or partial.shape[0] != 1 or partial.shape[1] != n_heads
+                or partial.shape[2] != head_dim or n_heads % n_kv):
+            raise ValueError("decode attention: shapes do not match")
+        for kvh in prange(n_kv):
+            # one scratch for both micro-kernels: the maxima are read before _weigh_values reuses it
+            work = np.empty(max(group * (STEP * 9 + 1), STEP * head_dim), dtype=np.float32)
+            _score_keys(k[kvh], q, qq, qd, qc, slot_seq, query_seq, scale, scores, kvh * group, group,
+                        0, n_slots, work, spec_k)
+            out = partial[0]
+            for g in range(group):
+                _softmax_row(scores, total, kvh * group + g, work[group * STEP * 9 + g])
+                out[kvh * group + g, :] = 0.0
+            _weigh_values(v[kvh], scores, out, kvh * group, group, 0, n_slots, work, spec_v)
+
     name = f"{type_k.name.lower()}_{type_v.name.lower()}_{head_dim}"
     if (avx2, f16c) != (X86_AVX2, F16C):
         name += f"_avx2{avx2:d}_f16c{f16c:d}"
     return (specialise(scores_kernel, f"decode_scores_{name}", parallel=True),
-            specialise(values_kernel, f"decode_values_{name}", parallel=True))
+            specialise(values_kernel, f"decode_values_{name}", parallel=True),
+            specialise(one_block_kernel, f"decode_one_block_{name}", parallel=True, fastmath={"contract"}))
 
 
 @njit(cache=True)
@@ -502,10 +530,16 @@ def _decode_softmax(scores, block_max, total):
         top = np.float32(-np.inf)
         for b in range(block_max.shape[1]):
             top = max(top, block_max[h, b])
-        if top == -np.inf:
-            scores[h, :] = 0.0
-            total[h] = 0.0
-            continue
+        _softmax_row(scores, total, h, top)
+
+
+@njit(cache=True, inline="always")
+def _softmax_row(scores, total, h, top):
+    """Head h's scores (maximum `top`) -> fp16-rounded exps, total[h] their float64 sum (zeros if none seen)."""
+    if top == -np.inf:
+        scores[h, :] = 0.0
+        total[h] = 0.0
+    else:
         total[h] = _exp_round_sum(scores[h], np.float32(_ln2_steps_above(top)) * _LN2)
 
 
@@ -516,7 +550,7 @@ def _decode(q, k, v, slot_seq, query_seq, scale, type_k, type_v):
     n_heads, hd = q.shape
     n_slots = len(slot_seq)
     threads = numba.get_num_threads()
-    if threads > 1 and n_slots * n_heads * hd < SERIAL_MACS:
+    if threads > 1 and BLOCK < n_slots and n_slots * n_heads * hd < SERIAL_MACS:
         numba.set_num_threads(1)  # the kernels give the same bits on any number of threads
         try:
             return _decode_run(q, k, v, slot_seq, query_seq, scale, type_k, type_v)
@@ -529,7 +563,7 @@ def _decode_run(q, k, v, slot_seq, query_seq, scale, type_k, type_v):
     n_heads, hd = q.shape
     n_slots = len(slot_seq)
     n_blocks = max(1, -(-n_slots // BLOCK))
-    scores_kernel, values_kernel = _decode_kernels(type_k, type_v, hd)
+    scores_kernel, values_kernel, one_block_kernel = _decode_kernels(type_k, type_v, hd)
     # the kernels address rows by pointer arithmetic: C-contiguous arrays (no copy for the cache's own)
     k, v = np.ascontiguousarray(k), np.ascontiguousarray(v)
     slot_seq = np.ascontiguousarray(slot_seq, dtype=np.int64)
@@ -540,12 +574,15 @@ def _decode_run(q, k, v, slot_seq, query_seq, scale, type_k, type_v):
     else:
         qq, qd, qc = _quantize_heads(q, LAYOUTS[type_k][4])
     scores = np.empty((n_heads, n_slots), dtype=np.float32)
-    block_max = np.empty((n_heads, n_blocks), dtype=np.float32)
     total = np.empty(n_heads, dtype=np.float64)
-    scores_kernel(q, qq, qd, qc, k, slot_seq, query_seq, scale, scores, block_max)
-    _decode_softmax(scores, block_max, total)
     partial = np.empty((n_blocks, n_heads, hd), dtype=np.float32)
-    values_kernel(scores, v, partial)
+    if n_blocks == 1:
+        one_block_kernel(q, qq, qd, qc, k, v, slot_seq, query_seq, scale, scores, total, partial)
+    else:
+        block_max = np.empty((n_heads, n_blocks), dtype=np.float32)
+        scores_kernel(q, qq, qd, qc, k, slot_seq, query_seq, scale, scores, block_max)
+        _decode_softmax(scores, block_max, total)
+        values_kernel(scores, v, partial)
     return _merge_blocks(partial, total)
 
 

@@ -109,7 +109,7 @@ def case(type_k, n_kv, group, hd, n_slots, seed, poison=False):
 
 
 def run(kernels, type_k, n_kv, group, hd, n_slots, seed, poison=False):
-    scores_kernel, values_kernel = kernels
+    scores_kernel, values_kernel = kernels[:2]
     qf, qq, qd, qc, k, v, seq, query = case(type_k, n_kv, group, hd, n_slots, seed, poison)
     n_heads, n_blocks = n_kv * group, max(1, -(-n_slots // BLOCK))
     scale = np.float32(1 / np.sqrt(hd))
@@ -172,7 +172,7 @@ def test_hidden_slots_are_never_read_into_the_results(type_k):
 @pytest.mark.parametrize("type_k", [T.F16, T.Q8_0], ids=lambda t: t.name)
 def test_small_attention_on_one_thread_gives_the_same_bits(type_k, monkeypatch):
     """Below SERIAL_MACS decode attention runs on the calling thread; the result must not change."""
-    n_kv, group, hd, n_slots = SHAPES[0]
+    n_kv, group, hd, n_slots = SHAPES[0]  # more than BLOCK slots: the serial path applies
     rng = np.random.default_rng(4)
     k = to_rows((rng.standard_normal((n_kv, n_slots, hd)) * 2).astype(np.float32), type_k)
     v = to_rows(rng.standard_normal((n_kv, n_slots, hd)).astype(np.float32), type_k)
@@ -185,3 +185,22 @@ def test_small_attention_on_one_thread_gives_the_same_bits(type_k, monkeypatch):
         runs.append(att.attention(q, k, v, seq, query, type_k, type_k))
     assert np.array_equal(bits(runs[0]), bits(runs[1]))
     assert numba.get_num_threads() == before  # restored
+
+
+@pytest.mark.parametrize("type_k", [T.F16, T.Q8_0, T.Q4_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("n_kv,group,hd,n_slots", [s for s in SHAPES if s[3] <= BLOCK])
+def test_one_block_kernel_equals_the_three_steps(type_k, n_kv, group, hd, n_slots):
+    """Up to BLOCK slots decode runs scores, softmax and values as one region: the same bits as the three
+    kernels one after the other (hidden slots poisoned, so reading one would show)."""
+    scores_kernel, values_kernel, one_block = att._decode_kernels(type_k, type_k, hd)
+    qf, qq, qd, qc, k, v, seq, query = case(type_k, n_kv, group, hd, n_slots, seed=11, poison=True)
+    n_heads, scale = n_kv * group, np.float32(1 / np.sqrt(hd))
+    s3, bm = np.full((n_heads, n_slots), np.nan, np.float32), np.full((n_heads, 1), np.nan, np.float32)
+    t3, p3 = np.full(n_heads, np.nan), np.full((1, n_heads, hd), np.nan, np.float32)
+    scores_kernel(qf, qq, qd, qc, k, seq, query, scale, s3, bm)
+    att._decode_softmax(s3, bm, t3)
+    values_kernel(s3, v, p3)
+    s1, t1, p1 = np.full_like(s3, np.nan), np.full_like(t3, np.nan), np.full_like(p3, np.nan)
+    one_block(qf, qq, qd, qc, k, v, seq, query, scale, s1, t1, p1)
+    assert np.array_equal(bits(s1), bits(s3)) and np.array_equal(t1.view(np.uint64), t3.view(np.uint64))
+    assert np.array_equal(bits(p1), bits(p3))
