@@ -549,9 +549,9 @@ def _pack_block(typingctx, row, o, q, sc, mc, d, dm, r, blk, spec):
 
 @functools.cache
 def make_matvec(qtype, avx2=X86_AVX2, f16c=F16C):
-    """(matvec, gemm) for one K-quant type, jitted. matvec(w uint8[rows, row_bytes], x float32[cols], out
-    float32[rows]): w holds ggml-common.h's block_q*_K, x is quantized to Q8_K, and each block is
-    ggml_vec_dot_q*_K_q8_K. gemm(w, x float32[n, cols], out float32[n, rows]): the same arithmetic for a
+    """(matvec_many, gemm) for one K-quant type, jitted. matvec_many(ws, x float32[cols], outs): ws a tuple of
+    uint8[rows, row_bytes] holding ggml-common.h's block_q*_K, outs the tuple of their float32[rows]; x is
+    quantized to Q8_K once, and each block is ggml_vec_dot_q*_K_q8_K. gemm(w, x float32[n, cols], out float32[n, rows]): the same arithmetic for a
     batch, on packed tiles (gemm.py). ValueError when the shapes do not match.
 
     avx2 / f16c: the instructions the emitted code may use (default: this CPU's); the tests also build the

@@ -340,10 +340,10 @@ LAYOUTS = {
 
 @functools.cache
 def make_kernels(qtype, avx2=X86_AVX2, f16c=F16C):
-    """(dequantize(w, out), matvec(w, x, out), gemm(w, x, out)) for one legacy type, jitted: w
+    """(dequantize(w, out), matvec_many(ws, x, outs), gemm(w, x, out)) for one legacy type, jitted: w
     uint8[rows, row_bytes] of ggml-common.h's block_q4_0..block_q8_0 (LAYOUTS); dequantize: out
-    float32[rows, cols]; matvec: x float32[cols] -> out float32[rows]; gemm: x float32[n, cols] -> out
-    float32[n, rows] (gemm.py). ggml's dequantize_row_* and ggml_vec_dot_*_q8_0/q8_1 arithmetic; ValueError
+    float32[rows, cols]; matvec_many: a tuple ws of such weights, x float32[cols] quantized once -> the tuple
+    outs of float32[rows of each]; gemm: x float32[n, cols] -> out float32[n, rows] (gemm.py). ggml's dequantize_row_* and ggml_vec_dot_*_q8_0/q8_1 arithmetic; ValueError
     when the shapes do not match.
 
     avx2 / f16c: the instructions the emitted code may use (default: this CPU's); the tests also build the
