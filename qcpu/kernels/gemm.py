@@ -286,6 +286,15 @@ def check_shapes(w, x, out, block, type_size):
 
 
 @njit(cache=True, inline="always")
+def plan(rows, cols):
+    """A driver's split of `rows` weight rows of `cols` weights: (rows per tile, tiles, workers, groups per
+    full tile); worker i takes tiles i, i + workers, ... (see WORKERS)."""
+    per_tile = tile_rows(cols)
+    n_tiles = (rows + per_tile - 1) // per_tile
+    return per_tile, n_tiles, min(WORKERS, n_tiles), per_tile // ROWS
+
+
+@njit(cache=True, inline="always")
 def tile_span(tile, rows, per_tile):
     """Tile number -> (first row, rows in it, groups to pack: a multiple of RG, padding rows included)."""
     r0 = tile * per_tile

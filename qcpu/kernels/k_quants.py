@@ -584,10 +584,7 @@ def make_matvec(qtype, avx2=X86_AVX2, f16c=F16C):
         xb = np.empty((n, nbk * 16), np.int16)
         for t in prange(n):
             quantize_q8_K(x[t], xq[t], xd[t], xb[t])
-        per_tile = gemm.tile_rows(cols)
-        n_tiles = (rows + per_tile - 1) // per_tile
-        workers = min(gemm.WORKERS, n_tiles)
-        max_groups = per_tile // gemm.ROWS
+        per_tile, n_tiles, workers, max_groups = gemm.plan(rows, cols)
         for worker in prange(workers):  # buffers once per worker, tiles dealt round-robin (see gemm.WORKERS)
             q = np.empty((max_groups, nbk * 2048), np.uint8)
             sc = np.zeros((max_groups, nbk * 256), np.int16)

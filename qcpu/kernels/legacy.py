@@ -391,10 +391,7 @@ def make_kernels(qtype, avx2=X86_AVX2, f16c=F16C):
         xs = np.empty((n, nb), np.float32)
         for t in prange(n):
             quantize_row_q8(x, t, xq, xd, xc, xs, offset)
-        per_tile = gemm.tile_rows(cols)
-        n_tiles = (rows + per_tile - 1) // per_tile
-        workers = min(gemm.WORKERS, n_tiles)
-        max_groups = per_tile // gemm.ROWS
+        per_tile, n_tiles, workers, max_groups = gemm.plan(rows, cols)
         for worker in prange(workers):  # buffers once per worker, tiles dealt round-robin (see gemm.WORKERS)
             q = np.empty((max_groups, nb * gemm.GROUP_BLOCK_BYTES), np.uint8)
             d = np.zeros((max_groups, nb * gemm.ROWS), np.float32)  # padding rows: scale 0, output 0
