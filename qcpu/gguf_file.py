@@ -437,6 +437,17 @@ class GGUFFile:
             raise QcpuError(f"{self.path}: metadata {key} has the wrong type")
         return value
 
+    def release(self, name: str) -> None:
+        """Drop a tensor's pages from this process's resident memory (madvise MADV_DONTNEED on the whole
+        pages inside it), for a tensor whose bytes now live elsewhere (repacked at load). The mapping stays
+        valid: a later read faults the pages back in from the file."""
+        info = self.tensors[name]
+        page = mmap.PAGESIZE
+        start = -(-info.offset // page) * page
+        end = (info.offset + info.nbytes) // page * page
+        if end > start and hasattr(mmap, "MADV_DONTNEED"):
+            self._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
+
     def raw(self, name: str) -> np.ndarray:
         """A tensor's bytes as uint8[rows, row_bytes], a read-only view of the mapped file."""
         info = self.tensors[name]

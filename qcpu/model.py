@@ -27,15 +27,16 @@ from qcpu.weights import ModelWeights, matmul_many
 
 
 class Qwen2Model:
-    def __init__(self, gguf: GGUFFile):
+    def __init__(self, gguf: GGUFFile, repack: bool | None = None):
+        """The model in `gguf`; repack: legacy-quant matrices into 8-row groups (None: weights.REPACK)."""
         self.file = gguf
         self.config = ModelConfig.from_gguf(gguf)
-        self.weights = ModelWeights.from_gguf(gguf, self.config)
+        self.weights = ModelWeights.from_gguf(gguf, self.config, repack)
         self.rope = Rope.from_config(self.config)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Qwen2Model":
-        return cls(GGUFFile(path))
+    def load(cls, path: str | Path, repack: bool | None = None) -> "Qwen2Model":
+        return cls(GGUFFile(path), repack)
 
     def new_cache(self, capacity: int, keep: int = 0, type_k=None, type_v=None) -> KVCache:
         """A KV cache of `capacity` tokens; type_k/type_v: GGML types (None: F16)."""

@@ -14,6 +14,10 @@ Kernel contract (all arrays C-contiguous):
                        has it, its matvec is matvec_many of one weight.
   gemm(w, x, out)      x: float32[n, cols]; out: float32[n, rows] (batched products: gemm.py)
 
+A type may also have a packed variant (PACKED, repack.py): the same entry points over weights repacked at
+load into groups of 8 interleaved rows, w uint8[rows/8, 8 * row_bytes] (group_rows = 8), with `pack` to
+make that layout from the file's rows and `unpack` to undo it.
+
 A family writes each entry point once, as a factory over its layout constants, and `specialise` jits one
 copy per type (Numba needs one compiled function per specialisation; see its docstring for the cache).
 """
@@ -96,6 +100,9 @@ class QuantKernel:
     gemm: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None
     gemm_min_tokens: int = 2  # the batched path from this many tokens; below, one matvec per token (packing costs)
     matvec_many: Callable[[tuple, np.ndarray, tuple], None] | None = None
+    group_rows: int = 1  # weight rows per row of w: 8 in a packed layout
+    pack: Callable[[np.ndarray], np.ndarray] | None = None  # file rows -> this layout (packed variants)
+    unpack: Callable[[np.ndarray], np.ndarray] | None = None  # this layout -> file rows
 
     @property
     def block_size(self) -> int:
@@ -109,6 +116,7 @@ class QuantKernel:
 
 
 REGISTRY: dict[GGMLQuantizationType, QuantKernel] = {}
+PACKED: dict[GGMLQuantizationType, QuantKernel] = {}  # the types with a packed variant (repack.py)
 
 
 def register(ggml_type: GGMLQuantizationType, dequantize, matvec=None, gemm=None, gemm_min_tokens=2,
@@ -122,7 +130,24 @@ def register(ggml_type: GGMLQuantizationType, dequantize, matvec=None, gemm=None
     return kernel
 
 
-def kernel_for(ggml_type: int) -> QuantKernel:
+def register_packed(ggml_type: GGMLQuantizationType, pack, unpack, matvec_many, gemm, gemm_min_tokens=2) -> QuantKernel:
+    """Enter a type's packed variant (see the module docstring)."""
+    def matvec(w, x, out, _many=matvec_many):
+        _many((w,), x, (out,))
+
+    def dequantize(w, out, _unpack=unpack, _rows=REGISTRY[ggml_type].dequantize):
+        _rows(_unpack(w), out)
+
+    kernel = QuantKernel(ggml_type, dequantize, matvec, gemm, gemm_min_tokens, matvec_many, 8, pack, unpack)
+    PACKED[ggml_type] = kernel
+    return kernel
+
+
+def kernel_for(ggml_type: int, packed: bool = False) -> QuantKernel:
+    """The kernels of a GGML type (of its packed variant with `packed`). Raises QcpuError for a type
+    without kernels, KeyError for a packed variant that does not exist."""
+    if packed:
+        return PACKED[GGMLQuantizationType(ggml_type)]
     try:
         return REGISTRY[GGMLQuantizationType(ggml_type)]
     except (KeyError, ValueError):
@@ -145,17 +170,18 @@ def dequantize(w: np.ndarray, ggml_type: int, cols: int) -> np.ndarray:
 _TILE_ROWS = 512
 
 
-def matmul(w: np.ndarray, ggml_type: int, x: np.ndarray) -> np.ndarray:
-    """y = x @ W.T for raw weight blocks W (uint8[rows, row_bytes]) and float32 x[n, cols] -> [n, rows].
+def matmul(w: np.ndarray, ggml_type: int, x: np.ndarray, packed: bool = False) -> np.ndarray:
+    """y = x @ W.T for raw weight blocks W (uint8[rows, row_bytes], or the packed variant's layout with
+    `packed`) and float32 x[n, cols] -> [n, rows].
 
     One token (or fewer than the type's gemm_min_tokens): the type's fused dequant-dot matvec per token.
     Several tokens (prefill): the type's integer GEMM (gemm.py) where it has one, else (float types)
     dequantize a tile of rows once and hand it to BLAS with the whole batch, the activations first rounded
     as the matvec (and llama.cpp) would convert them. Either way the weights are read once per batch.
     """
-    kernel = kernel_for(ggml_type)
+    kernel = kernel_for(ggml_type, packed)
     n, cols = x.shape
-    rows = w.shape[0]
+    rows = w.shape[0] * kernel.group_rows
     out = np.empty((n, rows), dtype=np.float32)
     if n < kernel.gemm_min_tokens:
         for i in range(n):
@@ -181,18 +207,20 @@ def matmul(w: np.ndarray, ggml_type: int, x: np.ndarray) -> np.ndarray:
 
 
 def matmul_many(pairs, x: np.ndarray) -> list[np.ndarray]:
-    """[x @ W.T for each (W, ggml_type) in pairs]: several weights that read the same x float32[n, cols]
-    (Q/K/V, gate/up), float32[n, rows_W] each. One token: the weights of each type go through that type's
-    matvec_many together (x quantized once per type, one parallel region); else as `matmul` one by one."""
+    """[x @ W.T for each (W, ggml_type) or (W, ggml_type, packed) in pairs]: several weights that read the
+    same x float32[n, cols] (Q/K/V, gate/up), float32[n, rows_W] each. One token: the weights of each type
+    (and layout) go through its matvec_many together (x quantized once per type, one parallel region);
+    else as `matmul` one by one."""
+    pairs = [(w, t, packed) for w, t, *more in pairs for packed in [bool(more and more[0])]]
     if x.shape[0] != 1:
-        return [matmul(w, t, x) for w, t in pairs]
+        return [matmul(w, t, x, packed) for w, t, packed in pairs]
     x0 = np.ascontiguousarray(x[0], dtype=np.float32)
-    outs = [np.empty((1, w.shape[0]), dtype=np.float32) for w, _ in pairs]
-    by_type: dict[int, list[int]] = {}
-    for i, (_, t) in enumerate(pairs):
-        by_type.setdefault(t, []).append(i)
-    for t, idx in by_type.items():
-        kernel = kernel_for(t)
+    outs = [np.empty((1, w.shape[0] * kernel_for(t, packed).group_rows), dtype=np.float32) for w, t, packed in pairs]
+    by_type: dict[tuple[int, bool], list[int]] = {}
+    for i, (_, t, packed) in enumerate(pairs):
+        by_type.setdefault((t, packed), []).append(i)
+    for (t, packed), idx in by_type.items():
+        kernel = kernel_for(t, packed)
         ws = tuple(pairs[i][0] for i in idx)
         # Numba indexes a tuple at run time only if its arrays have one type (layout, writability)
         if kernel.matvec_many is not None and len({(w.flags.c_contiguous, w.flags.writeable) for w in ws}) == 1:
@@ -204,5 +232,5 @@ def matmul_many(pairs, x: np.ndarray) -> list[np.ndarray]:
 
 
 # Importing a family module registers its types.
-from qcpu.kernels import floats, k_quants, legacy  # noqa: F401
+from qcpu.kernels import floats, k_quants, legacy, repack  # noqa: F401
 from qcpu.kernels.activations import ACTIVATION_ROUNDING
