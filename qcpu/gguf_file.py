@@ -274,6 +274,7 @@ class GGUFFile:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._mmap = None
+        self._fd = None  # kept open for read_rows
         try:
             fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not block us
         except FileNotFoundError:
@@ -293,9 +294,12 @@ class GGUFFile:
                 raise QcpuError(f"{self.path}: not a GGUF file (only {size} bytes)")
             self._mmap = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
         except (OSError, ValueError) as e:
+            os.close(fd)
             raise QcpuError(f"{self.path}: cannot read: {getattr(e, 'strerror', None) or e}") from None
-        finally:
-            os.close(fd)  # the mapping keeps its own reference
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
         self.size = size
         try:
             self._parse()
@@ -308,6 +312,9 @@ class GGUFFile:
 
     def close(self) -> None:
         """Unmap the file. Arrays from `raw()` must be gone first (else the mapping stays until they are)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         if self._mmap is not None:
             try:
                 self._mmap.close()
@@ -437,16 +444,21 @@ class GGUFFile:
             raise QcpuError(f"{self.path}: metadata {key} has the wrong type")
         return value
 
-    def release(self, name: str) -> None:
-        """Drop a tensor's pages from this process's resident memory (madvise MADV_DONTNEED on the whole
-        pages inside it), for a tensor whose bytes now live elsewhere (repacked at load). The mapping stays
-        valid: a later read faults the pages back in from the file."""
+    def read_rows(self, name: str, start: int, stop: int, out: np.ndarray) -> np.ndarray:
+        """Copy rows start..stop-1 of a tensor's bytes into out (uint8, at least that many bytes) with
+        pread, not through the mapping: for a tensor copied elsewhere at load (repacked), whose mapped
+        pages need never be faulted in or held. Returns out's first bytes as uint8[stop - start, row_bytes].
+        Raises QcpuError if the file ends early (changed since it was opened)."""
         info = self.tensors[name]
-        page = mmap.PAGESIZE
-        start = -(-info.offset // page) * page
-        end = (info.offset + info.nbytes) // page * page
-        if end > start and hasattr(mmap, "MADV_DONTNEED"):
-            self._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
+        row_bytes = info.nbytes // info.rows
+        view = out.reshape(-1)[: (stop - start) * row_bytes]
+        done, at = 0, info.offset + start * row_bytes
+        while done < view.size:
+            n = os.preadv(self._fd, [memoryview(view[done:])], at + done)
+            if n <= 0:
+                raise QcpuError(f"{self.path}: file ended while reading {name} (changed on disk?)")
+            done += n
+        return view.reshape(stop - start, row_bytes)
 
     def raw(self, name: str) -> np.ndarray:
         """A tensor's bytes as uint8[rows, row_bytes], a read-only view of the mapped file."""

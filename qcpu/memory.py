@@ -4,7 +4,8 @@ loading, and explain instead of being killed by the OOM killer halfway through a
 What a session needs:
   * the model file, memory-mapped: its pages live in the page cache. They are reclaimable, so an
     overshoot here does not kill us, but every token then re-reads the evicted weights from disk
-    (seconds per token): we count the whole file;
+    (seconds per token). The legacy-quant matrices are repacked at load into anonymous memory instead
+    (weights.py; the same bytes, their mapped pages never read): we count the whole file;
   * the KV cache: anonymous memory (layers x ctx x kv_heads x head_dim keys and as many values, in the
     cache types: 2 bytes a value in f16, 34/32 in q8_0, 18/32 in q4_0) that must stay resident;
   * the runtime itself: Python, NumPy/Numba, the tokenizer, activations and dequantization tiles

@@ -22,7 +22,7 @@ over-long/empty/control-character names, bad magic/version, huge strings/arrays,
 Runner: `run_corpus(...)` feeds case files to a worker subprocess (`python -m tests.gguf_mutations
 --worker`), one at a time, with a wall-clock limit per case (the worker is killed and restarted on a
 hang) and the worker's peak RSS per case (VmHWM, reset through /proc/self/clear_refs) compared with its
-RSS before the case.
+RSS before the case, less the weights the loader repacks into memory (the file's own bytes).
 """
 
 from __future__ import annotations
@@ -870,8 +870,9 @@ def _reset_peak() -> bool:
         return False
 
 
-def load_model_parts(path: str) -> str:
-    """What the fuzz contract loads; returns a short summary on success."""
+def load_model_parts(path: str) -> tuple[str, int]:
+    """What the fuzz contract loads; returns a short summary on success, and the bytes of weights the
+    loader copied into memory (repacked matrices: the file's own bytes, so not counted as growth)."""
     from qcpu.config import ModelConfig
     from qcpu.gguf_file import GGUFFile
     from qcpu.weights import ModelWeights
@@ -879,7 +880,10 @@ def load_model_parts(path: str) -> str:
     f = GGUFFile(path)
     cfg = ModelConfig.from_gguf(f)
     w = ModelWeights.from_gguf(f, cfg)
-    return f"{len(f.tensors)} tensors, {cfg.n_layers} layers, vocab {cfg.vocab_size}, {len(w.layers)} layer weights"
+    matrices = {id(t): t for lw in w.layers for t in vars(lw).values() if hasattr(t, "packed")}
+    matrices.update({id(t): t for t in (w.token_embd, w.output)})
+    held = sum(t.raw.nbytes for t in matrices.values() if t.packed)
+    return f"{len(f.tensors)} tensors, {cfg.n_layers} layers, vocab {cfg.vocab_size}, {len(w.layers)} layer weights", held
 
 
 def worker_main() -> None:
@@ -901,8 +905,9 @@ def worker_main() -> None:
         can_peak = _reset_peak()
         rss0 = _status_kb("VmRSS:")
         t0 = time.perf_counter()
+        held = 0
         try:
-            status, msg = "ok", load_model_parts(path)
+            status, (msg, held) = "ok", load_model_parts(path)
         except QcpuError as e:
             status, msg = "error", str(e)
         except BaseException as e:  # noqa: BLE001 -- the point is to catch anything
@@ -911,7 +916,7 @@ def worker_main() -> None:
         peak = _status_kb("VmHWM:") if can_peak else 0
         rss1 = _status_kb("VmRSS:")
         sys.stdout.write(json.dumps({"status": status, "msg": msg, "seconds": elapsed, "rss0_kb": rss0,
-                                     "peak_kb": peak, "rss1_kb": rss1}) + "\n")
+                                     "peak_kb": peak, "rss1_kb": rss1, "held_kb": held // 1024}) + "\n")
         sys.stdout.flush()
 
 
@@ -1042,7 +1047,7 @@ def run_corpus(cases: Iterator[Case], workdir: Path, warmup: Case, time_limit: f
                 worker = fresh_worker()
                 r = Result(case.name, status, msg, time_limit, 0.0, must_load=case.must_load)
             else:
-                growth = max(0, rep["peak_kb"] - rep["rss0_kb"]) / 1024
+                growth = max(0, rep["peak_kb"] - rep["rss0_kb"] - rep["held_kb"]) / 1024
                 if not rss_start:
                     rss_start = rep["rss0_kb"] / 1024
                 rss_end = rep["rss1_kb"] / 1024

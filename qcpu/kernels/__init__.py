@@ -101,7 +101,7 @@ class QuantKernel:
     gemm_min_tokens: int = 2  # the batched path from this many tokens; below, one matvec per token (packing costs)
     matvec_many: Callable[[tuple, np.ndarray, tuple], None] | None = None
     group_rows: int = 1  # weight rows per row of w: 8 in a packed layout
-    pack: Callable[[np.ndarray], np.ndarray] | None = None  # file rows -> this layout (packed variants)
+    pack: Callable[..., np.ndarray] | None = None  # pack(w, out=None): file rows -> this layout (packed variants)
     unpack: Callable[[np.ndarray], np.ndarray] | None = None  # this layout -> file rows
 
     @property

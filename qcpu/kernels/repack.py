@@ -56,39 +56,59 @@ def fields(type_size, has_m, has_qh):
 
 # ---- pack / unpack (load time, plain Numba) --------------------------------------------------------
 
-# 4 bits -> 4 bytes: byte i = bit i of the index (spreads one nibble of qh over the 4 packed qh bytes)
-_SPREAD = np.array([sum(((n >> i) & 1) << (8 * i) for i in range(4)) for n in range(16)], dtype=np.int64)
+def _ir_qh_bytes(b, qh):
+    """i32 qh (bit k = 5th bit of weight k) -> the 4 packed qh bytes as an i32: byte i, bit s = bit 4s+i.
+    Gathers every 4th bit by three shift-or-mask folds (no pext on AVX2)."""
+    out = None
+    for i in range(4):
+        x = b.and_(b.lshr(qh, ir.Constant(_I32, i)), ir.Constant(_I32, 0x11111111))
+        x = b.and_(b.or_(x, b.lshr(x, ir.Constant(_I32, 3))), ir.Constant(_I32, 0x03030303))
+        x = b.and_(b.or_(x, b.lshr(x, ir.Constant(_I32, 6))), ir.Constant(_I32, 0x000F000F))
+        x = b.and_(b.or_(x, b.lshr(x, ir.Constant(_I32, 12))), ir.Constant(_I32, 0xFF))
+        x = b.shl(x, ir.Constant(_I32, 8 * i))
+        out = x if out is None else b.or_(out, x)
+    return out
 
 
-@njit(cache=True, parallel=True)
-def _pack(w, out, type_size, has_m, has_qh, nibbles, at):
-    nb = w.shape[1] // type_size
-    m_at, qh_at, qs_at = at
+@intrinsic
+def _pack_group(typingctx, w, g, out, spec):
+    """Rows 8g..8g+7 of w (uint8[rows, row_bytes], the file's blocks) -> row g of out (the packed layout)."""
+    layout = literal_values(spec)
+    if layout is None:
+        return None
+    type_size, has_m, has_qh, nibbles = layout[:4]
+    m_at, qh_at, qs_at = fields(type_size, has_m, has_qh)
     src_qh = 4 if has_m else 2
     src_qs = src_qh + (4 if has_qh else 0)
-    n_qs = 16 if nibbles else 32
-    for g in prange(out.shape[0]):
-        dst = out[g]
-        for r in range(ROWS):
-            src = w[ROWS * g + r]
-            for blk in range(nb):
-                o = blk * ROWS * type_size
-                i0 = blk * type_size
-                dst[o + 2 * r] = src[i0]
-                dst[o + 2 * r + 1] = src[i0 + 1]
+    words = 4 if nibbles else 8  # 4-byte chunks of quants per row and block
+
+    def codegen(context, b, signature, args):
+        aw, ao = context.make_array(signature.args[0])(context, b, args[0]), context.make_array(signature.args[2])(context, b, args[2])
+        g = args[1]
+        wstride = b.extract_value(aw.strides, 0)
+        rows = [b.gep(b.bitcast(aw.data, _I8.as_pointer()), [b.mul(b.add(b.mul(g, ir.Constant(_I64, ROWS)), ir.Constant(_I64, r)), wstride)])
+                for r in range(ROWS)]
+        op = b.gep(b.bitcast(ao.data, _I8.as_pointer()), [b.mul(g, b.extract_value(ao.strides, 0))])
+        nb = b.udiv(b.extract_value(aw.shape, 1), ir.Constant(_I64, type_size))
+
+        def store(ptr, at, v):
+            b.store(v, b.bitcast(b.gep(ptr, [at]), v.type.as_pointer()), align=1)
+
+        with cgutils.for_range(b, nb) as loop:
+            src = b.mul(loop.index, ir.Constant(_I64, type_size))
+            dst = b.gep(op, [b.mul(loop.index, ir.Constant(_I64, ROWS * type_size))])
+            for r in range(ROWS):
+                blk = b.gep(rows[r], [src])
+                store(dst, ir.Constant(_I64, 2 * r), _load(b, blk, 0, _I16))
                 if has_m:
-                    dst[o + m_at + 2 * r] = src[i0 + 2]
-                    dst[o + m_at + 2 * r + 1] = src[i0 + 3]
+                    store(dst, ir.Constant(_I64, m_at + 2 * r), _load(b, blk, 2, _I16))
                 if has_qh:
-                    qh = np.int64(src[i0 + src_qh]) | np.int64(src[i0 + src_qh + 1]) << 8 \
-                        | np.int64(src[i0 + src_qh + 2]) << 16 | np.int64(src[i0 + src_qh + 3]) << 24
-                    word = np.int64(0)  # byte i, bit st = bit 4st+i of qh
-                    for st in range(8):
-                        word |= _SPREAD[(qh >> (4 * st)) & 0xF] << st
-                    for i in range(4):
-                        dst[o + qh_at + 4 * r + i] = (word >> (8 * i)) & 0xFF
-                for k in range(n_qs):  # quants byte k of the row -> 4-byte chunk k // 4 of the group
-                    dst[o + qs_at + 32 * (k >> 2) + 4 * r + (k & 3)] = src[i0 + src_qs + k]
+                    store(dst, ir.Constant(_I64, qh_at + 4 * r), _ir_qh_bytes(b, _load(b, blk, src_qh, _I32)))
+                for j in range(words):
+                    store(dst, ir.Constant(_I64, qs_at + 32 * j + 4 * r), _load(b, blk, src_qs + 4 * j, _I32))
+        return context.get_dummy_value()
+
+    return types.void(w, g, out, spec), codegen
 
 
 @njit(cache=True, parallel=True)
@@ -125,17 +145,27 @@ def _unpack(p, out, type_size, has_m, has_qh, nibbles, at):
                             s[src_qs + 4 * st + i] = p[g, o + qs_at + 32 * st + 4 * r + i]
 
 
-def pack(w: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
-    """uint8[rows, row_bytes] row-major blocks -> uint8[rows/8, 8 * row_bytes] packed groups (a new array,
-    the layout in the module docstring). Raises ValueError unless rows is a multiple of 8 and the rows
-    are whole blocks of `qtype`."""
-    type_size, has_m, has_qh, nibbles, _ = LAYOUTS[qtype]
+def empty(rows: int, row_bytes: int) -> np.ndarray:
+    """An uninitialised packed array for rows x row_bytes of blocks: uint8[rows/8, 8 * row_bytes].
+
+    Anonymous pages from mmap, not np.empty: NumPy asks for transparent huge pages, whose faults (with
+    compaction) made loading ~3x slower on these VMs (400 MB: 1.57 s against 0.33 s)."""
+    n = rows * row_bytes
+    return np.frombuffer(mmap.mmap(-1, max(n, 1)), np.uint8, count=n).reshape(rows // ROWS, ROWS * row_bytes)
+
+
+def pack(w: np.ndarray, qtype: GGMLQuantizationType, out: np.ndarray | None = None) -> np.ndarray:
+    """uint8[rows, row_bytes] row-major blocks -> uint8[rows/8, 8 * row_bytes] packed groups (the layout in
+    the module docstring), into out if given (else a new array from `empty`). Raises ValueError unless rows
+    is a multiple of 8, the rows are whole blocks of `qtype` and out has the packed shape."""
+    type_size = LAYOUTS[qtype][0]
     if w.ndim != 2 or w.shape[0] % ROWS or w.shape[1] % type_size:
         raise ValueError(f"repack: {qtype.name} weight of shape {w.shape} is not groups of 8 whole-block rows")
-    # Anonymous pages from mmap, not np.empty: NumPy asks for transparent huge pages, whose faults (with
-    # compaction) made loading ~3x slower on these VMs (400 MB: 1.57 s against 0.33 s).
-    out = np.frombuffer(mmap.mmap(-1, max(w.size, 1)), np.uint8, count=w.size).reshape(w.shape[0] // ROWS, ROWS * w.shape[1])
-    _pack(w, out, type_size, has_m, has_qh, nibbles, fields(type_size, has_m, has_qh))
+    if out is None:
+        out = empty(*w.shape)
+    elif out.shape != (w.shape[0] // ROWS, ROWS * w.shape[1]) or out.dtype != np.uint8:
+        raise ValueError(f"repack: output of shape {out.shape} does not hold {w.shape[0]} rows of {w.shape[1]} bytes")
+    make_kernels(qtype)[0](w, out)
     return out
 
 
@@ -274,7 +304,8 @@ def _unpack_group(typingctx, p, g, q, d, m, spec):
 
 @functools.cache
 def make_kernels(qtype, avx2=X86_AVX2, f16c=F16C):
-    """(matvec_many(ps, x, outs), gemm(p, x, out)) for one legacy type in the packed layout: p uint8[rows/8,
+    """(pack(w, p), matvec_many(ps, x, outs), gemm(p, x, out)) for one legacy type in the packed layout: pack
+    fills p from w uint8[rows, row_bytes] (see `pack`); p uint8[rows/8,
     8 * row_bytes] (`pack`), x float32[cols] or [n, cols], outs float32[rows] each / out float32[n, rows],
     as legacy.make_kernels' row-major ones. ggml's arithmetic per block and row: (d_w * d_x) * exact int32
     dot [- offset * sum x], accumulated in float32 block after block [+ m_w * s_x summed apart, *_1 types].
@@ -282,6 +313,10 @@ def make_kernels(qtype, avx2=X86_AVX2, f16c=F16C):
     spec = (*LAYOUTS[qtype], avx2, f16c)
     type_size, has_m, has_qh, nibbles, offset = spec[:5]
     name = qtype.name.lower() + "x8" + ("" if (avx2, f16c) == (X86_AVX2, F16C) else f"_avx2{avx2:d}_f16c{f16c:d}")
+
+    def pack_rows(w, p):
+        for g in prange(p.shape[0]):
+            _pack_group(w, g, p, spec)
 
     def matvec(ps, x, outs):
         for k in range(len(ps)):
@@ -328,10 +363,15 @@ def make_kernels(qtype, avx2=X86_AVX2, f16c=F16C):
                 gemm.sweep((q, d, m), (xq, xd, xc, xs), n, cols, groups, o, g_full, g2, g1)
                 gemm.scatter(o, out, r0, nr)
 
-    return specialise(matvec, f"matvec_{name}", parallel=True), specialise(batched, f"gemm_{name}", parallel=True)
+    return (specialise(pack_rows, f"pack_{name}", parallel=True), specialise(matvec, f"matvec_{name}", parallel=True),
+            specialise(batched, f"gemm_{name}", parallel=True))
 
+
+
+def _pack_as(qtype, w, out=None):
+    return pack(w, qtype, out)
 
 
 for _t in LAYOUTS:
-    register_packed(_t, functools.partial(pack, qtype=_t), functools.partial(unpack, qtype=_t), *make_kernels(_t),
+    register_packed(_t, functools.partial(_pack_as, _t), functools.partial(unpack, qtype=_t), *make_kernels(_t)[1:],
                     gemm_min_tokens=3)
