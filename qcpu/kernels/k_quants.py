@@ -45,6 +45,7 @@ from qcpu.kernels.llvm_ir import (
     _load,
     _madd,
     _maddubs,
+    _prefetch,
     _shuffle,
     _splat,
     _splat_value,
@@ -468,7 +469,9 @@ def _row_dot(typingctx, row, qx, dx, bsums, spec):
         acc_m = cgutils.alloca_once_value(b, ir.Constant(_vec(8, _F32), [0.0] * 8))
         with cgutils.for_range(b, nb) as loop:
             blk = loop.index
-            wb = b.gep(rowp, [b.mul(blk, ir.Constant(_I64, size))])
+            at = b.mul(blk, ir.Constant(_I64, size))
+            wb = b.gep(rowp, [at])
+            _prefetch(b, rowp, at, size)
             xb = b.gep(xqp, [b.mul(blk, ir.Constant(_I64, QK_K))])
             bs = _load(b, bsp, b.mul(blk, ir.Constant(_I64, 32)), _vec(16, _I16))
             sc, mn = _scales_16(b, wb, kind)

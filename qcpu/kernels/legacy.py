@@ -58,6 +58,7 @@ from qcpu.kernels.llvm_ir import (
     _contract,
     _lanes,
     _load,
+    _prefetch,
     _splat,
     _splat_value,
     _vec,
@@ -255,7 +256,9 @@ def _row_dot(typingctx, wrow, xq, xd, xs, xc, spec):
         macc = cgutils.alloca_once_value(b, ir.Constant(_F32, 0.0))
 
         def block(i, acc):
-            blk = b.gep(wp, [b.mul(i, ir.Constant(_I64, type_size))])
+            at = b.mul(i, ir.Constant(_I64, type_size))
+            blk = b.gep(wp, [at])
+            _prefetch(b, wp, at, type_size)
             wq = _emit_weights(b, blk, has_m, has_qh, nibbles, offset - sub_offset)
             xv = _load(b, xp, b.mul(i, ir.Constant(_I64, QK)), _vec(32, _I8))
             s8 = dot8(b, wq, xv, signed)

@@ -42,7 +42,7 @@ from qcpu.kernels import check_rows, gemm, literal_values, locate_row, register_
 from qcpu.kernels.cpu import F16C, X86_AVX2
 from qcpu.kernels.halves import ir_half_to_f32
 from qcpu.kernels.legacy import LAYOUTS, QK, quantize_row_q8
-from qcpu.kernels.llvm_ir import _F32, _I8, _I16, _I32, _I64, _call, _contract, _dot8_portable, _load, _splat, _splat_value, _vec
+from qcpu.kernels.llvm_ir import _F32, _I8, _I16, _I32, _I64, _call, _contract, _dot8_portable, _load, _prefetch, _splat, _splat_value, _vec
 
 ROWS = 8  # rows per group
 
@@ -230,7 +230,9 @@ def _group_dot(typingctx, p, g, xq, xd, xc, xs, out, spec):
         macc = cgutils.alloca_once_value(b, zero8)
         with cgutils.for_range(b, nb) as loop:
             i = loop.index
-            blk = b.gep(gp, [b.mul(i, ir.Constant(_I64, ROWS * type_size))])
+            at = b.mul(i, ir.Constant(_I64, ROWS * type_size))
+            blk = b.gep(gp, [at])
+            _prefetch(b, gp, at, ROWS * type_size)
             xrow = b.gep(xp, [b.mul(i, ir.Constant(_I64, QK))])
             isum, part = None, None
             for s in range(8):
