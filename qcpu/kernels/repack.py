@@ -54,7 +54,7 @@ def fields(type_size, has_m, has_qh):
     return m_at, qh_at, qh_at + (32 if has_qh else 0)
 
 
-# ---- pack / unpack (load time, plain Numba) --------------------------------------------------------
+# ---- pack (LLVM IR, at load) and unpack (plain Numba: tests, embedding lookups) ----------------------
 
 def _ir_qh_bytes(b, qh):
     """i32 qh (bit k = 5th bit of weight k) -> the 4 packed qh bytes as an i32: byte i, bit s = bit 4s+i.
@@ -149,7 +149,7 @@ def empty(rows: int, row_bytes: int) -> np.ndarray:
     """An uninitialised packed array for rows x row_bytes of blocks: uint8[rows/8, 8 * row_bytes].
 
     Anonymous pages from mmap, not np.empty: NumPy asks for transparent huge pages, whose faults (with
-    compaction) made loading ~3x slower on these VMs (400 MB: 1.57 s against 0.33 s)."""
+    compaction) took ~5x longer to fault on these VMs (400 MB: 1.57 s against 0.33 s)."""
     n = rows * row_bytes
     return np.frombuffer(mmap.mmap(-1, max(n, 1)), np.uint8, count=n).reshape(rows // ROWS, ROWS * row_bytes)
 
@@ -161,6 +161,7 @@ def pack(w: np.ndarray, qtype: GGMLQuantizationType, out: np.ndarray | None = No
     type_size = LAYOUTS[qtype][0]
     if w.ndim != 2 or w.shape[0] % ROWS or w.shape[1] % type_size:
         raise ValueError(f"repack: {qtype.name} weight of shape {w.shape} is not groups of 8 whole-block rows")
+    w = np.ascontiguousarray(w)  # the IR addresses rows by their stride and bytes within a row by +1
     if out is None:
         out = empty(*w.shape)
     elif out.shape != (w.shape[0] // ROWS, ROWS * w.shape[1]) or out.dtype != np.uint8:
