@@ -128,6 +128,21 @@ def quantize_row_q8(x, t, xq, xd, xc, xs, offset):
         xs[t, b] = f16_to_f32(f32_to_f16(df * np.float32(total)))
 
 
+@njit(cache=True, parallel=True)
+def quantize_rows_q8(x, offset):
+    """x float32[n, cols] -> (xq int8[n, cols], xd float32[n, nb], xc int32[n, nb], xs float32[n, nb]), each
+    row as quantize_row_q8 gives it: the activations of a batched product (gemm), or of one row."""
+    n, cols = x.shape
+    nb = cols // QK
+    xq = np.empty((n, cols), np.int8)
+    xd = np.empty((n, nb), np.float32)
+    xc = np.empty((n, nb), np.int32)
+    xs = np.empty((n, nb), np.float32)
+    for t in prange(n):
+        quantize_row_q8(x, t, xq, xd, xc, xs, offset)
+    return xq, xd, xc, xs
+
+
 @njit(cache=True)
 def offset_sums(xq, offset):
     """offset * (sum of each 4 consecutive activation quants): the lane layout of pmaddwd's output, so
@@ -388,12 +403,7 @@ def make_kernels(qtype, avx2=X86_AVX2, f16c=F16C):
         n, cols = x.shape
         rows = w.shape[0]
         nb = cols // QK
-        xq = np.empty((n, cols), np.int8)
-        xd = np.empty((n, nb), np.float32)
-        xc = np.empty((n, nb), np.int32)
-        xs = np.empty((n, nb), np.float32)
-        for t in prange(n):
-            quantize_row_q8(x, t, xq, xd, xc, xs, offset)
+        xq, xd, xc, xs = quantize_rows_q8(x, offset)
         per_tile, n_tiles, workers, max_groups = gemm.plan(rows, cols)
         for worker in prange(workers):  # buffers once per worker, tiles dealt round-robin (see gemm.WORKERS)
             q = np.empty((max_groups, nb * gemm.GROUP_BLOCK_BYTES), np.uint8)

@@ -41,7 +41,7 @@ from numba.extending import intrinsic
 from qcpu.kernels import check_rows, gemm, literal_values, locate_row, register_packed, specialise, total_rows
 from qcpu.kernels.cpu import F16C, X86_AVX2
 from qcpu.kernels.halves import ir_half_to_f32
-from qcpu.kernels.legacy import LAYOUTS, QK, quantize_row_q8
+from qcpu.kernels.legacy import LAYOUTS, QK, quantize_rows_q8
 from qcpu.kernels.llvm_ir import _F32, _I8, _I16, _I32, _I64, _call, _contract, _dot8_portable, _load, _prefetch, _splat, _splat_value, _vec
 
 ROWS = 8  # rows per group
@@ -327,11 +327,7 @@ def make_kernels(qtype, avx2=X86_AVX2, f16c=F16C):
                 raise ValueError("matvec: packed weight rows are not a multiple of 8")
             check_rows(ps[k], outs[k].shape[0] // ROWS, x.shape[0] * ROWS, QK, type_size,
                        "matvec: packed weight shape does not match the activation / output")
-        nb = x.shape[0] // QK
-        x2 = x.reshape(1, x.shape[0])
-        xq, xd = np.empty((1, x.shape[0]), np.int8), np.empty((1, nb), np.float32)
-        xc, xs = np.empty((1, nb), np.int32), np.empty((1, nb), np.float32)
-        quantize_row_q8(x2, 0, xq, xd, xc, xs, offset)
+        xq, xd, xc, xs = quantize_rows_q8(x.reshape(1, x.shape[0]), offset)
         for t in prange(total_rows(ps)):  # rows of ps: groups
             k, g = locate_row(ps, t)
             _group_dot(ps[k], g, xq[0], xd[0], xc[0], xs[0], outs[k], spec)
@@ -347,12 +343,7 @@ def make_kernels(qtype, avx2=X86_AVX2, f16c=F16C):
             raise ValueError("gemm: the output shape is not [tokens, rows], rows a multiple of 8")
         check_rows(p, rows // ROWS, cols * ROWS, QK, type_size, "gemm: packed weight shape does not match the activation / output")
         nb = cols // QK
-        xq = np.empty((n, cols), np.int8)
-        xd = np.empty((n, nb), np.float32)
-        xc = np.empty((n, nb), np.int32)
-        xs = np.empty((n, nb), np.float32)
-        for t in prange(n):
-            quantize_row_q8(x, t, xq, xd, xc, xs, offset)
+        xq, xd, xc, xs = quantize_rows_q8(x, offset)
         per_tile, n_tiles, workers, max_groups = gemm.plan(rows, cols)
         for worker in prange(workers):  # as legacy.make_kernels' gemm, the tile unpacked from whole groups
             q = np.empty((max_groups, nb * gemm.GROUP_BLOCK_BYTES), np.uint8)
