@@ -40,7 +40,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from qcpu.cache import from_rows, rotate, rotation
+from qcpu.cache import CENTER_BLOCK, KeyCenters, from_rows, rotate, rotation
 from qcpu.kernels import literal_values, specialise
 from qcpu.kernels.activations import ACTIVATION_ROUNDING
 from qcpu.kernels.cpu import F16C, X86_AVX2
@@ -78,27 +78,33 @@ from qcpu.kernels.llvm_ir import (
 SERIAL_MACS = 1 << 20
 BLOCK = 256  # keys per decode task: enough tasks for 2..16 threads at 4K+ tokens, little merging
 TILE = 512  # keys per prefill tile: a [256 * group, 512] float32 score tile is a few MB
+assert TILE % CENTER_BLOCK == 0  # a tile adds back whole blocks of key centers
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, slot_seq: np.ndarray, query_seq: np.ndarray,
-              type_k: T = T.F16, type_v: T = T.F16) -> np.ndarray:
+              type_k: T = T.F16, type_v: T = T.F16, centers: KeyCenters | None = None) -> np.ndarray:
     """Scaled dot-product attention of q float32[n, n_heads, head_dim] over the cache k, v
     uint8[n_kv_heads, capacity, row_bytes] of types type_k, type_v (slot_seq int64[n_slots], query_seq
     int64[n]: see the module docstring). Returns float32[n, n_heads, head_dim]. n_heads must be a multiple
     of n_kv_heads (GQA). A query that sees no slot gets zeros. Quantized rows are read as cache.py stores
-    them: Hadamard-rotated (llama.cpp's attention rotation, `cache.rotation`)."""
+    them: Hadamard-rotated (llama.cpp's attention rotation, `cache.rotation`), and, given `centers`
+    (quantized keys only), minus those centers, which are added back."""
     hd = q.shape[-1]
     scale = np.float32(1.0 / math.sqrt(hd))
     type_k, type_v = T(type_k), T(type_v)
+    n_cb = -(-len(slot_seq) // CENTER_BLOCK)
     # quantized rows are stored Hadamard-rotated (cache.py): q.(Hk) needs Hq, and sum p (Hv) = H (sum p v)
     rot_k, rot_v = rotation(type_k, hd, keys=True), rotation(type_v, hd, keys=False)
+    # q.c_b * scale from the unrounded q: the keys' large shared part loses nothing to q's rounding
+    off = None if centers is None else centers.offsets(q, n_cb) * scale  # [n, n_heads, n_cb]
     q = rotate(q, rot_k)
     if q.shape[0] == 1:
-        out = _decode(q[0], k, v, slot_seq, int(query_seq[0]), scale, type_k, type_v)[None]
+        out = _decode(q[0], k, v, slot_seq, int(query_seq[0]), scale, type_k, type_v,
+                      None if off is None else off[0])[None]
     else:
         # llama.cpp converts q to K's vec_dot_type first: F16, or Q8_0 for the quantized caches
         q = ACTIVATION_ROUNDING[type_k](q.reshape(-1, hd)).reshape(q.shape)
-        out = _prefill(q, k, v, slot_seq, query_seq, scale, type_k, type_v)
+        out = _prefill(q, k, v, slot_seq, query_seq, scale, type_k, type_v, off)
     return rotate(out, rot_v)
 
 
@@ -388,13 +394,14 @@ def _decode_kernels(type_k: T, type_v: T, head_dim: int, avx2: bool = X86_AVX2, 
     (kernels.specialise); avx2 / f16c: the instructions the IR may use (default: this CPU's; the tests
     also build the portable IR, which gives the same numbers).
 
-    scores(q, qq, qd, qc, k, slot_seq, query_seq, scale, scores, block_max): scores[n_heads, n_slots] =
+    scores(q, qq, qd, qc, k, slot_seq, query_seq, scale, off, scores, block_max): scores[n_heads, n_slots] =
       q.k * scale (-inf where hidden), block_max[n_heads, n_blocks] their maxima (_score_keys). F16 keys
       are dotted with the fp16-rounded q; quantized keys as integers with q quantized to Q8_0 (qq, qd;
-      qc: Q4_0's offset sums), llama.cpp's vec_dot_q8_0_q8_0 / vec_dot_q4_0_q8_0.
+      qc: Q4_0's offset sums), llama.cpp's vec_dot_q8_0_q8_0 / vec_dot_q4_0_q8_0, then off[h, s //
+      CENTER_BLOCK] is added (the key centers' q.c * scale, cache.KeyCenters; unread for F16 keys).
     values(probs, v, partial): partial[n_blocks, n_heads, hd] = sum over each block's slots of p * v
       (_weigh_values).
-    one_block(q, qq, qd, qc, k, v, slot_seq, query_seq, scale, scores, total, partial): for n_slots <=
+    one_block(q, qq, qd, qc, k, v, slot_seq, query_seq, scale, off, scores, total, partial): for n_slots <=
       BLOCK, the three steps (scores, _decode_softmax's per-head softmax into total, values into
       partial[0]) in one parallel region, one task per kv head; the same bits as the three.
     """
@@ -405,7 +412,7 @@ def _decode_kernels(type_k: T, type_v: T, head_dim: int, avx2: bool = X86_AVX2, 
     k_bytes = head_dim * 2 if k_f16 else head_dim // QK * spec_k[2]
     v_bytes = head_dim * 2 if v_f16 else head_dim // QK * spec_v[2]
 
-    def scores_kernel(q, qq, qd, qc, k, slot_seq, query_seq, scale, scores, block_max):
+    def scores_kernel(q, qq, qd, qc, k, slot_seq, query_seq, scale, off, scores, block_max):
         n_heads = q.shape[0]
         n_slots, n_kv = scores.shape[1], k.shape[0]
         group = n_heads // n_kv
@@ -416,10 +423,12 @@ def _decode_kernels(type_k: T, type_v: T, head_dim: int, avx2: bool = X86_AVX2, 
         for task in prange(n_kv * n_blocks):
             kvh, b = task // n_blocks, task % n_blocks
             work = np.empty(group * (STEP * 9 + 1), dtype=np.float32)
+            hi = min(n_slots, (b + 1) * BLOCK)
             _score_keys(k[kvh], q, qq, qd, qc, slot_seq, query_seq, scale, scores, kvh * group, group,
-                        b * BLOCK, min(n_slots, (b + 1) * BLOCK), work, spec_k)
+                        b * BLOCK, hi, work, spec_k)
             for g in range(group):
-                block_max[kvh * group + g, b] = work[group * STEP * 9 + g]
+                h = kvh * group + g
+                block_max[h, b] = work[group * STEP * 9 + g] if k_f16 else _add_offsets(scores, off, h, b * BLOCK, hi)
 
     def values_kernel(probs, v, partial):
         n_heads, n_slots = probs.shape
@@ -438,7 +447,7 @@ def _decode_kernels(type_k: T, type_v: T, head_dim: int, avx2: bool = X86_AVX2, 
             _weigh_values(v[kvh], probs, out, kvh * group, group, b * BLOCK, min(n_slots, (b + 1) * BLOCK),
                           work, spec_v)
 
-    def one_block_kernel(q, qq, qd, qc, k, v, slot_seq, query_seq, scale, scores, total, partial):
+    def one_block_kernel(q, qq, qd, qc, k, v, slot_seq, query_seq, scale, off, scores, total, partial):
         # n_slots <= BLOCK: scores, softmax and values of each kv head's group in one task, so the whole
         # attention is one parallel region (the three above cost three wake-ups of the other threads)
         n_heads = q.shape[0]
@@ -456,8 +465,10 @@ def _decode_kernels(type_k: T, type_v: T, head_dim: int, avx2: bool = X86_AVX2, 
                         0, n_slots, work, spec_k)
             out = partial[0]
             for g in range(group):
-                _softmax_row(scores, total, kvh * group + g, work[group * STEP * 9 + g])
-                out[kvh * group + g, :] = 0.0
+                h = kvh * group + g
+                top = work[group * STEP * 9 + g] if k_f16 else _add_offsets(scores, off, h, 0, n_slots)
+                _softmax_row(scores, total, h, top)
+                out[h, :] = 0.0
             _weigh_values(v[kvh], scores, out, kvh * group, group, 0, n_slots, work, spec_v)
 
     name = f"{type_k.name.lower()}_{type_v.name.lower()}_{head_dim}"
@@ -466,6 +477,19 @@ def _decode_kernels(type_k: T, type_v: T, head_dim: int, avx2: bool = X86_AVX2, 
     return (specialise(scores_kernel, f"decode_scores_{name}", parallel=True),
             specialise(values_kernel, f"decode_values_{name}", parallel=True),
             specialise(one_block_kernel, f"decode_one_block_{name}", parallel=True, fastmath={"contract"}))
+
+
+@njit(cache=True, inline="always")
+def _add_offsets(scores, off, h, lo, hi):
+    """scores[h, s] += off[h, s // CENTER_BLOCK] for s in [lo, hi) (-inf stays -inf); returns their maximum."""
+    top = np.float32(-np.inf)
+    for cb in range(lo // CENTER_BLOCK, (hi - 1) // CENTER_BLOCK + 1):
+        o = off[h, cb]
+        for s in range(max(lo, cb * CENTER_BLOCK), min(hi, (cb + 1) * CENTER_BLOCK)):
+            x = scores[h, s] + o
+            scores[h, s] = x
+            top = max(top, x)
+    return top
 
 
 @njit(cache=True)
@@ -546,20 +570,20 @@ def _softmax_row(scores, total, h, top):
 _NO_QUANTS = (np.zeros((1, 32), np.int8), np.zeros((1, 1), np.float32), np.zeros((1, 8), np.int32))
 
 
-def _decode(q, k, v, slot_seq, query_seq, scale, type_k, type_v):
+def _decode(q, k, v, slot_seq, query_seq, scale, type_k, type_v, off=None):
     n_heads, hd = q.shape
     n_slots = len(slot_seq)
     threads = numba.get_num_threads()
     if threads > 1 and BLOCK < n_slots and n_slots * n_heads * hd < SERIAL_MACS:
         numba.set_num_threads(1)  # the kernels give the same bits on any number of threads
         try:
-            return _decode_run(q, k, v, slot_seq, query_seq, scale, type_k, type_v)
+            return _decode_run(q, k, v, slot_seq, query_seq, scale, type_k, type_v, off)
         finally:
             numba.set_num_threads(threads)
-    return _decode_run(q, k, v, slot_seq, query_seq, scale, type_k, type_v)
+    return _decode_run(q, k, v, slot_seq, query_seq, scale, type_k, type_v, off)
 
 
-def _decode_run(q, k, v, slot_seq, query_seq, scale, type_k, type_v):
+def _decode_run(q, k, v, slot_seq, query_seq, scale, type_k, type_v, off):
     n_heads, hd = q.shape
     n_slots = len(slot_seq)
     n_blocks = max(1, -(-n_slots // BLOCK))
@@ -573,14 +597,17 @@ def _decode_run(q, k, v, slot_seq, query_seq, scale, type_k, type_v):
         qq, qd, qc = _NO_QUANTS
     else:
         qq, qd, qc = _quantize_heads(q, LAYOUTS[type_k][4])
+    if off is None:  # no centers: nothing to add back (F16 keys never read it)
+        off = np.zeros((n_heads, -(-n_slots // CENTER_BLOCK)), dtype=np.float32)
+    off = np.ascontiguousarray(off, dtype=np.float32)
     scores = np.empty((n_heads, n_slots), dtype=np.float32)
     total = np.empty(n_heads, dtype=np.float64)
     partial = np.empty((n_blocks, n_heads, hd), dtype=np.float32)
     if n_blocks == 1:
-        one_block_kernel(q, qq, qd, qc, k, v, slot_seq, query_seq, scale, scores, total, partial)
+        one_block_kernel(q, qq, qd, qc, k, v, slot_seq, query_seq, scale, off, scores, total, partial)
     else:
         block_max = np.empty((n_heads, n_blocks), dtype=np.float32)
-        scores_kernel(q, qq, qd, qc, k, slot_seq, query_seq, scale, scores, block_max)
+        scores_kernel(q, qq, qd, qc, k, slot_seq, query_seq, scale, off, scores, block_max)
         _decode_softmax(scores, block_max, total)
         values_kernel(scores, v, partial)
     return _merge_blocks(partial, total)
@@ -648,7 +675,8 @@ def _fold_tile(s, row_seq, tile_seq, masked, m, l, alpha):
         m[r] = k
 
 
-def _prefill(q, k, v, slot_seq, query_seq, scale, type_k, type_v):
+def _prefill(q, k, v, slot_seq, query_seq, scale, type_k, type_v, off=None):
+    # off: float32[nq, n_heads, n_center_blocks], each key block's q.c * scale to add back (or None)
     nq, n_heads, hd = q.shape
     n_slots, n_kv = len(slot_seq), k.shape[0]
     group = n_heads // n_kv
@@ -661,6 +689,8 @@ def _prefill(q, k, v, slot_seq, query_seq, scale, type_k, type_v):
     alpha = np.empty(R, dtype=np.float32)
     for kvh in range(n_kv):
         qg = np.ascontiguousarray(q[:, kvh * group:(kvh + 1) * group].reshape(R, hd))
+        if off is not None:
+            off_g = off[:, kvh * group:(kvh + 1) * group].reshape(R, -1)
         acc = np.zeros((R, hd), dtype=np.float32)
         m[:] = _NONE
         l[:] = 0.0
@@ -674,6 +704,9 @@ def _prefill(q, k, v, slot_seq, query_seq, scale, type_k, type_v):
             keys = from_rows(k[kvh, lo:hi], type_k, hd)  # [T, hd]
             s = qg @ keys.T
             s *= scale
+            if off is not None:  # TILE is whole center blocks: lo is a block's first slot
+                b0 = lo // CENTER_BLOCK
+                s += np.repeat(off_g[:, b0:b0 + TILE // CENTER_BLOCK], CENTER_BLOCK, axis=1)[:, :hi - lo]
             _fold_tile(s, row_seq, tile_seq, masked, m, l, alpha)
             acc *= alpha[:, None]
             acc += s @ from_rows(v[kvh, lo:hi], type_v, hd)

@@ -39,10 +39,12 @@ class Qwen2Model:
         return cls(GGUFFile(path), repack)
 
     def new_cache(self, capacity: int, keep: int = 0, type_k=None, type_v=None) -> KVCache:
-        """A KV cache of `capacity` tokens; type_k/type_v: GGML types (None: F16)."""
+        """A KV cache of `capacity` tokens; type_k/type_v: GGML types (None: F16). Quantized keys are
+        centered on the attn_k biases (cache.KeyCenters)."""
         c = self.config
+        key_bias = np.stack([lw.bk for lw in self.weights.layers]).reshape(c.n_layers, c.n_kv_heads, c.head_dim)
         return KVCache(c.n_layers, capacity, c.n_kv_heads, c.head_dim, self.rope, keep=keep,
-                       type_k=type_k or T.F16, type_v=type_v or T.F16)
+                       type_k=type_k or T.F16, type_v=type_v or T.F16, key_bias=key_bias)
 
     def forward(self, tokens, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Run tokens[n] after what the cache holds; logits float32[n or 1, vocab] (last position only
@@ -70,7 +72,7 @@ class Qwen2Model:
             v = (v + lw.bv).reshape(n, c.n_kv_heads, c.head_dim)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             cache.write(layer, slots, k, v)
-            a = attention(q, *cache.layer(layer), seqs, cache.type_k, cache.type_v)  # [n, n_heads, hd]
+            a = attention(q, *cache.layer(layer), seqs, cache.type_k, cache.type_v, cache.centers(layer))
             x = x + lw.wo @ a.reshape(n, c.n_heads * c.head_dim)
 
             h = rms_norm(x, lw.ffn_norm, c.rms_eps)

@@ -29,7 +29,7 @@ def reference_kernels(type_k, type_v):
     spec_k = (*LAYOUTS[T.Q8_0 if k_f16 else type_k], X86_AVX2, F16C)
     spec_v = (*LAYOUTS[T.Q8_0 if v_f16 else type_v], X86_AVX2, F16C)
 
-    def scores_ref(q, qq, qd, qc, k, slot_seq, query_seq, scale, scores, block_max):
+    def scores_ref(q, qq, qd, qc, k, slot_seq, query_seq, scale, off, scores, block_max):
         n_heads, hd = q.shape
         n_slots, n_kv = scores.shape[1], k.shape[0]
         group = n_heads // n_kv
@@ -54,6 +54,13 @@ def reference_kernels(type_k, type_v):
                         x = _row_dot(k[kvh, s], qq[h], qd[h], qd[h], qc[h], spec_k) * scale
                     scores[h, s] = x
                     best[g] = max(best[g], x)
+            if not k_f16:  # then the key centers' q.c * scale, block by block (cache.KeyCenters)
+                for g in range(group):
+                    h = kvh * group + g
+                    best[g] = -np.inf
+                    for s in range(b * BLOCK, min(n_slots, (b + 1) * BLOCK)):
+                        scores[h, s] = scores[h, s] + off[h, s // att.CENTER_BLOCK]
+                        best[g] = max(best[g], scores[h, s])
             for g in range(group):
                 block_max[kvh * group + g, b] = best[g]
 
@@ -105,17 +112,18 @@ def case(type_k, n_kv, group, hd, n_slots, seed, poison=False):
         qf, (qq, qd, qc) = q.astype(np.float16).astype(np.float32), att._NO_QUANTS
     else:
         qf, (qq, qd, qc) = q, att._quantize_heads(q, LAYOUTS[type_k][4])
-    return qf, qq, qd, qc, np.ascontiguousarray(k), np.ascontiguousarray(v), seq, query
+    off = rng.standard_normal((n_kv * group, max(1, -(-n_slots // att.CENTER_BLOCK)))).astype(np.float32)
+    return qf, qq, qd, qc, np.ascontiguousarray(k), np.ascontiguousarray(v), seq, query, off
 
 
 def run(kernels, type_k, n_kv, group, hd, n_slots, seed, poison=False):
     scores_kernel, values_kernel = kernels[:2]
-    qf, qq, qd, qc, k, v, seq, query = case(type_k, n_kv, group, hd, n_slots, seed, poison)
+    qf, qq, qd, qc, k, v, seq, query, off = case(type_k, n_kv, group, hd, n_slots, seed, poison)
     n_heads, n_blocks = n_kv * group, max(1, -(-n_slots // BLOCK))
     scale = np.float32(1 / np.sqrt(hd))
     scores = np.full((n_heads, n_slots), np.nan, np.float32)
     block_max = np.full((n_heads, n_blocks), np.nan, np.float32)
-    scores_kernel(qf, qq, qd, qc, k, seq, query, scale, scores, block_max)
+    scores_kernel(qf, qq, qd, qc, k, seq, query, scale, off, scores, block_max)
     # the values kernel weighs a fixed, softmax-like probability matrix (exact zeros where hidden)
     probs = np.where(np.isfinite(scores), np.abs(np.sin(np.arange(scores.size)).reshape(scores.shape)), 0)
     probs = probs.astype(np.float16).astype(np.float32)
@@ -193,14 +201,14 @@ def test_one_block_kernel_equals_the_three_steps(type_k, n_kv, group, hd, n_slot
     """Up to BLOCK slots decode runs scores, softmax and values as one region: the same bits as the three
     kernels one after the other (hidden slots poisoned, so reading one would show)."""
     scores_kernel, values_kernel, one_block = att._decode_kernels(type_k, type_k, hd)
-    qf, qq, qd, qc, k, v, seq, query = case(type_k, n_kv, group, hd, n_slots, seed=11, poison=True)
+    qf, qq, qd, qc, k, v, seq, query, off = case(type_k, n_kv, group, hd, n_slots, seed=11, poison=True)
     n_heads, scale = n_kv * group, np.float32(1 / np.sqrt(hd))
     s3, bm = np.full((n_heads, n_slots), np.nan, np.float32), np.full((n_heads, 1), np.nan, np.float32)
     t3, p3 = np.full(n_heads, np.nan), np.full((1, n_heads, hd), np.nan, np.float32)
-    scores_kernel(qf, qq, qd, qc, k, seq, query, scale, s3, bm)
+    scores_kernel(qf, qq, qd, qc, k, seq, query, scale, off, s3, bm)
     att._decode_softmax(s3, bm, t3)
     values_kernel(s3, v, p3)
     s1, t1, p1 = np.full_like(s3, np.nan), np.full_like(t3, np.nan), np.full_like(p3, np.nan)
-    one_block(qf, qq, qd, qc, k, v, seq, query, scale, s1, t1, p1)
+    one_block(qf, qq, qd, qc, k, v, seq, query, scale, off, s1, t1, p1)
     assert np.array_equal(bits(s1), bits(s3)) and np.array_equal(t1.view(np.uint64), t3.view(np.uint64))
     assert np.array_equal(bits(p1), bits(p3))

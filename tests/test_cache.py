@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from qcpu.cache import KVCache, hadamard, rotate, rotation
+from qcpu.cache import CENTER_BLOCK, KVCache, hadamard, rotate, rotation
 from qcpu.model import Qwen2Model
+from qcpu.rope import Rope, apply_rope
 from tests.reference import reference_logits
 from tests.tiny_model import write_tiny_qwen2
 
@@ -136,8 +137,8 @@ def test_rotation_sizes_are_llama_cpps():
 @pytest.mark.parametrize("ggml_type", [T.Q8_0, T.Q4_0, T.F16])
 def test_quantized_cache_rows_are_the_reference_quantizers_bytes(request, which, ggml_type):
     """What the cache stores is gguf-py's reference quantization (llama.cpp's quantize_row_*_ref) of the
-    RoPE-rotated keys (quantized ones minus their mean) and the values, Hadamard-rotated first where
-    llama.cpp rotates them, laid out [n_kv_heads, slot, row]."""
+    RoPE-rotated keys (quantized ones minus their centers, checked on their own below) and the values,
+    Hadamard-rotated first where llama.cpp rotates them, laid out [n_kv_heads, slot, row]."""
     model, built = request.getfixturevalue(which)
     cache = model.new_cache(8, type_k=ggml_type, type_v=ggml_type)
     rng = np.random.default_rng(8)
@@ -147,7 +148,8 @@ def test_quantized_cache_rows_are_the_reference_quantizers_bytes(request, which,
     slots, _, _ = cache.reserve(3)
     layer = c.n_layers - 1
     cache.write(layer, slots, k, v)
-    centered = k - k.mean(axis=0) if ggml_type != T.F16 else k  # the empty cache's first batch: its mean
+    assert (cache.centers(layer) is None) == (ggml_type == T.F16)
+    centered = k - cache.centers(layer).per_slot(0, 3) if ggml_type != T.F16 else k
     for x, stored, keys in ((centered, cache.k[layer], True), (v, cache.v[layer], False)):
         x = rotate(x, rotation(ggml_type, c.head_dim, keys))
         want = gguf.quants.quantize(x.reshape(-1, c.head_dim), ggml_type).view(np.uint8).reshape(3, c.n_kv_heads, -1)
@@ -187,35 +189,66 @@ def test_a_quantized_cache_shifts_its_context_like_f16(request, which):
     assert err[24] < max(0.02, 1.5 * err[64]) and err[64] < 0.06, err
 
 
+def neox_rotate64(x, angles):
+    """x float64[n, hd] rotated by angles float64[n, hd/2] (NEOX pairs i, i + hd/2), in float64."""
+    h = x.shape[1] // 2
+    c, s = np.cos(angles), np.sin(angles)
+    return np.concatenate([x[:, :h] * c - x[:, h:] * s, x[:, :h] * s + x[:, h:] * c], axis=1)
+
+
+def test_key_centers_follow_rope():
+    """m is the key bias, zero in the pairs that turn by more than pi/3 over half a block; block b's center
+    is m rotated to the block's midpoint; offsets are q.c_b (all against float64 from the RoPE formula)."""
+    rng = np.random.default_rng(3)
+    hd, n_kv, theta, n = 64, 2, 1e6, 300
+    bias = rng.standard_normal((1, n_kv, hd)).astype(np.float32) * 5
+    cache = KVCache(1, n, n_kv, hd, Rope(head_dim=hd, theta=theta), type_k=T.Q8_0, key_bias=bias)
+    freqs = theta ** (-np.arange(hd // 2) * 2.0 / hd)
+    slow = freqs * (CENTER_BLOCK // 2) <= np.pi / 3
+    assert 0 < slow.sum() < hd // 2
+    centers = cache.centers(0)
+    mid = (np.arange(n) // CENTER_BLOCK) * CENTER_BLOCK + CENTER_BLOCK // 2
+    for kvh in range(n_kv):
+        m = bias[0, kvh].astype(np.float64) * np.concatenate([slow, slow])
+        assert np.array_equal(centers.m[kvh], m.astype(np.float32))
+        want = neox_rotate64(np.broadcast_to(m, (n, hd)), mid[:, None] * freqs)
+        assert np.allclose(centers.per_slot(0, n)[:, kvh], want, rtol=1e-4, atol=1e-4)
+        assert np.allclose(centers.per_slot(70, 200)[:, kvh], want[70:200], rtol=1e-4, atol=1e-4)
+        q = rng.standard_normal((3 * n_kv, hd)).astype(np.float32)
+        got = centers.offsets(q, -(-n // CENTER_BLOCK))
+        for h in range(kvh * 3, kvh * 3 + 3):
+            assert np.allclose(got[h], want[::CENTER_BLOCK] @ q[h].astype(np.float64), rtol=1e-4, atol=1e-3)
+    assert KVCache(1, n, n_kv, hd, None, type_k=T.Q8_0).centers(0) is None  # no bias: no centers
+
+
+@pytest.mark.parametrize("n_queries", [1, 5])
 @pytest.mark.parametrize("ggml_type", [T.Q8_0, T.Q4_0])
-def test_centered_quantized_keys_give_attention_closer_to_exact(ggml_type, monkeypatch):
-    """Keys sharing a large offset (as Qwen2's do, from their bias): stored minus the first batch's mean
-    key, the quantized cache's attention is closer to the exact float64 one than stored as they are, and
-    subtracting one vector from every key leaves the exact attention itself unchanged."""
+def test_centered_quantized_keys_give_attention_closer_to_exact(ggml_type, n_queries):
+    """Keys sharing a large bias that RoPE turns with the position (as Qwen2's do): stored minus their
+    block's center and added back in attention, the quantized cache's attention (decode: 1 query; tiled
+    prefill: 5) is closer to the exact float64 one than with the keys stored as they are."""
     from qcpu.attention import attention
     from tests.test_attention import reference
 
     rng = np.random.default_rng(12)
-    n, n_kv, hd = 200, 2, 64
-    offset = np.zeros(hd, np.float32)
-    offset[[3, 35, 20]] = [40.0, -30.0, 25.0]
-    k = (rng.standard_normal((n, n_kv, hd)) + offset).astype(np.float32)
+    n, n_kv, hd = 700, 2, 64
+    rope = Rope(head_dim=hd, theta=1e6)
+    bias = np.zeros((1, n_kv, hd), np.float32)
+    bias[..., [20, 52, 30, 62, 3]] = [40.0, -30.0, 25.0, 20.0, 4.0]  # slow pairs (20, 52), (30, 62); fast 3
+    cos, sin = rope.cos_sin(np.arange(n))
+    k = apply_rope((rng.standard_normal((n, n_kv, hd)) + bias).astype(np.float32), cos, sin)
     v = rng.standard_normal((n, n_kv, hd)).astype(np.float32)
-    q = rng.standard_normal((1, 14, hd)).astype(np.float32)
-    seq, query = np.arange(n, dtype=np.int64), np.array([n - 1])
+    q = rng.standard_normal((n_queries, 14, hd)).astype(np.float32) * 0.3
+    seq, query = np.arange(n, dtype=np.int64), np.arange(n - n_queries, n)
     exact = reference(q, k, v, seq, query)
-    assert np.allclose(reference(q, k - k[:50].mean(axis=0), v, seq, query), exact, atol=1e-5)  # float32 k - c
 
-    def stored_attention():
-        cache = KVCache(1, 256, n_kv, hd, rope=None, type_k=ggml_type)  # no shift: no rope needed
-        for lo in (0, 50, 120):  # the center comes from the first batch only
-            hi = {0: 50, 50: 120, 120: n}[lo]
+    def stored_attention(key_bias):
+        cache = KVCache(1, 768, n_kv, hd, rope=rope, type_k=ggml_type, key_bias=key_bias)
+        for lo, hi in ((0, 50), (50, 420), (420, n)):
             slots, _, _ = cache.reserve(hi - lo)
             cache.write(0, slots, k[lo:hi], v[lo:hi])
-        return attention(q, *cache.layer(0), query, cache.type_k, cache.type_v)
+        return attention(q, *cache.layer(0), query, cache.type_k, cache.type_v, cache.centers(0))
 
-    centered = stored_attention()
-    monkeypatch.setattr(KVCache, "_centered", lambda self, layer, slots, keys: keys)
-    plain = stored_attention()
-    err_centered, err_plain = np.abs(centered - exact).max(), np.abs(plain - exact).max()
+    err_centered = np.abs(stored_attention(bias) - exact).max()
+    err_plain = np.abs(stored_attention(None) - exact).max()
     assert err_centered < 0.5 * err_plain, (err_centered, err_plain)
