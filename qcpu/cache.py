@@ -6,9 +6,9 @@ stored already rotated, as llama.cpp does. Each of k and v is uint8[n_layers, n_
 row_bytes]: one kv head's rows are contiguous, so attention streams them. A row is one head's
 head_dim values in the cache type (`-ctk`/`-ctv`, llama.cpp's names and block formats): f16 (default),
 q8_0 or q4_0, quantized on write with the reference quantizer (gguf-py's and llama.cpp's `_ref` bytes).
-Quantized rows hold the head rotated by a Walsh-Hadamard matrix first (`rotation`, llama.cpp's attention
-rotation): an orthogonal map spreads the few huge channels of Qwen2's keys over the whole block, so one
-block scale no longer crushes the small ones. Attention rotates q the same way (q.k is unchanged) and
+Quantized rows (but Q8_0 values) hold the head rotated by a Walsh-Hadamard matrix first (`rotation`,
+llama.cpp's attention rotation): an orthogonal map spreads the few huge channels of Qwen2's keys over the
+whole block, so one block scale no longer crushes the small ones. Attention rotates q the same way (q.k is unchanged) and
 rotates its output back for values. Quantized keys are also stored minus a center that follows RoPE
 (`KeyCenters`, qcpu's own step beyond llama.cpp): what the keys share no longer sets the scales.
 
@@ -66,10 +66,16 @@ def hadamard(n: int) -> np.ndarray:
 
 
 def rotation(ggml_type: T, head_dim: int, keys: bool) -> int:
-    """The size n of the Hadamard blocks a cache row of this type is rotated by, 0 for none: none for F16;
-    for quantized keys 64 doubled while it divides head_dim, for quantized values 64; none unless head_dim
-    is a multiple of 64 (llama_kv_cache's n_rot_k / n_rot_v)."""
-    if ggml_type == T.F16 or head_dim % 64:
+    """The size n of the Hadamard blocks a cache row of this type is rotated by, 0 for none: for quantized
+    keys 64 doubled while it divides head_dim, for Q4_0 values 64 (llama_kv_cache's n_rot_k / n_rot_v);
+    none for F16, for Q8_0 values, and unless head_dim is a multiple of 64.
+
+    Q8_0 values are not rotated, unlike llama.cpp's: on the default model (ctx 4096, GPL-3 + GPL-2, q8_0 K)
+    the mean KL divergence from the f16 cache's next-token distributions is 0.00353 with f16 values,
+    0.00363 with Q8_0 values as they are and 0.00379 with them rotated: 8 bits lose less to a value's own
+    channels than to everything the rotation mixes in. Q4_0 values gain from it (perplexity 6.48 rotated,
+    6.53 not)."""
+    if ggml_type == T.F16 or head_dim % 64 or (not keys and ggml_type == T.Q8_0):
         return 0
     n = 64
     while keys and head_dim % (2 * n) == 0:
@@ -112,15 +118,17 @@ CENTER_BLOCK = 64  # slots that share one key center: within +-32 positions its 
 @dataclass(frozen=True)
 class KeyCenters:
     """What one layer's quantized keys are stored minus: the keys of block b (slots [b * CENTER_BLOCK,
-    (b + 1) * CENTER_BLOCK), which hold those positions) minus c_b = RoPE(mid_b) m, where m is the keys'
-    bias (Qwen2's attn_k.bias, times YaRN's mscale), zero in the pairs that turn by more than pi/3 over half
-    a block (there a center at the block's midpoint would miss by more than it removes).
+    (b + 1) * CENTER_BLOCK), which hold those positions) minus c_b = RoPE(mid_b) m, where m is the mean
+    key of the first batch the empty cache took, rotated back to position 0 (`KVCache._centered`), zero in
+    the pairs that turn by more than pi/3 over half a block (there a center at the block's midpoint would
+    miss by more than it removes).
 
-    Why: the bias is a large offset all keys share, and RoPE turns it with the position; a Q8_0/Q4_0 block
-    would spend its range on it. One fixed center stops matching after a few thousand positions in the
-    middle frequencies. Default model, q8_0 K, ctx 4096 perplexity over f16: +1.4% with one fixed center
-    (the first batch's mean), +0.3% with this one. Attention adds q.c_b back to every score of block b
-    (`offsets`: one small matmul per layer and token), so the result is exact whatever m is.
+    Why: Qwen2's keys share a large offset (mostly their bias), and RoPE turns it with the position; a
+    Q8_0/Q4_0 block would spend its range on it. One fixed center stops matching after a few thousand
+    positions in the middle frequencies. Default model, q8_0 cache, perplexity over f16's (ctx 512
+    ppl_text / ctx 4096 GPL-3 + GPL-2): one fixed center -0.2% / +1.4%; the attn_k bias turned by RoPE
+    +0.8% / +0.4%; this -0.3% / +0.2%. Attention adds q.c_b back to every score of block b (`offsets`:
+    one small matmul per layer and token), so the result is exact whatever m is.
 
     m: float32[n_kv_heads, head_dim]; cos, sin: float32[n_blocks, head_dim // 2], the pure rotation (no
     mscale) to each block's midpoint position."""
@@ -153,12 +161,10 @@ class KeyCenters:
 
 class KVCache:
     def __init__(self, n_layers: int, capacity: int, n_kv_heads: int, head_dim: int, rope: Rope, keep: int = 0,
-                 type_k: T = T.F16, type_v: T = T.F16, key_bias: np.ndarray | None = None):
+                 type_k: T = T.F16, type_v: T = T.F16):
         """k, v uint8[n_layers, n_kv_heads, capacity, row_bytes] (see the module docstring); `capacity` in
-        tokens (--ctx); `keep`: tokens at the start never discarded; type_k/type_v: F16, Q8_0 or Q4_0;
-        key_bias float32[n_layers, n_kv_heads, head_dim]: the keys' pre-RoPE bias, which quantized keys are
-        centered on (`KeyCenters`; None: no centering). Raises QcpuError for a capacity below 2 or an
-        unsupported type."""
+        tokens (--ctx); `keep`: tokens at the start never discarded; type_k/type_v: F16, Q8_0 or Q4_0.
+        Raises QcpuError for a capacity below 2 or an unsupported type."""
         if capacity < 2:
             raise QcpuError(f"context size {capacity} is too small")
         for t in (type_k, type_v):
@@ -175,14 +181,13 @@ class KVCache:
         self.slot_seq = np.full(capacity, -1, dtype=np.int64)  # stream index of each slot's token; -1 = empty
         # quantized keys are stored minus RoPE(block midpoint) of this pre-RoPE vector (`KeyCenters`)
         self.k_center = None
-        if self.type_k != T.F16 and key_bias is not None:
+        if self.type_k != T.F16:
+            self.k_center = np.zeros((n_layers, n_kv_heads, head_dim), dtype=np.float32)
             mids = np.arange(-(-capacity // CENTER_BLOCK)) * CENTER_BLOCK + CENTER_BLOCK // 2
             self.center_cos, self.center_sin = rope.shift_cos_sin(mids)
             cos1, sin1 = rope.shift_cos_sin(np.array([1]))
             turning = np.arctan2(sin1[0], cos1[0]) * (CENTER_BLOCK // 2) > np.pi / 3
-            self.k_center = np.array(key_bias, dtype=np.float32).reshape(n_layers, n_kv_heads, head_dim)
-            self.k_center *= np.float32(rope.mscale)  # the keys carry it: k = mscale R(p) (W x + b)
-            self.k_center[..., np.concatenate([turning, turning])] = 0.0
+            self.fast_pairs = np.concatenate([turning, turning])
         self.reset()
 
     def reset(self) -> None:
@@ -265,14 +270,21 @@ class KVCache:
 
     def _centered(self, layer: int, slots: np.ndarray, k: np.ndarray) -> np.ndarray:
         """Keys k float32[n, n_kv_heads, head_dim] at the contiguous slots `slots` (reserve's) minus their
-        block's center (`KeyCenters`); as they are without centers (F16 keys, stored as llama.cpp stores
-        them, or no key bias)."""
-        centers = self.centers(layer)
-        return k if centers is None else k - centers.per_slot(int(slots[0]), int(slots[-1]) + 1)
+        block's center (`KeyCenters`); a batch into the empty cache first sets the layer's m (its mean key
+        rotated back to position 0 by pure rotations, so YaRN's mscale stays in it as in the keys). F16
+        keys are stored as they are, as llama.cpp stores them."""
+        if self.k_center is None:
+            return k
+        if slots[0] == 0:  # nothing else held: keys stored with an older center are all gone
+            cos, sin = self.rope.shift_cos_sin(-slots)
+            m = apply_rope(k, cos, sin).mean(axis=0)
+            m[:, self.fast_pairs] = 0.0
+            self.k_center[layer] = m
+        return k - self.centers(layer).per_slot(int(slots[0]), int(slots[-1]) + 1)
 
     def centers(self, layer: int) -> KeyCenters | None:
-        """The centers one layer's quantized keys are stored minus, which attention adds back (None: keys
-        stored as they are)."""
+        """The centers one layer's quantized keys are stored minus, which attention adds back (None: F16
+        keys, stored as they are)."""
         if self.k_center is None:
             return None
         return KeyCenters(self.k_center[layer], self.center_cos, self.center_sin)

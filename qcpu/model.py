@@ -39,12 +39,10 @@ class Qwen2Model:
         return cls(GGUFFile(path), repack)
 
     def new_cache(self, capacity: int, keep: int = 0, type_k=None, type_v=None) -> KVCache:
-        """A KV cache of `capacity` tokens; type_k/type_v: GGML types (None: F16). Quantized keys are
-        centered on the attn_k biases (cache.KeyCenters)."""
+        """A KV cache of `capacity` tokens; type_k/type_v: GGML types (None: F16)."""
         c = self.config
-        key_bias = np.stack([lw.bk for lw in self.weights.layers]).reshape(c.n_layers, c.n_kv_heads, c.head_dim)
         return KVCache(c.n_layers, capacity, c.n_kv_heads, c.head_dim, self.rope, keep=keep,
-                       type_k=type_k or T.F16, type_v=type_v or T.F16, key_bias=key_bias)
+                       type_k=type_k or T.F16, type_v=type_v or T.F16)
 
     def forward(self, tokens, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Run tokens[n] after what the cache holds; logits float32[n or 1, vocab] (last position only
