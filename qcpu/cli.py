@@ -398,7 +398,7 @@ def bench(
     threads: Optional[str] = typer.Option(None, "--threads", "-t",
                                           help="CPU threads (default: all cores); a comma list runs each (-t 1,2)."),
     n_prompt: int = typer.Option(512, "--n-prompt", "-p", help="Prompt tokens for pp."),
-    n_gen: int = typer.Option(128, "--n-gen", "-g", help="Generated tokens for tg."),
+    n_gen: int = typer.Option(128, "--n-gen", "-n", "-g", help="Generated tokens for tg (llama-bench's -n)."),
     repeats: int = typer.Option(3, "--repeats", "-r", help="Runs; the median is reported."),
     depth: int = typer.Option(0, "--depth", "-d", help="Tokens already in the cache when pp and tg are measured "
                                                        "(llama-bench's -d)."),

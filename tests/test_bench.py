@@ -63,10 +63,11 @@ def test_thread_list_runs_each_count(tiny_path):
     import numba
 
     counts = [1, 2] if numba.config.NUMBA_NUM_THREADS >= 2 else [1, 1]
-    proc = subprocess.run([sys.executable, "-m", "qcpu.cli", "bench", str(tiny_path), "-p", "4", "-g", "2", "-r", "1",
+    proc = subprocess.run([sys.executable, "-m", "qcpu.cli", "bench", str(tiny_path), "-p", "4", "-n", "2", "-r", "1",
                            "-t", ",".join(map(str, counts)), "--json"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert [r["threads"] for r in json.loads(proc.stdout)] == counts
+    assert all(r["n_gen"] == 2 for r in json.loads(proc.stdout))  # -n: llama-bench's name for it
     bad = subprocess.run([sys.executable, "-m", "qcpu.cli", "bench", str(tiny_path), "-t", "1,x"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
