@@ -428,7 +428,8 @@ def _decode_kernels(type_k: T, type_v: T, head_dim: int, avx2: bool = X86_AVX2, 
                         b * BLOCK, hi, work, spec_k)
             for g in range(group):
                 h = kvh * group + g
-                block_max[h, b] = work[group * STEP * 9 + g] if k_f16 else _add_offsets(scores, off, h, b * BLOCK, hi)
+                top = work[group * STEP * 9 + g] if k_f16 else _add_offsets(scores, off, h, b * BLOCK, hi)
+                block_max[h, b] = top
 
     def values_kernel(probs, v, partial):
         n_heads, n_slots = probs.shape

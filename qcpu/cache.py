@@ -8,9 +8,10 @@ head_dim values in the cache type (`-ctk`/`-ctv`, llama.cpp's names and block fo
 q8_0 or q4_0, quantized on write with the reference quantizer (gguf-py's and llama.cpp's `_ref` bytes).
 Quantized rows (but Q8_0 values) hold the head rotated by a Walsh-Hadamard matrix first (`rotation`,
 llama.cpp's attention rotation): an orthogonal map spreads the few huge channels of Qwen2's keys over the
-whole block, so one block scale no longer crushes the small ones. Attention rotates q the same way (q.k is unchanged) and
-rotates its output back for values. Quantized keys are also stored minus a center that follows RoPE
-(`KeyCenters`, qcpu's own step beyond llama.cpp): what the keys share no longer sets the scales.
+whole block, so one block scale no longer crushes the small ones. Attention rotates q the same way (q.k
+is unchanged) and rotates its output back for values. Quantized keys are also stored minus a center that
+follows RoPE (`KeyCenters`, qcpu's own step beyond llama.cpp): what the keys share no longer sets the
+scales.
 
 When a batch does not fit, the oldest tokens after the first `keep` (the system prompt) are discarded
 and the survivors move down, their keys re-rotated back by the same number of positions: llama.cpp's
@@ -126,8 +127,8 @@ class KeyCenters:
     Why: Qwen2's keys share a large offset (mostly their bias), and RoPE turns it with the position; a
     Q8_0/Q4_0 block would spend its range on it. One fixed center stops matching after a few thousand
     positions in the middle frequencies. Default model, q8_0 cache, perplexity over f16's (ctx 512
-    ppl_text / ctx 4096 GPL-3 + GPL-2): one fixed center -0.2% / +1.4%; the attn_k bias turned by RoPE
-    +0.8% / +0.4%; this -0.3% / +0.2%. Attention adds q.c_b back to every score of block b (`offsets`:
+    ppl_text / ctx 4096 GPL-3 + GPL-2): one fixed center -0.2% / +1.3%; the attn_k bias turned by RoPE
+    +0.8% / +0.4%; this +0.1% / -0.3%. Attention adds q.c_b back to every score of block b (`offsets`:
     one small matmul per layer and token), so the result is exact whatever m is.
 
     m: float32[n_kv_heads, head_dim]; cos, sin: float32[n_blocks, head_dim // 2], the pure rotation (no
@@ -240,8 +241,8 @@ class KVCache:
                 # does for them
                 k = from_rows(self.k[layer, :, start:end], self.type_k, self.head_dim).transpose(1, 0, 2)
                 centers = self.centers(layer)
-                if centers is None:
-                    k = rotate(apply_rope(rotate(k, self.rot_k), cos, sin), self.rot_k)
+                if centers is None:  # F16 keys: neither rotated nor centered
+                    k = apply_rope(k, cos, sin)
                 else:
                     k = rotate(k, self.rot_k) + centers.per_slot(start, end)
                     k = apply_rope(k, cos, sin) - centers.per_slot(keep, end - n)
