@@ -7,12 +7,13 @@ slots (-1: empty). Query i (stream index `query_seq[i]`) sees slot s iff
 slots passed in are visited: the cache passes its used prefix, so the cost follows the tokens held, not
 the capacity.
 
-- One query (decode): flash-decoding (Dao et al., 2023). Keys are split into blocks of `BLOCK` slots;
-  each (kv head, block) task scores its keys against all the queries of the GQA group; then exps per
-  head; then each task sums weights times values and the per-block partial sums are added in block
-  order. Both task loops are LLVM IR micro-kernels (_score_keys, _weigh_values) over `STEP` = 8 keys at
-  a time: a key is widened (F16C) or unpacked once for the whole group, the 8 keys' dots share one
-  horizontal reduction and land as one vector per head, and the masks are vector selects; the sums keep
+- One query (decode): flash-decoding (Dao et al., 2023), one parallel region. Keys are split into
+  blocks of `BLOCK` slots; each (kv head, block) task scores its keys against all the queries of the
+  GQA group, takes their exps against the block's own reference point and sums weights times values;
+  the per-block partial sums are then rescaled to a common reference and added in block order. Both
+  loops are LLVM IR micro-kernels (_score_keys, _weigh_values) over `STEP` = 8 keys at a time: a key
+  is widened (F16C) or unpacked once for the whole group, the 8 keys' dots share one horizontal
+  reduction and land as one vector per head, and the masks are vector selects; the sums keep
   floats.dot_f32's / legacy._row_dot's order, so every score is bit for bit theirs.
 - Many queries (prefill): tiled online softmax (FlashAttention, Dao et al., 2022): per kv head the
   queries of its group are one [n * group, head_dim] matrix; each tile of `TILE` keys is widened,
@@ -21,9 +22,9 @@ the capacity.
   scores: a few MB whatever the context length.
 
 Roundings: q is rounded to fp16 (llama.cpp converts it to K's type), and so are the weights exp(s - m)
-before they multiply V (llama.cpp rounds the normalized probabilities: the same relative error). m is
-the row's maximum rounded up to a multiple of ln 2, so moving it as tiles arrive rescales by exact
-powers of two and both kernels round every weight identically; the output is divided by the float64
+before they multiply V (llama.cpp rounds the normalized probabilities: the same relative error). m (a
+decode block's or a prefill row's maximum so far) is rounded up to a multiple of ln 2, so moving it
+rescales by exact powers of two; the output is divided by the float64
 sum of the exps at the end (ggml's soft_max sums in double).
 """
 
@@ -48,13 +49,13 @@ from qcpu.kernels.halves import ir_half_at, ir_half_to_f32, rounded
 from qcpu.kernels.legacy import (
     LAYOUTS,
     QK,
-    _dot8_avx2,
     _emit_weights,
     offset_sums,
     quantize_q8_0,
 )
 from qcpu.kernels.llvm_ir import (
     _F32,
+    _call,
     _I8,
     _I16,
     _I32,
@@ -154,18 +155,19 @@ STEP = 8  # keys per pass: one <8 x float> of scores per head, the lane tree sha
 _V8F = _vec(8, _F32)
 
 
-def _lane_sums(b, vs, adjacent):
+def _lane_sums(b, vs, adjacent, add=None):
     """IR: eight <8 x float> -> one whose lane j is the sum of vs[j]'s lanes, with t_i = l_i + l_(i+4):
     (t0+t1) + (t2+t3) if `adjacent` (floats.dot_f32's tree), else (t0+t2) + (t1+t3) (legacy._row_dot's);
-    the shuffles serve all 8 sums at once."""
+    the shuffles serve all 8 sums at once. add: b.add for <8 x i32> (exact: any order)."""
+    add = add or b.fadd
     second = ([0, 2, 8, 10, 4, 6, 12, 14], [1, 3, 9, 11, 5, 7, 13, 15]) if adjacent else \
         ([0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15])
-    s = [b.fadd(b.shuffle_vector(vs[i], vs[i + 1], _lanes([0, 1, 2, 3, 8, 9, 10, 11])),
-                b.shuffle_vector(vs[i], vs[i + 1], _lanes([4, 5, 6, 7, 12, 13, 14, 15]))) for i in (0, 2, 4, 6)]
-    u = [b.fadd(b.shuffle_vector(s[i], s[i + 1], _lanes(second[0])),
-                b.shuffle_vector(s[i], s[i + 1], _lanes(second[1]))) for i in (0, 2)]
-    w = b.fadd(b.shuffle_vector(u[0], u[1], _lanes([0, 2, 8, 10, 4, 6, 12, 14])),
-               b.shuffle_vector(u[0], u[1], _lanes([1, 3, 9, 11, 5, 7, 13, 15])))
+    s = [add(b.shuffle_vector(vs[i], vs[i + 1], _lanes([0, 1, 2, 3, 8, 9, 10, 11])),
+             b.shuffle_vector(vs[i], vs[i + 1], _lanes([4, 5, 6, 7, 12, 13, 14, 15]))) for i in (0, 2, 4, 6)]
+    u = [add(b.shuffle_vector(s[i], s[i + 1], _lanes(second[0])),
+             b.shuffle_vector(s[i], s[i + 1], _lanes(second[1]))) for i in (0, 2)]
+    w = add(b.shuffle_vector(u[0], u[1], _lanes([0, 2, 8, 10, 4, 6, 12, 14])),
+            b.shuffle_vector(u[0], u[1], _lanes([1, 3, 9, 11, 5, 7, 13, 15])))
     return b.shuffle_vector(w, w, _lanes([0, 4, 1, 5, 2, 6, 3, 7]))
 
 
@@ -187,40 +189,33 @@ def _check_arrays(arrays, dtypes):
 
 
 @intrinsic
-def _score_keys(typingctx, krows, qf, qq, qd, qc, slot_seq, query_seq, scale, scores, h0, group, lo, hi, work, spec):
-    """Scores of keys krows[lo:hi] (uint8[slots, row_bytes], one kv head) against the query heads
-    h0..h0+group: scores[h, s] = q_h.k_s * scale, -inf where slot_seq[s] is not in [0, query_seq];
-    work float32[group * 73] is scratch, and work[group * 72 + g] gets head h0+g's maximum.
+def _score_keys(typingctx, krows, qf, slot_seq, query_seq, scale, scores, h0, group, lo, hi, work, spec):
+    """Scores of F16 keys krows[lo:hi] (uint8[slots, row_bytes], one kv head) against the fp16-rounded
+    query heads h0..h0+group (qf float32[n_heads, hd]): scores[h, s] = q_h.k_s * scale, -inf where
+    slot_seq[s] is not in [0, query_seq]; work float32[group * 73] is scratch, and work[group * 72 + g]
+    gets head h0+g's maximum.
 
-    STEP keys at a time: each key is widened (F16) or unpacked (quantized) once for the whole group,
-    dotted with each head into one <8 x float> of partial sums in the order floats.dot_f32 (F16:
-    four accumulators over chunks c % 4, then (a0+a2)+(a1+a3)) or legacy._row_dot (even/odd blocks)
-    uses; _lane_sums then finishes 8 keys' dots at once, so each score is bit for bit what dot_f32 /
-    _row_dot return, and the scores are stored as one vector per head."""
+    STEP keys at a time: each key is widened (F16C) once for the whole group, dotted with each head into
+    one <8 x float> of partial sums in floats.dot_f32's order (four accumulators over chunks c % 4, then
+    (a0+a2)+(a1+a3)); _lane_sums then finishes 8 keys' dots at once, so each score is bit for bit what
+    dot_f32 returns, and the scores are stored as one vector per head."""
     layout = literal_values(spec)
     if layout is None:
         return None
-    hd, k_f16, type_size, has_m, has_qh, nibbles, offset, avx2, f16c = layout
-    if has_m or not _check_arrays((krows, qf, qq, qd, qc, slot_seq, scores, work),
-                                  [(types.uint8, 2), (types.float32, 2), (types.int8, 2), (types.float32, 2),
-                                   (types.int32, 2), (types.int64, 1), (types.float32, 2), (types.float32, 1)]):
+    hd, k_f16, f16c = layout[0], layout[1], layout[8]
+    if not k_f16 or not _check_arrays((krows, qf, slot_seq, scores, work), [
+            (types.uint8, 2), (types.float32, 2), (types.int64, 1), (types.float32, 2), (types.float32, 1)]):
         return None
-    nb = hd // QK
-    row_bytes = hd * 2 if k_f16 else nb * type_size
-    signed = not nibbles or (offset != 0 and not avx2)
-    sub_offset = offset if avx2 else 0
-    dot8 = _dot8_avx2 if avx2 else _dot8_portable
-    sig = types.void(krows, qf, qq, qd, qc, slot_seq, query_seq, scale, scores, h0, group, lo, hi, work, spec)
+    row_bytes = hd * 2
+    sig = types.void(krows, qf, slot_seq, query_seq, scale, scores, h0, group, lo, hi, work, spec)
 
     def codegen(context, b, signature, args):
         ta = signature.args
-        kr, qf_, qq_, qd_, qc_, seq_, sc_, wk_ = (context.make_array(ta[i])(context, b, args[i])
-                                                 for i in (0, 1, 2, 3, 4, 5, 8, 13))
-        query = context.cast(b, args[6], ta[6], types.int64)
-        scl = context.cast(b, args[7], ta[7], types.float32)
-        h0_, grp, lo_, hi_ = (context.cast(b, args[i], ta[i], types.int64) for i in (9, 10, 11, 12))
-        kp = _ptr(b, kr, _I8)
-        qfp, qqp, qdp, qcp = _ptr(b, qf_, _F32), _ptr(b, qq_, _I8), _ptr(b, qd_, _F32), _ptr(b, qc_, _I8)
+        kr, qf_, seq_, sc_, wk_ = (context.make_array(ta[i])(context, b, args[i]) for i in (0, 1, 2, 5, 10))
+        query = context.cast(b, args[3], ta[3], types.int64)
+        scl = context.cast(b, args[4], ta[4], types.float32)
+        h0_, grp, lo_, hi_ = (context.cast(b, args[i], ta[i], types.int64) for i in (6, 7, 8, 9))
+        kp, qfp = _ptr(b, kr, _I8), _ptr(b, qf_, _F32)
         seqp, scp = _ptr(b, seq_, _I64), _ptr(b, sc_, _F32)
         n_slots = b.extract_value(sc_.shape, 1)
         vbuf = _ptr(b, wk_, _V8F)  # [group * STEP] partial-sum vectors, then [group] running maxima
@@ -238,35 +233,15 @@ def _score_keys(typingctx, krows, qf, qq, qd, qc, slot_seq, query_seq, scale, sc
             for j in range(STEP):
                 s = _min(b, b.add(s0, _i64(j)), last)  # past hi: the last key again, masked below
                 row = b.gep(kp, [b.mul(s, _i64(row_bytes))])
-                if k_f16:
-                    kc = [ir_half_to_f32(b, _load(b, row, 16 * c, _vec(8, _I16)), f16c) for c in range(hd // 8)]
-                else:
-                    blks = [b.gep(row, [_i64(i * type_size)]) for i in range(nb)]
-                    wq = [_emit_weights(b, blk, has_m, has_qh, nibbles, offset - sub_offset) for blk in blks]
-                    dk = [ir_half_at(b, blk, 0, f16c) for blk in blks]
+                kc = [ir_half_to_f32(b, _load(b, row, 16 * c, _vec(8, _I16)), f16c) for c in range(hd // 8)]
                 with cgutils.for_range(b, grp) as heads:
                     h = b.add(h0_, heads.index)
-                    if k_f16:
-                        qrow = b.gep(qfp, [b.mul(h, _i64(hd))])
-                        accs = [zero8] * 4
-                        for c in range(hd // 8):
-                            y = b.load(b.bitcast(b.gep(qrow, [_i64(8 * c)]), _V8F.as_pointer()), align=4)
-                            accs[c % 4] = _contract(b.fadd(_contract(b.fmul(kc[c], y)), accs[c % 4]))
-                        v = b.fadd(b.fadd(accs[0], accs[2]), b.fadd(accs[1], accs[3]))
-                    else:
-                        xrow = b.gep(qqp, [b.mul(h, _i64(hd))])
-                        crow = b.gep(qcp, [b.mul(h, _i64(hd))])  # hd / 4 int32 per head
-                        drow = b.gep(qdp, [b.mul(h, _i64(nb))])
-                        accs = [zero8] * 2
-                        for i in range(nb):
-                            xv = _load(b, xrow, 32 * i, _vec(32, _I8))
-                            s8 = dot8(b, wq[i], xv, signed)
-                            if sub_offset:
-                                s8 = b.sub(s8, _load(b, crow, 32 * i, _vec(8, _I32)))
-                            scale_i = b.fmul(dk[i], b.load(b.gep(drow, [_i64(i)])))
-                            term = _contract(b.fmul(b.sitofp(s8, _V8F), _splat_value(b, scale_i, 8)))
-                            accs[i % 2] = _contract(b.fadd(accs[i % 2], term))
-                        v = b.fadd(accs[0], accs[1])
+                    qrow = b.gep(qfp, [b.mul(h, _i64(hd))])
+                    accs = [zero8] * 4
+                    for c in range(hd // 8):
+                        y = b.load(b.bitcast(b.gep(qrow, [_i64(8 * c)]), _V8F.as_pointer()), align=4)
+                        accs[c % 4] = _contract(b.fadd(_contract(b.fmul(kc[c], y)), accs[c % 4]))
+                    v = b.fadd(b.fadd(accs[0], accs[2]), b.fadd(accs[1], accs[3]))
                     b.store(v, b.gep(vbuf, [b.add(b.mul(heads.index, _i64(STEP)), _i64(j))]), align=4)
             n = b.sub(hi_, s0)
             hidden = ir.Constant(_vec(8, ir.IntType(1)), None)
@@ -280,7 +255,7 @@ def _score_keys(typingctx, krows, qf, qq, qd, qc, slot_seq, query_seq, scale, sc
                 h = b.add(h0_, heads.index)
                 base = b.mul(heads.index, _i64(STEP))
                 vs = [b.load(b.gep(vbuf, [b.add(base, _i64(j))]), align=4) for j in range(STEP)]
-                x = b.fmul(_lane_sums(b, vs, k_f16), _splat_value(b, scl, 8))
+                x = b.fmul(_lane_sums(b, vs, True), _splat_value(b, scl, 8))
                 x = b.select(hidden, neg_inf, x)
                 bp = b.gep(best, [heads.index])
                 old = b.load(bp, align=4)
@@ -306,178 +281,246 @@ def _score_keys(typingctx, krows, qf, qq, qd, qc, slot_seq, query_seq, scale, sc
 
 
 @intrinsic
-def _weigh_values(typingctx, vrows, probs, out, h0, group, lo, hi, work, spec):
-    """out[h0 + g, :] += sum over s in [lo, hi) of probs[h0 + g, s] * v_s (vrows uint8[slots, row_bytes],
-    one kv head), each element summed in slot order with FMA contraction (as `acc += p * v` would);
-    slots no head of the group weighs (all probs 0: hidden ones) are skipped. work: float32[STEP * hd].
+def _score_quantized_keys(typingctx, krows, qq, qd, qc, slot_seq, query_seq, scale, scores, h0, lo, hi, spec):
+    """Scores of Q8_0/Q4_0 keys krows[lo:hi] (uint8[slots, row_bytes], one kv head) against the query heads
+    h0..h0+group (group: spec's last item): scores[h, s] = q_h.k_s * scale, -inf where slot_seq[s] is not
+    in [0, query_seq]. q is given as Q8_0 (qq int8[n_heads, hd], qd float32[n_heads, hd / 32]; qc: Q4_0's
+    offset sums, legacy.offset_sums).
 
-    STEP values at a time are widened (F16C) or dequantized (legacy._row_dequantize's arithmetic) into
-    work, then each head's output row stays in registers across them."""
+    Each block's dot is an exact integer, and the score is llama.cpp's scalar vec_dot_q8_0_q8_0 order:
+    sum over blocks i of float(dot_i) * (d_k,i * d_q,i), then times scale. STEP keys at a time: a key is
+    unpacked once for the whole group; per head and block the 8 keys' integer dots are reduced together
+    (one shuffle tree for all 8), so the float work is a few vector operations per 8 keys. On AVX2 the
+    dots are pmaddubsw/pmaddwd, with q's magnitudes (loop-invariant) as the unsigned operand and the keys
+    given q's signs (psignb, ggml's mul_sum_i8_pairs the other way round), and Q4_0's nibbles as they are
+    with the offset subtracted from the block sums."""
     layout = literal_values(spec)
     if layout is None:
         return None
-    hd, v_f16, type_size, has_m, has_qh, nibbles, offset, _, f16c = layout
-    if has_m or not _check_arrays((vrows, probs, out, work), [(types.uint8, 2), (types.float32, 2),
-                                                             (types.float32, 2), (types.float32, 1)]):
+    hd, k_f16, type_size, has_m, has_qh, nibbles, offset, avx2, f16c, group = layout
+    if k_f16 or has_m or not _check_arrays((krows, qq, qd, qc, slot_seq, scores), [
+            (types.uint8, 2), (types.int8, 2), (types.float32, 2), (types.int32, 2), (types.int64, 1),
+            (types.float32, 2)]):
         return None
     nb = hd // QK
-    row_bytes = hd * 2 if v_f16 else nb * type_size
-    signed = offset != 0 or not nibbles
-    sig = types.void(vrows, probs, out, h0, group, lo, hi, work, spec)
+    row_bytes = nb * type_size
+    raw_nibbles = nibbles and avx2  # unsigned as stored; the offset comes off each block's sum
+    sig = types.void(krows, qq, qd, qc, slot_seq, query_seq, scale, scores, h0, lo, hi, spec)
 
     def codegen(context, b, signature, args):
         ta = signature.args
-        vr, pr, o_, wk_ = (context.make_array(ta[i])(context, b, args[i]) for i in (0, 1, 2, 7))
-        h0_, grp, lo_, hi_ = (context.cast(b, args[i], ta[i], types.int64) for i in (3, 4, 5, 6))
-        vp, pp, op, wp = _ptr(b, vr, _I8), _ptr(b, pr, _F32), _ptr(b, o_, _V8F), _ptr(b, wk_, _V8F)
-        n_slots = b.extract_value(pr.shape, 1)
+        kr, qq_, qd_, qc_, seq_, sc_ = (context.make_array(ta[i])(context, b, args[i]) for i in (0, 1, 2, 3, 4, 7))
+        query = context.cast(b, args[5], ta[5], types.int64)
+        scl = _splat_value(b, context.cast(b, args[6], ta[6], types.float32), 8)
+        h0_, lo_, hi_ = (context.cast(b, args[i], ta[i], types.int64) for i in (8, 9, 10))
+        kp, qqp, qdp, qcp = _ptr(b, kr, _I8), _ptr(b, qq_, _I8), _ptr(b, qd_, _F32), _ptr(b, qc_, _I8)
+        seqp, scp = _ptr(b, seq_, _I64), _ptr(b, sc_, _F32)
+        n_slots = b.extract_value(sc_.shape, 1)
         zero8 = ir.Constant(_V8F, [0.0] * 8)
-        zero = ir.Constant(_F32, 0.0)
+        neg_inf = _splat(_F32, 8, float("-inf"))
+        # per head and block, loop-invariant: q's quants (their magnitudes for psignb), scale, offset sum
+        xs, ds, corr = {}, {}, {}
+        for g in range(group):
+            h = b.add(h0_, _i64(g))
+            for i in range(nb):
+                x = _load(b, b.gep(qqp, [b.mul(h, _i64(hd))]), 32 * i, _vec(32, _I8))
+                if avx2 and not raw_nibbles:
+                    x = (x, b.select(b.icmp_signed("<", x, _splat(_I8, 32, 0)), b.sub(_splat(_I8, 32, 0), x), x))
+                xs[g, i] = x
+                ds[g, i] = _splat_value(b, b.load(b.gep(qdp, [b.add(b.mul(h, _i64(nb)), _i64(i))])), 8)
+                if raw_nibbles and offset:
+                    lanes = _load(b, b.gep(qcp, [b.mul(h, _i64(hd))]), 32 * i, _vec(8, _I32))
+                    total = b.extract_element(lanes, ir.Constant(_I32, 0))
+                    for j in range(1, 8):
+                        total = b.add(total, b.extract_element(lanes, ir.Constant(_I32, j)))
+                    corr[g, i] = _splat_value(b, total, 8)
+
+        def dot(wq, x):
+            if not avx2:
+                return _dot8_portable(b, wq, x, True)
+            if raw_nibbles:
+                pairs = _call(b, "llvm.x86.avx2.pmadd.ub.sw", _vec(16, _I16), wq, x)
+            else:
+                x, ax = x
+                pairs = _call(b, "llvm.x86.avx2.pmadd.ub.sw", _vec(16, _I16), ax,
+                              _call(b, "llvm.x86.avx2.psign.b", _vec(32, _I8), wq, x))
+            return _call(b, "llvm.x86.avx2.pmadd.wd", _vec(8, _I32), pairs, _splat(_I16, 16, 1))
+
         last = b.sub(hi_, _i64(1))
         n_steps = b.lshr(b.add(b.sub(hi_, lo_), _i64(STEP - 1)), _i64(3))
         with cgutils.for_range(b, n_steps) as step:
             s0 = b.add(lo_, b.shl(step.index, _i64(3)))
             n = b.sub(hi_, s0)
-            slots = [_min(b, b.add(s0, _i64(j)), last) for j in range(STEP)]
-            live = [b.icmp_signed(">", n, _i64(j)) for j in range(STEP)]
-            seen = cgutils.alloca_once_value(b, ir.Constant(_vec(8, ir.IntType(1)), [0] * 8))
-            with cgutils.for_range(b, grp) as heads:
-                prow = b.gep(pp, [b.mul(b.add(h0_, heads.index), n_slots)])
-                p = ir.Constant(_V8F, None)
-                for j in range(STEP):
-                    p = b.insert_element(p, b.load(b.gep(prow, [slots[j]])), ir.Constant(_I32, j))
-                b.store(b.or_(b.load(seen), b.fcmp_unordered("!=", p, zero8)), seen)
-            seen_v = b.load(seen)
+            wq, dk = {}, [ir.Constant(_V8F, None)] * nb
+            hidden = ir.Constant(_vec(8, ir.IntType(1)), None)
             for j in range(STEP):
-                dst = b.gep(wp, [_i64(j * hd // 8)])
-                use = b.and_(b.extract_element(seen_v, ir.Constant(_I32, j)), live[j])
-                with b.if_else(use) as (yes, no):
-                    with yes:
-                        row = b.gep(vp, [b.mul(slots[j], _i64(row_bytes))])
-                        if v_f16:
-                            for c in range(hd // 8):
-                                b.store(ir_half_to_f32(b, _load(b, row, 16 * c, _vec(8, _I16)), f16c),
-                                        b.gep(dst, [_i64(c)]), align=4)
-                        else:
-                            for i in range(nb):
-                                blk = b.gep(row, [_i64(i * type_size)])
-                                q = _emit_weights(b, blk, has_m, has_qh, nibbles, offset)
-                                y = b.fmul((b.sitofp if signed else b.uitofp)(q, _vec(QK, _F32)),
-                                           _splat_value(b, ir_half_at(b, blk, 0, f16c), QK))
-                                for c in range(4):
-                                    b.store(b.shuffle_vector(y, y, _lanes(range(8 * c, 8 * c + 8))),
-                                            b.gep(dst, [_i64(4 * i + c)]), align=4)
-                    with no:  # nothing weighs it (hidden, or past hi): zeros, whatever the row holds
-                        for c in range(hd // 8):
-                            b.store(zero8, b.gep(dst, [_i64(c)]), align=4)
-            with cgutils.for_range(b, grp) as heads:
-                h = b.add(h0_, heads.index)
-                orow = b.gep(op, [b.mul(h, _i64(hd // 8))])
-                prow = b.gep(pp, [b.mul(h, n_slots)])
-                acc = [b.load(b.gep(orow, [_i64(c)]), align=4) for c in range(hd // 8)]
-                for j in range(STEP):
-                    p = b.select(live[j], b.load(b.gep(prow, [slots[j]])), zero)
-                    pv = _splat_value(b, p, 8)
-                    for c in range(hd // 8):
-                        y = b.load(b.gep(wp, [_i64(j * hd // 8 + c)]), align=4)
-                        acc[c] = _contract(b.fadd(acc[c], _contract(b.fmul(pv, y))))
-                for c in range(hd // 8):
-                    b.store(acc[c], b.gep(orow, [_i64(c)]), align=4)
+                s = _min(b, b.add(s0, _i64(j)), last)  # past hi: the last key again, masked below
+                row = b.gep(kp, [b.mul(s, _i64(row_bytes))])
+                for i in range(nb):
+                    blk = b.gep(row, [_i64(i * type_size)])
+                    wq[j, i] = _emit_weights(b, blk, False, has_qh, nibbles, 0 if raw_nibbles else offset)
+                    dk[i] = b.insert_element(dk[i], ir_half_at(b, blk, 0, f16c), ir.Constant(_I32, j))
+                seq = b.load(b.gep(seqp, [s]))
+                off = b.or_(b.or_(b.icmp_signed("<", seq, _i64(0)), b.icmp_signed(">", seq, query)),
+                            b.icmp_signed("<=", n, _i64(j)))
+                hidden = b.insert_element(hidden, off, ir.Constant(_I32, j))
+            full = b.icmp_signed(">=", n, _i64(STEP))
+            for g in range(group):
+                acc = zero8
+                for i in range(nb):
+                    sums = _lane_sums(b, [dot(wq[j, i], xs[g, i]) for j in range(STEP)], False, b.add)
+                    if (g, i) in corr:
+                        sums = b.sub(sums, corr[g, i])
+                    term = _contract(b.fmul(b.sitofp(sums, _V8F), b.fmul(dk[i], ds[g, i])))
+                    acc = _contract(b.fadd(acc, term))
+                x = b.select(hidden, neg_inf, b.fmul(acc, scl))
+                out = b.gep(scp, [b.add(b.mul(b.add(h0_, _i64(g)), n_slots), s0)])
+                with b.if_else(full) as (whole, part):
+                    with whole:
+                        b.store(x, b.bitcast(out, _V8F.as_pointer()), align=4)
+                    with part:
+                        for j in range(STEP):
+                            with b.if_then(b.icmp_signed(">", n, _i64(j))):
+                                b.store(b.extract_element(x, ir.Constant(_I32, j)), b.gep(out, [_i64(j)]))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+ACC_REGS = 12  # accumulator vectors one values pass keeps in registers (AVX2 has 16, NEON 32)
+
+
+@intrinsic
+def _weigh_values(typingctx, vrows, probs, out, slot_seq, query_seq, h0, lo, hi, spec):
+    """out[h0 + g, :] = sum over the visible slots s in [lo, hi) (0 <= slot_seq[s] <= query_seq) of
+    probs[h0 + g, s] * v_s, g < group (spec's last item; vrows uint8[slots, row_bytes]: one kv head), each
+    element summed in slot order with FMA contraction (as `acc += p * v` would); hidden slots are never
+    read.
+
+    Register-blocked: a pass keeps the accumulators of up to ACC_REGS (head, 8-value chunk) pairs in
+    registers over all the slots, so each slot's chunk is widened (F16C) or dequantized
+    (legacy._row_dequantize's arithmetic) once for those heads and each product is one FMA."""
+    layout = literal_values(spec)
+    if layout is None:
+        return None
+    hd, v_f16, type_size, has_m, has_qh, nibbles, offset, _, f16c, group = layout
+    if has_m or not _check_arrays((vrows, probs, out, slot_seq), [(types.uint8, 2), (types.float32, 2),
+                                                                  (types.float32, 2), (types.int64, 1)]):
+        return None
+    n_chunks = hd // 8
+    row_bytes = hd * 2 if v_f16 else hd // QK * type_size
+    signed = offset != 0 or not nibbles
+    head_tile = min(group, ACC_REGS)
+    chunk_tile = max(1, min(n_chunks, ACC_REGS // head_tile))
+    sig = types.void(vrows, probs, out, slot_seq, query_seq, h0, lo, hi, spec)
+
+    def chunk(b, row, c):
+        """Values 8c..8c+7 of a row as <8 x float>."""
+        if v_f16:
+            return ir_half_to_f32(b, _load(b, row, 16 * c, _vec(8, _I16)), f16c)
+        blk = b.gep(row, [_i64(c // 4 * type_size)])
+        q = _emit_weights(b, blk, has_m, has_qh, nibbles, offset)
+        q = b.shuffle_vector(q, q, _lanes(range(c % 4 * 8, c % 4 * 8 + 8)))
+        return b.fmul((b.sitofp if signed else b.uitofp)(q, _V8F), _splat_value(b, ir_half_at(b, blk, 0, f16c), 8))
+
+    def codegen(context, b, signature, args):
+        ta = signature.args
+        vr, pr, o_, sq = (context.make_array(ta[i])(context, b, args[i]) for i in (0, 1, 2, 3))
+        query = context.cast(b, args[4], ta[4], types.int64)
+        h0_, lo_, hi_ = (context.cast(b, args[i], ta[i], types.int64) for i in (5, 6, 7))
+        vp, pp, op, seqp = _ptr(b, vr, _I8), _ptr(b, pr, _F32), _ptr(b, o_, _V8F), _ptr(b, sq, _I64)
+        n_slots = b.extract_value(pr.shape, 1)
+        zero8 = ir.Constant(_V8F, [0.0] * 8)
+        for g0 in range(0, group, head_tile):
+            heads = range(g0, min(g0 + head_tile, group))
+            prows = {g: b.gep(pp, [b.mul(b.add(h0_, _i64(g)), n_slots)]) for g in heads}
+            for c0 in range(0, n_chunks, chunk_tile):
+                chunks = range(c0, min(c0 + chunk_tile, n_chunks))
+                accs = {(g, c): cgutils.alloca_once_value(b, zero8) for g in heads for c in chunks}
+                with cgutils.for_range(b, b.sub(hi_, lo_)) as loop:
+                    s = b.add(lo_, loop.index)
+                    seq = b.load(b.gep(seqp, [s]))
+                    visible = b.and_(b.icmp_signed(">=", seq, _i64(0)), b.icmp_signed("<=", seq, query))
+                    with b.if_then(visible, likely=True):
+                        row = b.gep(vp, [b.mul(s, _i64(row_bytes))])
+                        ys = {c: chunk(b, row, c) for c in chunks}
+                        for g in heads:
+                            pv = _splat_value(b, b.load(b.gep(prows[g], [s])), 8)
+                            for c in chunks:
+                                acc = accs[g, c]
+                                b.store(_contract(b.fadd(b.load(acc), _contract(b.fmul(pv, ys[c])))), acc)
+                for (g, c), acc in accs.items():
+                    dst = b.gep(op, [b.add(b.mul(b.add(h0_, _i64(g)), _i64(n_chunks)), _i64(c))])
+                    b.store(b.load(acc), dst, align=4)
         return context.get_dummy_value()
 
     return sig, codegen
 
 
 @functools.cache
-def _decode_kernels(type_k: T, type_v: T, head_dim: int, avx2: bool = X86_AVX2, f16c: bool = F16C):
-    """(scores, values, one_block) decode kernels for one pair of cache types and head_dim, jitted once
-    (kernels.specialise); avx2 / f16c: the instructions the IR may use (default: this CPU's; the tests
-    also build the portable IR, which gives the same numbers).
+def _decode_kernel(type_k: T, type_v: T, head_dim: int, group: int, avx2: bool = X86_AVX2, f16c: bool = F16C):
+    """The decode kernel for one pair of cache types and head_dim, jitted once (kernels.specialise); avx2 /
+    f16c: the instructions the IR may use (default: this CPU's; the tests also build the portable IR, which
+    gives the same numbers).
 
-    scores(q, qq, qd, qc, k, slot_seq, query_seq, scale, off, scores, block_max): scores[n_heads, n_slots] =
-      q.k * scale (-inf where hidden), block_max[n_heads, n_blocks] their maxima (_score_keys). F16 keys
-      are dotted with the fp16-rounded q; quantized keys as integers with q quantized to Q8_0 (qq, qd;
-      qc: Q4_0's offset sums), llama.cpp's vec_dot_q8_0_q8_0 / vec_dot_q4_0_q8_0, then off[h, s //
-      CENTER_BLOCK] is added (the key centers' q.c * scale, cache.KeyCenters; unread for F16 keys).
-    values(probs, v, partial): partial[n_blocks, n_heads, hd] = sum over each block's slots of p * v
-      (_weigh_values).
-    one_block(q, qq, qd, qc, k, v, slot_seq, query_seq, scale, off, scores, total, partial): for n_slots <=
-      BLOCK, the three steps (scores, _decode_softmax's per-head softmax into total, values into
-      partial[0]) in one parallel region, one task per kv head; the same bits as the three.
+    kernel(q, qq, qd, qc, k, v, slot_seq, query_seq, scale, off, scores, refs, totals, partial): one task
+    per (kv head, block of BLOCK slots), all in one parallel region (flash-decoding):
+    - scores[h, s] = q.k * scale, -inf where hidden (_score_keys). F16 keys are dotted with the
+      fp16-rounded q; quantized keys as integers with q quantized to Q8_0 (qq, qd; qc: Q4_0's offset
+      sums), llama.cpp's vec_dot_q8_0_q8_0 / vec_dot_q4_0_q8_0, then off[h, s // CENTER_BLOCK] is added
+      (the key centers' q.c * scale, cache.KeyCenters; unread for F16 keys);
+    - the block's softmax against its own reference point: refs int64[n_heads, n_blocks] = the block
+      maximum in steps of ln 2 rounded up (_NONE: nothing seen), scores -> fp16-rounded exp(s - ref),
+      totals float64[n_heads, n_blocks] their unrounded sum;
+    - partial[b, h] float32[hd] = sum over the block's slots of p * v (_weigh_values).
+    _merge_blocks then rescales each block by the exact power of two 2**(ref_b - max ref).
     """
     k_f16, v_f16 = type_k == T.F16, type_v == T.F16
     # captured constants (the layouts the quantized paths read; unused but typed for F16)
     spec_k = (head_dim, k_f16, *LAYOUTS[T.Q8_0 if k_f16 else type_k], avx2, f16c)
-    spec_v = (head_dim, v_f16, *LAYOUTS[T.Q8_0 if v_f16 else type_v], avx2, f16c)
+    spec_kq = (*spec_k, group)
+    spec_v = (head_dim, v_f16, *LAYOUTS[T.Q8_0 if v_f16 else type_v], avx2, f16c, group)
     k_bytes = head_dim * 2 if k_f16 else head_dim // QK * spec_k[2]
     v_bytes = head_dim * 2 if v_f16 else head_dim // QK * spec_v[2]
 
-    def scores_kernel(q, qq, qd, qc, k, slot_seq, query_seq, scale, off, scores, block_max):
+    def kernel(q, qq, qd, qc, k, v, slot_seq, query_seq, scale, off, scores, refs, totals, partial):
         n_heads = q.shape[0]
         n_slots, n_kv = scores.shape[1], k.shape[0]
-        group = n_heads // n_kv
-        n_blocks = block_max.shape[1]
-        if (q.shape[1] != head_dim or k.shape[2] != k_bytes or k.shape[1] < n_slots or slot_seq.shape[0] < n_slots
-                or scores.shape[0] != n_heads or block_max.shape[0] != n_heads or n_heads % n_kv):
-            raise ValueError("decode scores: shapes do not match")
-        for task in prange(n_kv * n_blocks):
-            kvh, b = task // n_blocks, task % n_blocks
-            work = np.empty(group * (STEP * 9 + 1), dtype=np.float32)
-            hi = min(n_slots, (b + 1) * BLOCK)
-            _score_keys(k[kvh], q, qq, qd, qc, slot_seq, query_seq, scale, scores, kvh * group, group,
-                        b * BLOCK, hi, work, spec_k)
-            for g in range(group):
-                h = kvh * group + g
-                top = work[group * STEP * 9 + g] if k_f16 else _add_offsets(scores, off, h, b * BLOCK, hi)
-                block_max[h, b] = top
-
-    def values_kernel(probs, v, partial):
-        n_heads, n_slots = probs.shape
-        n_kv = v.shape[0]
-        group = n_heads // n_kv
-        n_blocks = partial.shape[0]
-        if (v.shape[2] != v_bytes or v.shape[1] < n_slots or partial.shape[1] != n_heads
-                or partial.shape[2] != head_dim or n_heads % n_kv):
-            raise ValueError("decode values: shapes do not match")
-        for task in prange(n_kv * n_blocks):
-            kvh, b = task // n_blocks, task % n_blocks
-            work = np.empty(STEP * head_dim, dtype=np.float32)
-            out = partial[b]
-            for g in range(group):
-                out[kvh * group + g, :] = 0.0
-            _weigh_values(v[kvh], probs, out, kvh * group, group, b * BLOCK, min(n_slots, (b + 1) * BLOCK),
-                          work, spec_v)
-
-    def one_block_kernel(q, qq, qd, qc, k, v, slot_seq, query_seq, scale, off, scores, total, partial):
-        # n_slots <= BLOCK: scores, softmax and values of each kv head's group in one task, so the whole
-        # attention is one parallel region (the three above cost three wake-ups of the other threads)
-        n_heads = q.shape[0]
-        n_slots, n_kv = scores.shape[1], k.shape[0]
-        group = n_heads // n_kv
+        n_blocks = refs.shape[1]
         if (q.shape[1] != head_dim or k.shape[2] != k_bytes or v.shape[2] != v_bytes or k.shape[1] < n_slots
-                or v.shape[1] < n_slots or slot_seq.shape[0] < n_slots or n_slots > BLOCK or scores.shape[0] != n_heads
-                or total.shape[0] != n_heads or partial.shape[0] != 1 or partial.shape[1] != n_heads
-                or partial.shape[2] != head_dim or n_heads % n_kv):
+                or v.shape[1] < n_slots or slot_seq.shape[0] < n_slots or scores.shape[0] != n_heads
+                or refs.shape[0] != n_heads or totals.shape != refs.shape or n_blocks * BLOCK < n_slots
+                or partial.shape[0] != n_blocks or partial.shape[1] != n_heads or partial.shape[2] != head_dim
+                or n_heads != n_kv * group):
             raise ValueError("decode attention: shapes do not match")
-        for kvh in prange(n_kv):
-            # one scratch for both micro-kernels: the maxima are read before _weigh_values reuses it
-            work = np.empty(max(group * (STEP * 9 + 1), STEP * head_dim), dtype=np.float32)
-            _score_keys(k[kvh], q, qq, qd, qc, slot_seq, query_seq, scale, scores, kvh * group, group,
-                        0, n_slots, work, spec_k)
-            out = partial[0]
+        for task in prange(n_kv * n_blocks):
+            kvh, b = task // n_blocks, task % n_blocks
+            lo, hi = b * BLOCK, min(n_slots, (b + 1) * BLOCK)
+            work = np.empty(group * (STEP * 9 + 1), dtype=np.float32)
+            if k_f16:
+                _score_keys(k[kvh], q, slot_seq, query_seq, scale, scores, kvh * group, group, lo, hi, work,
+                            spec_k)
+            else:
+                _score_quantized_keys(k[kvh], qq, qd, qc, slot_seq, query_seq, scale, scores, kvh * group,
+                                      lo, hi, spec_kq)
             for g in range(group):
                 h = kvh * group + g
-                top = work[group * STEP * 9 + g] if k_f16 else _add_offsets(scores, off, h, 0, n_slots)
-                _softmax_row(scores, total, h, top)
-                out[h, :] = 0.0
-            _weigh_values(v[kvh], scores, out, kvh * group, group, 0, n_slots, work, spec_v)
+                top = work[group * STEP * 9 + g] if k_f16 else _add_offsets(scores, off, h, lo, hi)
+                row = scores[h, lo:hi]
+                if top == -np.inf:
+                    row[:] = 0.0
+                    refs[h, b] = _NONE
+                    totals[h, b] = 0.0
+                else:
+                    ref = _ln2_steps_above(top)
+                    refs[h, b] = ref
+                    totals[h, b] = _exp_round_sum(row, np.float32(ref) * _LN2)
+            _weigh_values(v[kvh], scores, partial[b], slot_seq, query_seq, kvh * group, lo, hi, spec_v)
 
-    name = f"{type_k.name.lower()}_{type_v.name.lower()}_{head_dim}"
+    name = f"{type_k.name.lower()}_{type_v.name.lower()}_{head_dim}_g{group}"
     if (avx2, f16c) != (X86_AVX2, F16C):
         name += f"_avx2{avx2:d}_f16c{f16c:d}"
-    return (specialise(scores_kernel, f"decode_scores_{name}", parallel=True),
-            specialise(values_kernel, f"decode_values_{name}", parallel=True),
-            specialise(one_block_kernel, f"decode_one_block_{name}", parallel=True, fastmath={"contract"}))
+    return specialise(kernel, f"decode_attention_{name}", parallel=True, fastmath={"contract"})
 
 
 @njit(cache=True, inline="always")
@@ -546,28 +589,6 @@ def _exp_round_sum(row, ref):
     return total
 
 
-@njit(parallel=True, fastmath={"contract"}, cache=True)
-def _decode_softmax(scores, block_max, total):
-    # scores -> fp16-rounded exp(s - m), m = the max rounded up to a multiple of ln 2; total[h] the
-    # float64 sum of the unrounded exps (ggml's soft_max sums in double), to divide the output by.
-    n_heads = scores.shape[0]
-    for h in prange(n_heads):
-        top = np.float32(-np.inf)
-        for b in range(block_max.shape[1]):
-            top = max(top, block_max[h, b])
-        _softmax_row(scores, total, h, top)
-
-
-@njit(cache=True, inline="always")
-def _softmax_row(scores, total, h, top):
-    """Head h's scores (maximum `top`) -> fp16-rounded exps, total[h] their float64 sum (zeros if none seen)."""
-    if top == -np.inf:
-        scores[h, :] = 0.0
-        total[h] = 0.0
-    else:
-        total[h] = _exp_round_sum(scores[h], np.float32(_ln2_steps_above(top)) * _LN2)
-
-
 _NO_QUANTS = (np.zeros((1, 32), np.int8), np.zeros((1, 1), np.float32), np.zeros((1, 8), np.int32))
 
 
@@ -588,7 +609,7 @@ def _decode_run(q, k, v, slot_seq, query_seq, scale, type_k, type_v, off):
     n_heads, hd = q.shape
     n_slots = len(slot_seq)
     n_blocks = max(1, -(-n_slots // BLOCK))
-    scores_kernel, values_kernel, one_block_kernel = _decode_kernels(type_k, type_v, hd)
+    kernel = _decode_kernel(type_k, type_v, hd, n_heads // k.shape[0])
     # the kernels address rows by pointer arithmetic: C-contiguous arrays (no copy for the cache's own)
     k, v = np.ascontiguousarray(k), np.ascontiguousarray(v)
     slot_seq = np.ascontiguousarray(slot_seq, dtype=np.int64)
@@ -602,32 +623,39 @@ def _decode_run(q, k, v, slot_seq, query_seq, scale, type_k, type_v, off):
         off = np.zeros((n_heads, -(-n_slots // CENTER_BLOCK)), dtype=np.float32)
     off = np.ascontiguousarray(off, dtype=np.float32)
     scores = np.empty((n_heads, n_slots), dtype=np.float32)
-    total = np.empty(n_heads, dtype=np.float64)
+    refs = np.empty((n_heads, n_blocks), dtype=np.int64)
+    totals = np.empty((n_heads, n_blocks), dtype=np.float64)
     partial = np.empty((n_blocks, n_heads, hd), dtype=np.float32)
-    if n_blocks == 1:
-        one_block_kernel(q, qq, qd, qc, k, v, slot_seq, query_seq, scale, off, scores, total, partial)
-    else:
-        block_max = np.empty((n_heads, n_blocks), dtype=np.float32)
-        scores_kernel(q, qq, qd, qc, k, slot_seq, query_seq, scale, off, scores, block_max)
-        _decode_softmax(scores, block_max, total)
-        values_kernel(scores, v, partial)
-    return _merge_blocks(partial, total)
+    kernel(q, qq, qd, qc, k, v, slot_seq, query_seq, scale, off, scores, refs, totals, partial)
+    return _merge_blocks(partial, refs, totals)
 
 
 @njit(cache=True)
-def _merge_blocks(partial, total):
-    """partial float32[n_blocks, n_heads, hd] summed in block order, divided by total float64[n_heads] (as
-    _normalize: zeros where total is 0)."""
+def _merge_blocks(partial, refs, totals):
+    """Flash-decoding's reduction: partial float32[n_blocks, n_heads, hd] (block b's sum of p * v, p against
+    its reference refs[h, b] in steps of ln 2) rescaled to the largest reference by exact powers of two and
+    summed in block order, divided by the rescaled float64 totals. Heads that saw nothing are zeros."""
     n_blocks, n_heads, hd = partial.shape
     out = np.zeros((n_heads, hd), np.float32)
     for h in range(n_heads):
-        if total[h] > 0:
-            inv = np.float32(1.0 / total[h])
+        top = _NONE
+        for blk in range(n_blocks):
+            top = max(top, refs[h, blk])
+        if top == _NONE:
+            continue
+        total = 0.0
+        acc = np.zeros(hd, np.float32)
+        for blk in range(n_blocks):
+            if refs[h, blk] == _NONE:
+                continue
+            f = _two_to(refs[h, blk] - top)
+            total += totals[h, blk] * f
             for d in range(hd):
-                acc = partial[0, h, d]
-                for blk in range(1, n_blocks):
-                    acc += partial[blk, h, d]
-                out[h, d] = acc * inv
+                acc[d] += partial[blk, h, d] * f
+        if total > 0:
+            inv = np.float32(1.0 / total)
+            for d in range(hd):
+                out[h, d] = acc[d] * inv
     return out
 
 

@@ -632,9 +632,9 @@ def _block_of_kind(kind, x, xo, y, yo, s):
 
 
 def _rows_kernel(ggml_type: T):
-    """The jitted quantize_rows(x, out, n_tasks): x float32[rows, cols] -> out uint8[rows,
-    cols/block*type_size] as ggml_type. Rows are split into n_tasks contiguous runs done in parallel; each
-    run allocates its scratch (levels and per-sub-block values) once."""
+    """The jitted quantize_rows(x, out, n_tasks), parallel and serial: x float32[rows, cols] -> out
+    uint8[rows, cols/block*type_size] as ggml_type. Rows are split into n_tasks contiguous runs (done in
+    parallel by the first); each run allocates its scratch (levels and per-sub-block values) once."""
     kind = int(ggml_type)
     block, type_size = GGML_QUANT_SIZES[ggml_type]
 
@@ -650,7 +650,8 @@ def _rows_kernel(ggml_type: T):
                 for b in range(nb):
                     _block(kind, xr, b * block, yr, b * type_size, s)
 
-    return specialise(quantize_rows, f"quantize_rows_{ggml_type.name.lower()}", parallel=True)
+    name = f"quantize_rows_{ggml_type.name.lower()}"
+    return specialise(quantize_rows, name, parallel=True), specialise(quantize_rows, name + "_serial")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -699,14 +700,22 @@ def _register(ggml_type: T, fn: Callable[[np.ndarray], np.ndarray]) -> None:
     QUANTIZERS[ggml_type] = Quantizer(ggml_type, fn)
 
 
+# Fewer values than this are quantized on the calling thread: a decode step's KV cache rows (a few
+# hundred values per layer) took ~0.1-0.3 ms per layer through a parallel region, mostly waking threads.
+SERIAL_VALUES = 1 << 14
+
+
 def _block_quantizer(ggml_type: T) -> Callable[[np.ndarray], np.ndarray]:
     block, type_size = GGML_QUANT_SIZES[ggml_type]
-    kernel = _rows_kernel(ggml_type)
+    parallel, serial = _rows_kernel(ggml_type)
 
     def quantize_rows(x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty((x.shape[0], x.shape[1] // block * type_size), dtype=np.uint8)
-        kernel(x, out, max(1, min(x.shape[0], 4 * numba.get_num_threads())))
+        if x.size < SERIAL_VALUES:
+            serial(x, out, 1)
+        else:
+            parallel(x, out, max(1, min(x.shape[0], 4 * numba.get_num_threads())))
         return out
 
     return quantize_rows

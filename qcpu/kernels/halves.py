@@ -13,6 +13,7 @@ CPU has it, else with the same integer arithmetic (`ir_half_to_f32`).
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import binding as llvm
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
@@ -175,5 +176,15 @@ def ir_half_to_f32(b, h16, f16c):
 
 
 def ir_half_at(b, base, offset, f16c):
-    """IR: the little-endian half at byte pointer base + offset, as float."""
-    return ir_half_to_f32(b, _load(b, base, offset, _I16), f16c)
+    """IR: the little-endian half at byte pointer base + offset, as float.
+
+    With F16C through inline asm (vmovd then vcvtph2ps): LLVM lowers a scalar half load to `vpinsrw $0,
+    mem, %xmmN, ...`, which merges into whatever register N holds, often an accumulator of the loop
+    around it; the false dependency then chains every iteration to that FMA's latency (3x slower
+    decode attention over Q8_0 values)."""
+    h16 = _load(b, base, offset, _I16)
+    if not f16c:
+        return ir_half_to_f32(b, h16, f16c)
+    llvm.initialize_native_asmparser()  # numba does not: without it LLVM aborts on any inline asm
+    fn = ir.FunctionType(ir.FloatType(), [ir.IntType(32)])
+    return b.call(ir.InlineAsm(fn, "vmovd $1, $0\n\tvcvtph2ps $0, $0", "=x,r"), [b.zext(h16, ir.IntType(32))])
