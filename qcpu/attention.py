@@ -152,6 +152,7 @@ def _round_f16(p):
 # ---- decode: one query ---------------------------------------------------------------------------
 
 STEP = 8  # keys per pass: one <8 x float> of scores per head, the lane tree shared by 8 dots
+assert BLOCK % CENTER_BLOCK == 0 and CENTER_BLOCK % STEP == 0  # a step's keys share one key center
 _V8F = _vec(8, _F32)
 
 
@@ -281,11 +282,13 @@ def _score_keys(typingctx, krows, qf, slot_seq, query_seq, scale, scores, h0, gr
 
 
 @intrinsic
-def _score_quantized_keys(typingctx, krows, qq, qd, qc, slot_seq, query_seq, scale, scores, h0, lo, hi, spec):
+def _score_quantized_keys(typingctx, krows, qq, qd, qc, slot_seq, query_seq, scale, off, scores, h0, lo, hi, work,
+                          spec):
     """Scores of Q8_0/Q4_0 keys krows[lo:hi] (uint8[slots, row_bytes], one kv head) against the query heads
-    h0..h0+group (group: spec's last item): scores[h, s] = q_h.k_s * scale, -inf where slot_seq[s] is not
-    in [0, query_seq]. q is given as Q8_0 (qq int8[n_heads, hd], qd float32[n_heads, hd / 32]; qc: Q4_0's
-    offset sums, legacy.offset_sums).
+    h0..h0+group (group: spec's last item): scores[h, s] = q_h.k_s * scale + off[h, s // CENTER_BLOCK] (the
+    key centers' q.c * scale, cache.KeyCenters), -inf where slot_seq[s] is not in [0, query_seq]; work
+    float32[group * 73]: work[group * 72 + g] gets head h0+g's maximum. q is given as Q8_0 (qq int8[n_heads,
+    hd], qd float32[n_heads, hd / 32]; qc: Q4_0's offset sums, legacy.offset_sums).
 
     Each block's dot is an exact integer, and the score is llama.cpp's scalar vec_dot_q8_0_q8_0 order:
     sum over blocks i of float(dot_i) * (d_k,i * d_q,i), then times scale. STEP keys at a time: a key is
@@ -298,26 +301,29 @@ def _score_quantized_keys(typingctx, krows, qq, qd, qc, slot_seq, query_seq, sca
     if layout is None:
         return None
     hd, k_f16, type_size, has_m, has_qh, nibbles, offset, avx2, f16c, group = layout
-    if k_f16 or has_m or not _check_arrays((krows, qq, qd, qc, slot_seq, scores), [
+    if k_f16 or has_m or not _check_arrays((krows, qq, qd, qc, slot_seq, off, scores, work), [
             (types.uint8, 2), (types.int8, 2), (types.float32, 2), (types.int32, 2), (types.int64, 1),
-            (types.float32, 2)]):
+            (types.float32, 2), (types.float32, 2), (types.float32, 1)]):
         return None
     nb = hd // QK
     row_bytes = nb * type_size
     raw_nibbles = nibbles and avx2  # unsigned as stored; the offset comes off each block's sum
-    sig = types.void(krows, qq, qd, qc, slot_seq, query_seq, scale, scores, h0, lo, hi, spec)
+    sig = types.void(krows, qq, qd, qc, slot_seq, query_seq, scale, off, scores, h0, lo, hi, work, spec)
 
     def codegen(context, b, signature, args):
         ta = signature.args
-        kr, qq_, qd_, qc_, seq_, sc_ = (context.make_array(ta[i])(context, b, args[i]) for i in (0, 1, 2, 3, 4, 7))
+        kr, qq_, qd_, qc_, seq_, of_, sc_, wk_ = (context.make_array(ta[i])(context, b, args[i])
+                                                  for i in (0, 1, 2, 3, 4, 7, 8, 12))
         query = context.cast(b, args[5], ta[5], types.int64)
         scl = _splat_value(b, context.cast(b, args[6], ta[6], types.float32), 8)
-        h0_, lo_, hi_ = (context.cast(b, args[i], ta[i], types.int64) for i in (8, 9, 10))
+        h0_, lo_, hi_ = (context.cast(b, args[i], ta[i], types.int64) for i in (9, 10, 11))
         kp, qqp, qdp, qcp = _ptr(b, kr, _I8), _ptr(b, qq_, _I8), _ptr(b, qd_, _F32), _ptr(b, qc_, _I8)
-        seqp, scp = _ptr(b, seq_, _I64), _ptr(b, sc_, _F32)
-        n_slots = b.extract_value(sc_.shape, 1)
+        seqp, ofp, scp = _ptr(b, seq_, _I64), _ptr(b, of_, _F32), _ptr(b, sc_, _F32)
+        n_slots, n_cb = b.extract_value(sc_.shape, 1), b.extract_value(of_.shape, 1)
+        maxima = b.gep(_ptr(b, wk_, _F32), [_i64(group * STEP * 9)])
         zero8 = ir.Constant(_V8F, [0.0] * 8)
         neg_inf = _splat(_F32, 8, float("-inf"))
+        best = [cgutils.alloca_once_value(b, neg_inf) for _ in range(group)]
         # per head and block, loop-invariant: q's quants (their magnitudes for psignb), scale, offset sum
         xs, ds, corr = {}, {}, {}
         for g in range(group):
@@ -373,8 +379,14 @@ def _score_quantized_keys(typingctx, krows, qq, qd, qc, slot_seq, query_seq, sca
                         sums = b.sub(sums, corr[g, i])
                     term = _contract(b.fmul(b.sitofp(sums, _V8F), b.fmul(dk[i], ds[g, i])))
                     acc = _contract(b.fadd(acc, term))
-                x = b.select(hidden, neg_inf, b.fmul(acc, scl))
-                out = b.gep(scp, [b.add(b.mul(b.add(h0_, _i64(g)), n_slots), s0)])
+                h = b.add(h0_, _i64(g))
+                # a step's 8 keys share a center block: acc * scale + its offset, one FMA where the CPU has it
+                o = b.load(b.gep(ofp, [b.add(b.mul(h, n_cb), b.udiv(s0, _i64(CENTER_BLOCK)))]))
+                x = _contract(b.fadd(_contract(b.fmul(acc, scl)), _splat_value(b, o, 8)))
+                x = b.select(hidden, neg_inf, x)
+                old = b.load(best[g])
+                b.store(b.select(b.fcmp_ordered(">", x, old), x, old), best[g])
+                out = b.gep(scp, [b.add(b.mul(h, n_slots), s0)])
                 with b.if_else(full) as (whole, part):
                     with whole:
                         b.store(x, b.bitcast(out, _V8F.as_pointer()), align=4)
@@ -382,6 +394,13 @@ def _score_quantized_keys(typingctx, krows, qq, qd, qc, slot_seq, query_seq, sca
                         for j in range(STEP):
                             with b.if_then(b.icmp_signed(">", n, _i64(j))):
                                 b.store(b.extract_element(x, ir.Constant(_I32, j)), b.gep(out, [_i64(j)]))
+        for g in range(group):
+            m = b.load(best[g])
+            top = b.extract_element(m, ir.Constant(_I32, 0))
+            for j in range(1, 8):
+                e = b.extract_element(m, ir.Constant(_I32, j))
+                top = b.select(b.fcmp_ordered(">", e, top), e, top)
+            b.store(top, b.gep(maxima, [_i64(g)]))
         return context.get_dummy_value()
 
     return sig, codegen
@@ -501,11 +520,11 @@ def _decode_kernel(type_k: T, type_v: T, head_dim: int, group: int, avx2: bool =
                 _score_keys(k[kvh], q, slot_seq, query_seq, scale, scores, kvh * group, group, lo, hi, work,
                             spec_k)
             else:
-                _score_quantized_keys(k[kvh], qq, qd, qc, slot_seq, query_seq, scale, scores, kvh * group,
-                                      lo, hi, spec_kq)
+                _score_quantized_keys(k[kvh], qq, qd, qc, slot_seq, query_seq, scale, off, scores, kvh * group,
+                                      lo, hi, work, spec_kq)
             for g in range(group):
                 h = kvh * group + g
-                top = work[group * STEP * 9 + g] if k_f16 else _add_offsets(scores, off, h, lo, hi)
+                top = work[group * STEP * 9 + g]
                 row = scores[h, lo:hi]
                 if top == -np.inf:
                     row[:] = 0.0
@@ -521,19 +540,6 @@ def _decode_kernel(type_k: T, type_v: T, head_dim: int, group: int, avx2: bool =
     if (avx2, f16c) != (X86_AVX2, F16C):
         name += f"_avx2{avx2:d}_f16c{f16c:d}"
     return specialise(kernel, f"decode_attention_{name}", parallel=True, fastmath={"contract"})
-
-
-@njit(cache=True, inline="always")
-def _add_offsets(scores, off, h, lo, hi):
-    """scores[h, s] += off[h, s // CENTER_BLOCK] for s in [lo, hi) (-inf stays -inf); returns their maximum."""
-    top = np.float32(-np.inf)
-    for cb in range(lo // CENTER_BLOCK, (hi - 1) // CENTER_BLOCK + 1):
-        o = off[h, cb]
-        for s in range(max(lo, cb * CENTER_BLOCK), min(hi, (cb + 1) * CENTER_BLOCK)):
-            x = scores[h, s] + o
-            scores[h, s] = x
-            top = max(top, x)
-    return top
 
 
 @njit(cache=True)

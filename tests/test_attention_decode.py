@@ -68,12 +68,8 @@ def reference_kernel(type_k, type_v, group):
                                     w = np.int32(np.int8(blk[2 + j]))
                                 isum += w * np.int32(qq[h, i * 32 + j])
                             x += np.float32(isum) * (d * qd[h, i])
-                        x = x * scale
+                        x = x * scale + off[h, s // att.CENTER_BLOCK]  # + the key centers' q.c * scale
                     scores[h, s] = x
-            if not k_f16:  # then the key centers' q.c * scale (cache.KeyCenters), apart: no FMA with the above
-                for g in range(group):
-                    for s in range(lo, hi):
-                        scores[kvh * group + g, s] += off[kvh * group + g, s // att.CENTER_BLOCK]
             for g in range(group):
                 h = kvh * group + g
                 top = np.float32(-np.inf)
