@@ -236,6 +236,60 @@ def chat(
         raise typer.Exit(code)
 
 
+@app.command()
+def serve(
+    model: Optional[str] = ModelArg,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (127.0.0.1: this machine only)."),
+    port: int = typer.Option(8080, "--port", help="TCP port."),
+    parallel: int = typer.Option(1, "--parallel", "-np",
+                                 help="Slots: conversations whose KV caches are kept at once (each --ctx tokens)."),
+    queue: int = typer.Option(8, "--queue", help="Requests that may wait for a slot; beyond, 503 at once."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="QCPU_API_KEY", show_default=False,
+                                          help="Require 'Authorization: Bearer KEY' (also QCPU_API_KEY)."),
+    alias: Optional[str] = typer.Option(None, "--alias", show_default=False,
+                                        help="The model's name in the API (default: the file's name)."),
+    temp: float = Temp, top_k: int = TopK, top_p: float = TopP, min_p: float = MinP,
+    repeat_penalty: float = RepeatPenalty, seed: Optional[int] = Seed,
+    ctx: Optional[int] = Ctx, threads: Optional[int] = Threads, chat_template: Optional[str] = ChatTemplateOpt,
+    check_tensors: bool = CheckTensors,
+    rope_scaling: Optional[str] = RopeScaling, rope_scale: Optional[float] = RopeScale,
+    yarn_orig_ctx: Optional[int] = YarnOrigCtx, rope_freq_base: Optional[float] = RopeFreqBase,
+    cache_type_k: str = CacheTypeK, cache_type_v: str = CacheTypeV,
+    verbose: bool = typer.Option(False, "--verbose", help="uvicorn's own log lines too."),
+):
+    """An OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models, /health).
+
+    Point any OpenAI client at http://HOST:PORT/v1. The sampling options are the defaults a request's own
+    fields override. Ctrl-C stops the server.
+    """
+    from qcpu.cache import cache_type
+    from qcpu.generate import Engine
+    from qcpu.memory import check_memory, kv_cache_bytes
+    from qcpu.server import serve as run_server
+
+    if not 0 < port < 65536:
+        raise typer.BadParameter(f"--port must be in 1..65535, got {port}")
+    _positive("--parallel", parallel)
+    if queue < 0:
+        raise typer.BadParameter(f"--queue must be >= 0, got {queue}")
+    chat_template, alias = clean_arg(chat_template, "--chat-template"), clean_arg(alias, "--alias")
+    defaults = _sampling(temp, top_k, top_p, min_p, repeat_penalty, seed if seed is not None else -1)
+    if seed is None:  # each request draws its own seed unless it sends one
+        from dataclasses import replace
+
+        defaults = replace(defaults, seed=None)
+    rope = _rope(rope_scaling, rope_scale, yarn_orig_ctx, rope_freq_base)
+    cache_types = _cache_types(cache_type_k, cache_type_v)
+    first = _load_engine(model, ctx, threads, chat_template, check_tensors, rope, cache_types)
+    if parallel > 1:  # one KV cache per slot over the one model: check they all fit first
+        cfg = first.model.config
+        check_memory(first.model.file.size, parallel * kv_cache_bytes(cfg, first.capacity, cache_type(cache_types[0]),
+                                                                     cache_type(cache_types[1])), ctx=first.capacity)
+    engines = [first] + [Engine(first.model, first.tokenizer, first.template, first.capacity, *cache_types)
+                         for _ in range(parallel - 1)]
+    run_server(engines, alias or first.model.file.path.name, defaults, host, port, api_key, queue, verbose)
+
+
 def _file_type_name(value) -> str:
     from gguf import LlamaFileType
 

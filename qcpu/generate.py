@@ -264,6 +264,14 @@ class Engine:
         `rng` continues a session's random stream (sampling.new_rng); None starts one from params.seed.
         A prompt longer than `room` raises QcpuError unless `truncate` (then its oldest tokens outside
         the kept prefix are evicted as it is fed: a rebuilt conversation)."""
+        for token, _ in self.generate_steps(prompt, params, max_tokens, stats, rng, truncate):
+            yield token
+
+    def generate_steps(self, prompt: Sequence[int], params: SamplingParams, max_tokens: int,
+                       stats: Stats | None = None, rng: np.random.Generator | None = None,
+                       truncate: bool = False) -> Iterator[tuple[int, np.ndarray]]:
+        """As `generate_tokens`, with the logits float32[vocab] each token was sampled from (before any
+        penalty: the model's own distribution, for logprobs)."""
         stats = stats if stats is not None else Stats()
         if len(prompt) == 0:
             raise QcpuError("empty prompt")
@@ -285,7 +293,7 @@ class Engine:
                 stats.stop_reason = "end of turn"
                 break
             stats.generated_tokens += 1
-            yield token
+            yield token, logits
             logits = self.model.forward([token], self._cache)[-1]
             self._tokens.append(token)
             stats.generate_seconds = time.perf_counter() - t1

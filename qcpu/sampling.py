@@ -27,8 +27,10 @@ class SamplingParams:
     top_p: float = 0.8
     min_p: float = 0.0
     repeat_penalty: float = 1.1
-    repeat_last_n: int = 64  # llama.cpp's window for the penalty
+    repeat_last_n: int = 64  # llama.cpp's window for the penalties
     seed: int | None = None
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from each token in the window
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted once per occurrence in the window
 
     def validate(self) -> None:
         if not self.temperature >= 0:
@@ -41,6 +43,9 @@ class SamplingParams:
             raise QcpuError(f"min-p must be in [0, 1), got {self.min_p}")
         if not self.repeat_penalty > 0:
             raise QcpuError(f"repeat penalty must be > 0, got {self.repeat_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise QcpuError(f"{name.replace('_', ' ')} must be in [-2, 2], got {getattr(self, name)}")
         if self.seed is not None:
             resolve_seed(self.seed)
 
@@ -73,6 +78,18 @@ def apply_repeat_penalty(logits: np.ndarray, recent: Sequence[int], penalty: flo
     logits = logits.copy()
     seen = logits[ids]
     logits[ids] = np.where(seen > 0, seen / penalty, seen * penalty)
+    return logits
+
+
+def apply_presence_frequency(logits: np.ndarray, recent: Sequence[int], presence: float,
+                             frequency: float) -> np.ndarray:
+    """OpenAI's presence and frequency penalties over the recent tokens: logit -= presence * (count > 0)
+    + frequency * count (llama.cpp's penalty_present / penalty_freq, applied after the repeat penalty)."""
+    if (presence == 0.0 and frequency == 0.0) or not len(recent):
+        return logits
+    ids, counts = np.unique(np.asarray(recent, dtype=np.int64), return_counts=True)
+    logits = logits.copy()
+    logits[ids] -= np.float32(presence) + np.float32(frequency) * counts.astype(np.float32)
     return logits
 
 
@@ -116,8 +133,9 @@ def make_sampler(params: SamplingParams, rng: np.random.Generator | None = None
     rng = rng if rng is not None else new_rng(params)
 
     def sample(logits: np.ndarray, recent: Sequence[int] = ()) -> int:
-        logits = apply_repeat_penalty(np.asarray(logits, dtype=np.float32),
-                                      list(recent)[-params.repeat_last_n:], params.repeat_penalty)
+        window = list(recent)[-params.repeat_last_n:]
+        logits = apply_repeat_penalty(np.asarray(logits, dtype=np.float32), window, params.repeat_penalty)
+        logits = apply_presence_frequency(logits, window, params.presence_penalty, params.frequency_penalty)
         if np.float32(params.temperature) == 0:  # llama.cpp's temperature is a float32: 1e-320 is greedy
             return int(np.argmax(logits))
         ids = np.arange(len(logits))

@@ -344,3 +344,18 @@ def test_a_tiny_temperature_is_greedy_not_nan(temperature):
     logits = np.array([1.0, 3.0, 2.9999, -5.0], dtype=np.float32)
     sample = make_sampler(SamplingParams(temperature=temperature, top_k=0, top_p=1.0, repeat_penalty=1.0, seed=3))
     assert {sample(logits) for _ in range(50)} == {1}
+
+
+def test_presence_and_frequency_penalties_as_llama_cpp_applies_them():
+    """llama.cpp's penalty_present / penalty_freq (OpenAI's presence_penalty / frequency_penalty): each
+    token in the window loses presence once and frequency per occurrence; others are untouched."""
+    logits = np.array([1.0, 2.0, -1.0, 0.5], np.float32)
+    recent = [1, 1, 2, 1]
+    got = sampling.apply_presence_frequency(logits, recent, presence=0.5, frequency=0.25)
+    assert got.tolist() == [1.0, 2.0 - 0.5 - 3 * 0.25, -1.0 - 0.5 - 0.25, 0.5]
+    assert logits.tolist() == [1.0, 2.0, -1.0, 0.5]  # a copy
+    # through the sampler: greedy picks the token the penalties leave on top
+    params = SamplingParams(temperature=0.0, repeat_penalty=1.0, frequency_penalty=2.0)
+    assert sampling.make_sampler(params)(np.array([0.0, 3.0, 2.5], np.float32), [1]) == 2
+    with pytest.raises(QcpuError, match="presence penalty"):
+        SamplingParams(presence_penalty=2.5).validate()

@@ -1,0 +1,581 @@
+"""`qcpu serve`: an OpenAI-compatible HTTP server (Starlette on uvicorn, SSE for streams).
+
+Endpoints as OpenAI's API reference defines them: POST /v1/chat/completions (messages through the GGUF's
+chat template), POST /v1/completions (a raw prompt), GET /v1/models, GET /health. llama-server's
+extensions `top_k`, `min_p` and `repeat_penalty` are accepted too; unknown fields are ignored, as OpenAI's
+clients expect. Errors are OpenAI's body, `{"error": {"message", "type", "param", "code"}}`.
+
+Slots (llama-server's): each is an `Engine` over the one shared model, with its own KV cache and the
+tokens it holds, so a client that resends a conversation pays only for what is new; a request goes to the
+free slot whose cached tokens share the longest prefix with its prompt. Today the slots take turns on the
+CPU, one request at a time (`_COMPUTE`); requests beyond the free slots wait in a bounded queue, and a
+full queue answers 503 at once. A client that disconnects stops its generation at the next token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from typing import Any, AsyncIterator, Callable
+
+import numpy as np
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from qcpu.errors import QcpuError
+from qcpu.generate import Engine, Stats, common_prefix
+from qcpu.sampling import SEED_MAX, SamplingParams
+from qcpu.tokenizer import StreamDecoder
+
+MAX_BODY = 16 << 20  # bytes of a request body: a full 32K-token conversation is well under 1 MB
+MAX_STOP = 4  # stop strings per request (OpenAI's limit)
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+_COMPUTE = threading.Lock()  # one generation at a time: they share the cores (and Numba's thread pool)
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI's error body with an HTTP status."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+# ---- request parsing -------------------------------------------------------------------------------
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _number(body: dict, name: str, lo: float, hi: float, default, lo_open: bool = False, hi_open: bool = False):
+    v = body.get(name)
+    if v is None:
+        return default
+    if not _is_number(v) or v < lo or v > hi or (lo_open and v == lo) or (hi_open and v == hi):
+        lo_s, hi_s = ("(" if lo_open else "[") + f"{lo:g}", f"{hi:g}" + (")" if hi_open else "]")
+        raise ApiError(400, f"'{name}' must be a number in {lo_s}, {hi_s}, got {v!r}", code="invalid_value",
+                       param=name)
+    return v
+
+
+def _integer(body: dict, name: str, lo: int, hi: int | None, default):
+    v = body.get(name)
+    if v is None:
+        return default
+    if not _is_int(v) or v < lo or (hi is not None and v > hi):
+        bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+        raise ApiError(400, f"'{name}' must be an integer {bound}, got {v!r}", code="invalid_value", param=name)
+    return v
+
+
+def _boolean(body: dict, name: str, default: bool) -> bool:
+    v = body.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise ApiError(400, f"'{name}' must be a boolean, got {v!r}", code="invalid_type", param=name)
+    return v
+
+
+@dataclass
+class Job:
+    """One validated request: what to feed and how to sample."""
+
+    prompt: list[int]
+    params: SamplingParams
+    max_tokens: int | None
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+    logprobs: bool
+    top_logprobs: int
+    chat: bool
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+def _common(body: dict, defaults: SamplingParams, chat: bool) -> dict:
+    """The fields both endpoints share, validated."""
+    if body.get("n") is not None and body.get("n") != 1:
+        raise ApiError(400, "only n = 1 is supported", code="invalid_value", param="n")
+    stream = _boolean(body, "stream", False)
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise ApiError(400, "'stream_options' must be an object", code="invalid_type", param="stream_options")
+    include_usage = bool(options and options.get("include_usage"))
+    if options is not None and not stream:
+        raise ApiError(400, "'stream_options' is only allowed with 'stream': true", param="stream_options")
+    max_tokens = _integer(body, "max_completion_tokens", 1, None, None)
+    max_tokens = _integer(body, "max_tokens", 1, None, max_tokens)
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
+        raise ApiError(400, f"'stop' must be a non-empty string or a list of up to {MAX_STOP} of them",
+                       code="invalid_value", param="stop")
+    seed = body.get("seed")
+    if seed is not None and not _is_int(seed):
+        raise ApiError(400, f"'seed' must be an integer, got {seed!r}", code="invalid_type", param="seed")
+    params = replace(
+        defaults,
+        temperature=_number(body, "temperature", 0.0, 2.0, defaults.temperature),
+        top_p=_number(body, "top_p", 0.0, 1.0, defaults.top_p, lo_open=True),
+        top_k=_integer(body, "top_k", 0, None, defaults.top_k),
+        min_p=_number(body, "min_p", 0.0, 1.0, defaults.min_p, hi_open=True),
+        repeat_penalty=_number(body, "repeat_penalty", 0.0, 10.0, defaults.repeat_penalty, lo_open=True),
+        presence_penalty=_number(body, "presence_penalty", -2.0, 2.0, defaults.presence_penalty),
+        frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0, defaults.frequency_penalty),
+        seed=(seed % (SEED_MAX + 1)) if seed is not None else None,
+    )
+    if chat:
+        logprobs = _boolean(body, "logprobs", False)
+        top = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, 0)
+        if top and not logprobs:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    else:  # the legacy completions API: logprobs is how many alternatives to list
+        top = _integer(body, "logprobs", 0, 5, None)
+        logprobs = top is not None
+        top = top or 0
+    return dict(params=params, max_tokens=max_tokens, stop=stop, stream=stream, include_usage=include_usage,
+                logprobs=logprobs, top_logprobs=top, chat=chat)
+
+
+_ROLES = {"system", "user", "assistant", "tool", "developer"}
+
+
+def _messages(body: dict) -> list[dict]:
+    """OpenAI messages -> the template's {"role", "content"} dicts (text parts joined; "developer" is a
+    system message)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list", code="invalid_value", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict) or m.get("role") not in _ROLES:
+            raise ApiError(400, f"{where} must be an object with a 'role' in {sorted(_ROLES)}", param=where)
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise ApiError(400, f"{where}: only text content parts are supported", param=where)
+                parts.append(part["text"])
+            content = "".join(parts)
+        elif content is None and m["role"] == "assistant":
+            content = ""
+        elif not isinstance(content, str):
+            raise ApiError(400, f"{where}.content must be a string or a list of text parts", param=where)
+        role = "system" if m["role"] == "developer" else m["role"]
+        out.append({"role": role, "content": content})
+    return out
+
+
+# ---- slots -----------------------------------------------------------------------------------------
+
+class SlotPool:
+    """The engines (one KV cache each) and the requests waiting for one."""
+
+    def __init__(self, engines: list[Engine], max_queue: int):
+        self.free = list(engines)
+        self.max_queue = max_queue
+        self.waiting = 0
+        self._changed: asyncio.Condition | None = None
+
+    def _cond(self) -> asyncio.Condition:
+        if self._changed is None:  # made in the server's event loop
+            self._changed = asyncio.Condition()
+        return self._changed
+
+    async def acquire(self, prompt: list[int]) -> Engine:
+        """The free engine whose cached tokens share the longest prefix with `prompt` (waiting for one).
+        Raises ApiError(503) at once when the queue is full."""
+        cond = self._cond()
+        async with cond:
+            if not self.free and self.waiting >= self.max_queue:
+                raise ApiError(503, "the server is busy: every slot is in use and the queue is full; retry later",
+                               type_="server_error", code="overloaded")
+            self.waiting += 1
+            try:
+                await cond.wait_for(lambda: self.free)
+            finally:
+                self.waiting -= 1
+            best = max(self.free, key=lambda e: common_prefix(prompt, e.tokens))
+            self.free.remove(best)
+            return best
+
+    async def release(self, engine: Engine) -> None:
+        cond = self._cond()
+        async with cond:
+            self.free.append(engine)
+            cond.notify_all()
+
+
+# ---- generation (in a worker thread) ---------------------------------------------------------------
+
+def _logprob_entries(tokenizer, logits: np.ndarray, token: int, top: int) -> dict:
+    """OpenAI's logprobs entry for `token` under the model's distribution `logits` (float32[vocab])."""
+    x = logits.astype(np.float64)
+    lp = x - (x.max() + np.log(np.exp(x - x.max()).sum()))
+
+    def entry(t: int) -> dict:
+        b = tokenizer.token_bytes(t)
+        return {"token": b.decode("utf-8", errors="replace"), "logprob": float(lp[t]), "bytes": list(b)}
+
+    out = entry(token)
+    out["top_logprobs"] = []
+    if top:
+        ids = np.argpartition(-lp, top - 1)[:top]
+        out["top_logprobs"] = [entry(int(t)) for t in ids[np.argsort(-lp[ids], kind="stable")]]
+    return out
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """How many trailing characters of `text` could start a stop string (kept until the next piece)."""
+    n = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), n, -1):
+            if text.endswith(s[:k]):
+                n = k
+                break
+    return n
+
+
+def run_job(engine: Engine, job: Job, emit: Callable[[tuple], None]) -> None:
+    """Generate for `job` on `engine`, calling emit(("delta", text, logprob_entries)) as text becomes final
+    (stop strings never emitted), then emit(("done", finish_reason, prompt_tokens, completion_tokens)), or
+    emit(("error", ApiError)). Blocking: runs in a worker thread."""
+    try:
+        with _COMPUTE:
+            _generate(engine, job, emit)
+    except QcpuError as e:
+        emit(("error", ApiError(400, str(e))))
+    except Exception as e:  # the server must survive whatever one request does
+        emit(("error", ApiError(500, f"internal error: {type(e).__name__}: {e}", type_="server_error")))
+
+
+def _generate(engine: Engine, job: Job, emit) -> None:
+    tokenizer = engine.tokenizer
+    room = engine.capacity - len(job.prompt)
+    max_tokens = room if job.max_tokens is None else min(job.max_tokens, room)
+    rest = engine.sync(job.prompt)
+    stats = Stats()
+    decoder = StreamDecoder(tokenizer)
+    pending, entries = "", []
+    finish = "length"
+    n = 0
+    steps = engine.generate_steps(rest, job.params, max_tokens, stats)
+    try:
+        for token, logits in steps:
+            n += 1
+            if job.logprobs:
+                entries.append(_logprob_entries(tokenizer, logits, token, job.top_logprobs))
+            pending += decoder.feed(token)
+            hit = [i for i in (pending.find(s) for s in job.stop) if i >= 0]
+            if hit:
+                emit(("delta", pending[:min(hit)], entries))
+                pending, entries, finish = "", [], "stop"
+                break
+            keep = _held_back(pending, job.stop)
+            if len(pending) > keep:
+                emit(("delta", pending[:len(pending) - keep], entries))
+                pending, entries = pending[len(pending) - keep:], []
+            if job.cancel.is_set():
+                finish = "cancelled"
+                break
+        else:
+            if stats.stop_reason == "end of turn":
+                finish = "stop"
+    finally:
+        steps.close()
+    if finish != "stop":
+        pending += decoder.flush()
+    if pending or entries:
+        emit(("delta", pending, entries))
+    emit(("done", finish, len(job.prompt), n))
+
+
+# ---- responses -------------------------------------------------------------------------------------
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+
+
+class Server:
+    """The Starlette app over a slot pool (see the module docstring)."""
+
+    def __init__(self, engines: list[Engine], model_id: str, defaults: SamplingParams, api_key: str | None = None,
+                 max_queue: int = 8, log: Callable[[str], None] | None = None):
+        self.pool = SlotPool(engines, max_queue)
+        self.engine = engines[0]  # tokenizer and template (shared by all slots)
+        self.model_id, self.defaults, self.api_key = model_id, defaults, api_key
+        self.created = int(time.time())
+        self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        routes = [Route("/health", self.health, methods=["GET"]),
+                  Route("/v1/models", self.models, methods=["GET"]),
+                  Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+                  Route("/v1/completions", self.completions, methods=["POST"])]
+        self.app = Starlette(routes=routes, exception_handlers={404: self._not_found, 405: self._not_allowed})
+
+    # -- plumbing ------------------------------------------------------------------------------------
+    async def _not_found(self, request: Request, exc) -> Response:
+        return ApiError(404, f"no such endpoint: {request.method} {request.url.path}", code="not_found").response()
+
+    async def _not_allowed(self, request: Request, exc) -> Response:
+        return ApiError(405, f"method {request.method} is not allowed on {request.url.path}").response()
+
+    def _check_key(self, request: Request) -> None:
+        if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
+            raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
+                           code="invalid_api_key")
+
+    async def _json(self, request: Request) -> dict:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+            raise ApiError(413, f"request body larger than {MAX_BODY} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY:
+                raise ApiError(413, f"request body larger than {MAX_BODY} bytes")
+            chunks.append(chunk)
+        try:
+            body = json.loads(b"".join(chunks))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ApiError(400, f"the body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        model = body.get("model")
+        if model is not None and model != self.model_id:
+            raise ApiError(404, f"the model '{model}' does not exist (this server has '{self.model_id}')",
+                           code="model_not_found", param="model")
+        return body
+
+    def _finish(self, request: Request, status: int, t0: float, job: Job | None = None, done=None) -> None:
+        """The request's log line: method, path, status, tokens, seconds."""
+        tokens = f" prompt {done[2]} tok, completion {done[3]} tok" if done else ""
+        if job is not None and done is None and status == 200:
+            tokens = " (the client left)"
+        self.log(f"{request.method} {request.url.path} {status}{tokens} {time.perf_counter() - t0:.2f}s")
+
+    # -- endpoints -----------------------------------------------------------------------------------
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def models(self, request: Request) -> Response:
+        try:
+            self._check_key(request)
+        except ApiError as e:
+            return e.response()
+        return JSONResponse({"object": "list", "data": [
+            {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "qcpu"}]})
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._serve(request, chat=True)
+
+    async def completions(self, request: Request) -> Response:
+        return await self._serve(request, chat=False)
+
+    async def _serve(self, request: Request, chat: bool) -> Response:
+        t0 = time.perf_counter()
+        try:
+            self._check_key(request)
+            job = self._job(await self._json(request), chat)
+            events = await self._start(job)
+        except ApiError as e:
+            self._finish(request, e.status, t0)
+            return e.response()
+        if job.stream:
+            return StreamingResponse(self._stream(request, job, events, t0), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        deltas, done, error = [], None, None
+        async for event in self._events(request, job, events):
+            if event[0] == "delta":
+                deltas.append(event)
+            elif event[0] == "done":
+                done = event
+            else:
+                error = event[1]
+        if error is not None:
+            self._finish(request, error.status, t0)
+            return error.response()
+        if done is None:  # the client left: nobody reads this
+            self._finish(request, 499, t0)
+            return Response(status_code=499)
+        self._finish(request, 200, t0, job, done)
+        return JSONResponse(self._whole(job, deltas, done))
+
+    def _job(self, body: dict, chat: bool) -> Job:
+        common = _common(body, self.defaults, chat)
+        tok = self.engine.tokenizer
+        if chat:
+            try:
+                text = self.engine.template.render(_messages(body), add_generation_prompt=True)
+            except QcpuError as e:
+                raise ApiError(400, f"the chat template failed on these messages: {e}") from None
+            prompt = tok.encode(text)
+        else:
+            p = body.get("prompt")
+            if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str):
+                p = p[0]
+            if not isinstance(p, str) or not p:
+                raise ApiError(400, "'prompt' must be a non-empty string", code="invalid_value", param="prompt")
+            prompt = tok.encode(p, parse_special=False)
+            if not prompt:
+                raise ApiError(400, "'prompt' has no tokens", param="prompt")
+        if len(prompt) >= self.engine.capacity:
+            raise ApiError(400, f"the prompt is {len(prompt)} tokens; this server's context is "
+                                f"{self.engine.capacity} tokens per slot (start it with a larger --ctx)",
+                           code="context_length_exceeded", param="messages" if chat else "prompt")
+        return Job(prompt=prompt, **common)
+
+    async def _start(self, job: Job) -> asyncio.Queue:
+        """Wait for a slot and start the job on it in a worker thread; the queue its events arrive on. The
+        slot is given back when the worker ends, whatever becomes of the response. Raises ApiError(503)
+        when the queue is full."""
+        engine = await self.pool.acquire(job.prompt)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        worker = loop.run_in_executor(None, run_job, engine, job,
+                                      lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        worker.add_done_callback(lambda _: asyncio.ensure_future(self.pool.release(engine)))
+        return events
+
+    async def _events(self, request: Request, job: Job, events: asyncio.Queue) -> AsyncIterator[tuple]:
+        """The job's events until done or error; cancels the job when the client leaves."""
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(events.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if not job.stream and await request.is_disconnected():
+                        return
+                    continue
+                yield event
+                if event[0] in ("done", "error"):
+                    return
+        finally:
+            job.cancel.set()  # done anyway, or the client left: stop at the next token
+
+    def _whole(self, job: Job, deltas: list, done: tuple) -> dict:
+        text = "".join(d[1] for d in deltas)
+        entries = [e for d in deltas for e in d[2]]
+        usage = {"prompt_tokens": done[2], "completion_tokens": done[3], "total_tokens": done[2] + done[3]}
+        finish = "stop" if done[1] in ("stop", "cancelled") else done[1]
+        base = {"id": ("chatcmpl-" if job.chat else "cmpl-") + uuid.uuid4().hex, "created": int(time.time()),
+                "model": self.model_id, "system_fingerprint": None}
+        if job.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "logprobs": {"content": entries} if job.logprobs else None, "finish_reason": finish}
+            return {**base, "object": "chat.completion", "choices": [choice], "usage": usage}
+        choice = {"index": 0, "text": text, "logprobs": _legacy_logprobs(entries) if job.logprobs else None,
+                  "finish_reason": finish}
+        return {**base, "object": "text_completion", "choices": [choice], "usage": usage}
+
+    async def _stream(self, request: Request, job: Job, events: asyncio.Queue, t0: float) -> AsyncIterator[bytes]:
+        cid = ("chatcmpl-" if job.chat else "cmpl-") + uuid.uuid4().hex
+        created = int(time.time())
+        obj = "chat.completion.chunk" if job.chat else "text_completion"
+
+        def chunk(delta_text: str | None, entries: list, finish: str | None, role: bool = False) -> dict:
+            if job.chat:
+                delta = {"role": "assistant", "content": ""} if role else (
+                    {"content": delta_text} if delta_text is not None else {})
+                choice = {"index": 0, "delta": delta,
+                          "logprobs": {"content": entries} if job.logprobs and entries else None,
+                          "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": delta_text or "",
+                          "logprobs": _legacy_logprobs(entries) if job.logprobs and entries else None,
+                          "finish_reason": finish}
+            out = {"id": cid, "object": obj, "created": created, "model": self.model_id,
+                   "system_fingerprint": None, "choices": [choice]}
+            if job.include_usage:
+                out["usage"] = None
+            return out
+
+        status, done = 200, None
+        try:
+            if job.chat:
+                yield _sse(chunk(None, [], None, role=True))
+            async for event in self._events(request, job, events):
+                if event[0] == "delta":
+                    yield _sse(chunk(event[1], event[2], None))
+                elif event[0] == "error":
+                    status = event[1].status
+                    yield _sse(event[1].body())
+                    return
+                else:
+                    done = event
+            finish = "stop" if done[1] in ("stop", "cancelled") else done[1]
+            yield _sse(chunk(None, [], finish))
+            if job.include_usage:
+                yield _sse({"id": cid, "object": obj, "created": created, "model": self.model_id,
+                            "system_fingerprint": None, "choices": [],
+                            "usage": {"prompt_tokens": done[2], "completion_tokens": done[3],
+                                      "total_tokens": done[2] + done[3]}})
+            yield b"data: [DONE]\n\n"
+        finally:
+            self._finish(request, status, t0, job, done)
+
+
+def _legacy_logprobs(entries: list) -> dict:
+    """The completions API's logprobs object from chat-style entries."""
+    offsets, at = [], 0
+    for e in entries:
+        offsets.append(at)
+        at += len(e["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+            "text_offset": offsets}
+
+
+def serve(engines: list[Engine], model_id: str, defaults: SamplingParams, host: str, port: int,
+          api_key: str | None = None, max_queue: int = 8, verbose: bool = False) -> None:
+    """Run the server until Ctrl-C or SIGTERM (in-flight requests get a few seconds to finish, then are
+    cancelled). Raises QcpuError when the address cannot be bound."""
+    import signal
+
+    import uvicorn
+
+    server = Server(engines, model_id, defaults, api_key, max_queue)
+    config = uvicorn.Config(server.app, host=host, port=port, log_level="info" if verbose else "warning",
+                            access_log=verbose, timeout_graceful_shutdown=5, lifespan="off")
+    class Announced(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.started:
+                print(f"qcpu: serving {model_id} on http://{host}:{port}/v1 ({len(engines)} slot(s) of "
+                      f"{engines[0].capacity} tokens); Ctrl-C stops", file=sys.stderr, flush=True)
+
+    userver = Announced(config)
+    # uvicorn re-raises the signal it stopped on once it is done: let SIGTERM then end quietly (exit 0)
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        userver.run()
+    except KeyboardInterrupt:
+        pass
+    except SystemExit:  # uvicorn's way to fail at start-up, after logging why
+        userver.started = False
+    if not userver.started:
+        raise QcpuError(f"could not listen on {host}:{port} (in use, or not an address of this machine)")
