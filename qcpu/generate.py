@@ -255,6 +255,25 @@ class Engine:
             raise QcpuError("nothing to feed")
         return np.concatenate(outs) if all_logits else logits[-1]
 
+    def recent_tokens(self, n: int) -> list[int]:
+        """The last n tokens of the stream (the sampler's penalty window)."""
+        return self._tokens[-n:] if n > 0 else []
+
+    @staticmethod
+    def step_together(engines: Sequence["Engine"], tokens: Sequence[int]) -> np.ndarray:
+        """One decode step of several engines over the same model, one token each, in one pass (the
+        weights are read once for all: Qwen2Model.forward_batch); logits float32[len(engines), vocab].
+        Raises ValueError when the engines do not share one model or repeat."""
+        if len({id(e.model) for e in engines}) != 1:
+            raise ValueError("step_together: the engines must share one model")
+        if len(engines) == 1:
+            logits = engines[0].model.forward([tokens[0]], engines[0]._cache)
+        else:
+            logits = engines[0].model.forward_batch(tokens, [e._cache for e in engines])
+        for e, t in zip(engines, tokens):
+            e._tokens.append(int(t))
+        return logits
+
     # -- generation ---------------------------------------------------------------------------------
     def generate_tokens(self, prompt: Sequence[int], params: SamplingParams, max_tokens: int,
                         stats: Stats | None = None, rng: np.random.Generator | None = None,

@@ -48,15 +48,36 @@ class Qwen2Model:
         """Run tokens[n] after what the cache holds; logits float32[n or 1, vocab] (last position only
         unless all_logits)."""
         tokens = np.asarray(tokens, dtype=np.int64)
-        n = len(tokens)
-        slots, positions, seqs = cache.reserve(n)
+        slots, positions, seqs = cache.reserve(len(tokens))
         try:
-            return self._layers(tokens, cache, slots, positions, seqs, all_logits)
+            return self._layers(tokens, positions, [(cache, slice(None), slots, seqs)], all_logits)
         except BaseException:  # Ctrl-C mid-pass: the cache must not claim tokens it half-holds
             cache.unreserve(slots)
             raise
 
-    def _layers(self, tokens, cache, slots, positions, seqs, all_logits):
+    def forward_batch(self, tokens, caches: list[KVCache]) -> np.ndarray:
+        """One decode step for several sequences at once: tokens[i] after what caches[i] holds (distinct
+        caches). Logits float32[len(tokens), vocab]. Every weight is read once for all of them (the
+        products run on the batch's rows); attention runs per cache (continuous batching, as
+        llama-server's slots share a batch)."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        if len(tokens) != len(caches) or len({id(c) for c in caches}) != len(caches):
+            raise ValueError("forward_batch: one token for each of distinct caches")
+        segments, positions = [], []
+        try:
+            for i, cache in enumerate(caches):
+                slots, pos, seqs = cache.reserve(1)
+                segments.append((cache, slice(i, i + 1), slots, seqs))
+                positions.append(pos)
+            return self._layers(tokens, np.concatenate(positions), segments, all_logits=True)
+        except BaseException:
+            for cache, _, slots, _ in segments:
+                cache.unreserve(slots)
+            raise
+
+    def _layers(self, tokens, positions, segments, all_logits):
+        """The pass over rows x[n]; segments: (cache, its rows, their slots, their stream indices), one per
+        sequence. Logits float32[n, vocab] (all_logits) or [1, vocab] of the last row."""
         c, w = self.config, self.weights
         n = len(tokens)
         cos, sin = self.rope.cos_sin(positions)
@@ -69,8 +90,14 @@ class Qwen2Model:
             k = (k + lw.bk).reshape(n, c.n_kv_heads, c.head_dim)
             v = (v + lw.bv).reshape(n, c.n_kv_heads, c.head_dim)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            cache.write(layer, slots, k, v)
-            a = attention(q, *cache.layer(layer), seqs, cache.type_k, cache.type_v, cache.centers(layer))
+            a = np.empty_like(q) if len(segments) > 1 else None
+            for cache, rows, slots, seqs in segments:
+                cache.write(layer, slots, k[rows], v[rows])
+                out = attention(q[rows], *cache.layer(layer), seqs, cache.type_k, cache.type_v, cache.centers(layer))
+                if a is None:
+                    a = out
+                else:
+                    a[rows] = out
             x = x + lw.wo @ a.reshape(n, c.n_heads * c.head_dim)
 
             h = rms_norm(x, lw.ffn_norm, c.rms_eps)

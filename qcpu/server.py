@@ -7,9 +7,11 @@ clients expect. Errors are OpenAI's body, `{"error": {"message", "type", "param"
 
 Slots (llama-server's): each is an `Engine` over the one shared model, with its own KV cache and the
 tokens it holds, so a client that resends a conversation pays only for what is new; a request goes to the
-free slot whose cached tokens share the longest prefix with its prompt. Today the slots take turns on the
-CPU, one request at a time (`_COMPUTE`); requests beyond the free slots wait in a bounded queue, and a
-full queue answers 503 at once. A client that disconnects stops its generation at the next token.
+free slot whose cached tokens share the longest prefix with its prompt. One thread runs the model
+(`Batcher`): the slots' replies decode together, one pass per step for all of them (continuous
+batching: a request joins or leaves between steps), and prompts are fed a chunk per step in between.
+Requests beyond the free slots wait in a bounded queue; a full queue answers 503 at once. A client that
+disconnects stops its reply at the next step.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import queue
 import sys
 import threading
 import time
@@ -31,14 +34,13 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from qcpu.errors import QcpuError
-from qcpu.generate import Engine, Stats, common_prefix
-from qcpu.sampling import SEED_MAX, SamplingParams
+from qcpu.generate import PREFILL_CHUNK, Engine, common_prefix
+from qcpu.sampling import SEED_MAX, SamplingParams, make_sampler
 from qcpu.tokenizer import StreamDecoder
 
 MAX_BODY = 16 << 20  # bytes of a request body: a full 32K-token conversation is well under 1 MB
 MAX_STOP = 4  # stop strings per request (OpenAI's limit)
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
-_COMPUTE = threading.Lock()  # one generation at a time: they share the cores (and Numba's thread pool)
 
 
 class ApiError(Exception):
@@ -231,7 +233,7 @@ class SlotPool:
             cond.notify_all()
 
 
-# ---- generation (in a worker thread) ---------------------------------------------------------------
+# ---- generation (the batcher's thread) -------------------------------------------------------------
 
 def _logprob_entries(tokenizer, logits: np.ndarray, token: int, top: int) -> dict:
     """OpenAI's logprobs entry for `token` under the model's distribution `logits` (float32[vocab])."""
@@ -261,58 +263,140 @@ def _held_back(text: str, stops: list[str]) -> int:
     return n
 
 
-def run_job(engine: Engine, job: Job, emit: Callable[[tuple], None]) -> None:
-    """Generate for `job` on `engine`, calling emit(("delta", text, logprob_entries)) as text becomes final
-    (stop strings never emitted), then emit(("done", finish_reason, prompt_tokens, completion_tokens)), or
-    emit(("error", ApiError)). Blocking: runs in a worker thread."""
-    try:
-        with _COMPUTE:
-            _generate(engine, job, emit)
-    except QcpuError as e:
-        emit(("error", ApiError(400, str(e))))
-    except Exception as e:  # the server must survive whatever one request does
-        emit(("error", ApiError(500, f"internal error: {type(e).__name__}: {e}", type_="server_error")))
+class Run:
+    """One request's generation on its slot: its prompt fed in chunks, then one token per batch step.
+    Events go to `emit`: ("delta", text, logprob_entries) as text becomes final (stop strings never
+    sent), then ("done", finish_reason, prompt_tokens, completion_tokens) or ("error", ApiError); `done`
+    is called once at the end, whatever happened."""
+
+    def __init__(self, engine: Engine, job: Job, emit: Callable[[tuple], None], done: Callable[[], None]):
+        self.engine, self.job, self.emit, self._done = engine, job, emit, done
+        room = engine.capacity - len(job.prompt)
+        self.max_tokens = room if job.max_tokens is None else min(job.max_tokens, room)
+        self.sampler = make_sampler(job.params)
+        self.decoder = StreamDecoder(engine.tokenizer)
+        self.pending, self.entries, self.n = "", [], 0
+        self.logits: np.ndarray | None = None  # set once the prompt is fed: the next token's distribution
+        self.finished = False
+        self.rest = engine.sync(job.prompt)  # the prompt tokens the slot's cache does not hold yet
+
+    def prefill(self) -> None:
+        """Feed the next chunk of the prompt (PREFILL_CHUNK tokens)."""
+        part, self.rest = self.rest[:PREFILL_CHUNK], self.rest[PREFILL_CHUNK:]
+        logits = self.engine.feed(part)
+        if not self.rest:
+            self.logits = logits
+
+    def next_token(self) -> int | None:
+        """Sample the next token and send what text it completes; the token to feed, or None when the
+        reply is over (end of turn, a stop string, max_tokens, or the client left)."""
+        if self.job.cancel.is_set():
+            return self.finish("cancelled")
+        token = self.sampler(self.logits, self.engine.recent_tokens(self.job.params.repeat_last_n))
+        if token in self.engine.tokenizer.eot_ids:
+            return self.finish("stop")
+        self.n += 1
+        if self.job.logprobs:
+            self.entries.append(_logprob_entries(self.engine.tokenizer, self.logits, token, self.job.top_logprobs))
+        self.pending += self.decoder.feed(token)
+        hit = [i for i in (self.pending.find(s) for s in self.job.stop) if i >= 0]
+        if hit:
+            self.pending = self.pending[:min(hit)]
+            return self.finish("stop", flush=False)
+        keep = _held_back(self.pending, self.job.stop)
+        if len(self.pending) > keep:
+            self.emit(("delta", self.pending[:len(self.pending) - keep], self.entries))
+            self.pending, self.entries = self.pending[len(self.pending) - keep:], []
+        if self.n >= self.max_tokens:
+            return self.finish("length")
+        return token
+
+    def finish(self, reason: str, flush: bool = True) -> None:
+        if flush:
+            self.pending += self.decoder.flush()
+        if self.pending or self.entries:
+            self.emit(("delta", self.pending, self.entries))
+        self.emit(("done", reason, len(self.job.prompt), self.n))
+        self.close()
+
+    def fail(self, error: ApiError) -> None:
+        self.emit(("error", error))
+        self.close()
+
+    def close(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self._done()
 
 
-def _generate(engine: Engine, job: Job, emit) -> None:
-    tokenizer = engine.tokenizer
-    room = engine.capacity - len(job.prompt)
-    max_tokens = room if job.max_tokens is None else min(job.max_tokens, room)
-    rest = engine.sync(job.prompt)
-    stats = Stats()
-    decoder = StreamDecoder(tokenizer)
-    pending, entries = "", []
-    finish = "length"
-    n = 0
-    steps = engine.generate_steps(rest, job.params, max_tokens, stats)
-    try:
-        for token, logits in steps:
-            n += 1
-            if job.logprobs:
-                entries.append(_logprob_entries(tokenizer, logits, token, job.top_logprobs))
-            pending += decoder.feed(token)
-            hit = [i for i in (pending.find(s) for s in job.stop) if i >= 0]
-            if hit:
-                emit(("delta", pending[:min(hit)], entries))
-                pending, entries, finish = "", [], "stop"
-                break
-            keep = _held_back(pending, job.stop)
-            if len(pending) > keep:
-                emit(("delta", pending[:len(pending) - keep], entries))
-                pending, entries = pending[len(pending) - keep:], []
-            if job.cancel.is_set():
-                finish = "cancelled"
-                break
-        else:
-            if stats.stop_reason == "end of turn":
-                finish = "stop"
-    finally:
-        steps.close()
-    if finish != "stop":
-        pending += decoder.flush()
-    if pending or entries:
-        emit(("delta", pending, entries))
-    emit(("done", finish, len(job.prompt), n))
+def _api_error(e: Exception) -> ApiError:
+    if isinstance(e, QcpuError):
+        return ApiError(400, str(e))
+    return ApiError(500, f"internal error: {type(e).__name__}: {e}", type_="server_error")
+
+
+class Batcher:
+    """The loop that runs the model, on the main thread (`run`; the HTTP server lives in another: kernels
+    launched from a secondary thread ran ~30% slower here, each such thread getting its own OpenMP team):
+    continuous batching over the slots' runs, as llama-server's update loop does. Each step feeds one
+    prompt chunk of a run that is still reading its prompt (if any), then samples a token for every run
+    that has logits and feeds all those tokens in one pass (Engine.step_together: the weights are read
+    once per step, not once per slot). Runs join and leave between steps."""
+
+    def __init__(self):
+        self.inbox: queue.Queue = queue.Queue()
+
+    def submit(self, engine: Engine, job: Job, emit: Callable[[tuple], None], done: Callable[[], None]) -> None:
+        """Queue a job (from any thread)."""
+        self.inbox.put((engine, job, emit, done))
+
+    def run(self, keep_going: Callable[[], bool]) -> None:
+        """Serve submitted jobs until keep_going() is false with nothing left to do; runs still going
+        then are cancelled."""
+        runs: list[Run] = []
+        while True:
+            try:
+                while True:  # wait only when there is nothing to do
+                    engine, job, emit, done = self.inbox.get(timeout=0.2) if not runs else self.inbox.get_nowait()
+                    try:
+                        runs.append(Run(engine, job, emit, done))
+                    except Exception as e:
+                        emit(("error", _api_error(e)))
+                        done()
+            except queue.Empty:
+                if not keep_going():
+                    for r in runs:
+                        r.finish("cancelled")
+                    return
+            runs = self.step(runs)
+
+    def step(self, runs: list[Run]) -> list[Run]:
+        """One step over the runs; those still going."""
+        reading = [r for r in runs if r.logits is None]
+        if reading:
+            try:
+                reading[0].prefill()
+            except Exception as e:
+                reading[0].fail(_api_error(e))
+        batch = []
+        for r in runs:
+            if r.logits is not None and not r.finished:
+                try:
+                    token = r.next_token()
+                except Exception as e:
+                    r.fail(_api_error(e))
+                    continue
+                if token is not None:
+                    batch.append((r, token))
+        if batch:
+            try:
+                logits = Engine.step_together([r.engine for r, _ in batch], [t for _, t in batch])
+                for (r, _), row in zip(batch, logits):
+                    r.logits = row
+            except Exception as e:
+                for r, _ in batch:
+                    r.fail(_api_error(e))
+        return [r for r in runs if not r.finished]
 
 
 # ---- responses -------------------------------------------------------------------------------------
@@ -327,6 +411,7 @@ class Server:
     def __init__(self, engines: list[Engine], model_id: str, defaults: SamplingParams, api_key: str | None = None,
                  max_queue: int = 8, log: Callable[[str], None] | None = None):
         self.pool = SlotPool(engines, max_queue)
+        self.batcher = Batcher()
         self.engine = engines[0]  # tokenizer and template (shared by all slots)
         self.model_id, self.defaults, self.api_key = model_id, defaults, api_key
         self.created = int(time.time())
@@ -450,15 +535,17 @@ class Server:
         return Job(prompt=prompt, **common)
 
     async def _start(self, job: Job) -> asyncio.Queue:
-        """Wait for a slot and start the job on it in a worker thread; the queue its events arrive on. The
-        slot is given back when the worker ends, whatever becomes of the response. Raises ApiError(503)
-        when the queue is full."""
+        """Wait for a slot and hand the job to the batcher; the queue its events arrive on. The slot is
+        given back when the run ends, whatever becomes of the response. Raises ApiError(503) when the
+        queue is full."""
         engine = await self.pool.acquire(job.prompt)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        worker = loop.run_in_executor(None, run_job, engine, job,
-                                      lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
-        worker.add_done_callback(lambda _: asyncio.ensure_future(self.pool.release(engine)))
+
+        def release() -> None:
+            loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.pool.release(engine)))
+
+        self.batcher.submit(engine, job, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), release)
         return events
 
     async def _events(self, request: Request, job: Job, events: asyncio.Queue) -> AsyncIterator[tuple]:
@@ -552,8 +639,9 @@ def _legacy_logprobs(entries: list) -> dict:
 
 def serve(engines: list[Engine], model_id: str, defaults: SamplingParams, host: str, port: int,
           api_key: str | None = None, max_queue: int = 8, verbose: bool = False) -> None:
-    """Run the server until Ctrl-C or SIGTERM (in-flight requests get a few seconds to finish, then are
-    cancelled). Raises QcpuError when the address cannot be bound."""
+    """Run the server until Ctrl-C or SIGTERM: HTTP (uvicorn) on a thread, the model on this one. On a
+    signal, in-flight requests get a few seconds to finish, then are cancelled. Raises QcpuError when the
+    address cannot be bound."""
     import signal
 
     import uvicorn
@@ -561,6 +649,7 @@ def serve(engines: list[Engine], model_id: str, defaults: SamplingParams, host: 
     server = Server(engines, model_id, defaults, api_key, max_queue)
     config = uvicorn.Config(server.app, host=host, port=port, log_level="info" if verbose else "warning",
                             access_log=verbose, timeout_graceful_shutdown=5, lifespan="off")
+
     class Announced(uvicorn.Server):
         async def startup(self, sockets=None):
             await super().startup(sockets)
@@ -569,13 +658,19 @@ def serve(engines: list[Engine], model_id: str, defaults: SamplingParams, host: 
                       f"{engines[0].capacity} tokens); Ctrl-C stops", file=sys.stderr, flush=True)
 
     userver = Announced(config)
-    # uvicorn re-raises the signal it stopped on once it is done: let SIGTERM then end quietly (exit 0)
-    signal.signal(signal.SIGTERM, lambda *_: None)
+    http = threading.Thread(target=userver.run, name="qcpu-http", daemon=True)
+
+    def stop(*_):
+        if userver.should_exit:  # a second signal: stop waiting for in-flight requests
+            userver.force_exit = True
+        userver.should_exit = True
+
+    previous = signal.signal(signal.SIGINT, stop), signal.signal(signal.SIGTERM, stop)
     try:
-        userver.run()
-    except KeyboardInterrupt:
-        pass
-    except SystemExit:  # uvicorn's way to fail at start-up, after logging why
-        userver.started = False
+        http.start()
+        server.batcher.run(http.is_alive)
+    finally:
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])
     if not userver.started:
         raise QcpuError(f"could not listen on {host}:{port} (in use, or not an address of this machine)")

@@ -42,6 +42,34 @@ def test_cached_steps_equal_full_recompute(tiny, split):
     assert rel_err(np.concatenate(outs), full) < 1e-4
 
 
+@pytest.mark.parametrize("weight_type", [T.F32, T.Q4_0])
+def test_forward_batch_equals_one_pass_per_sequence(tmp_path, weight_type):
+    """Several sequences, each after its own history, in one pass (what a server's slots share): the
+    same logits as one pass each, and each cache ends as the separate pass leaves it."""
+    path = tmp_path / "tiny.gguf"
+    write_tiny_qwen2(path, seed=3, weight_type=weight_type, dim=64, n_heads=2, n_kv_heads=1)
+    model = Qwen2Model.load(path)
+    vocab = model.config.vocab_size
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, vocab, n) for n in (5, 2, 9)]
+    apart, together = [model.new_cache(32) for _ in prompts], [model.new_cache(32) for _ in prompts]
+    for p, a, b in zip(prompts, apart, together):
+        model.forward(p, a)
+        model.forward(p, b)
+    tokens = [3, 4, 5]
+    for _ in range(4):
+        want = np.concatenate([model.forward([t], c) for t, c in zip(tokens, apart)])
+        got = model.forward_batch(tokens, together)
+        assert got.shape == want.shape and rel_err(got, want) < 1e-4
+        tokens = [int(t) for t in want.argmax(1)]
+    for a, b in zip(apart, together):
+        assert (a.n_held, a.n_seen) == (b.n_held, b.n_seen)
+        assert rel_err(b.k[:, :, :b.n_held].view(np.float16), a.k[:, :, :a.n_held].view(np.float16)) < 1e-3
+    with pytest.raises(ValueError):
+        model.forward_batch([1, 2], [together[0], together[0]])
+    assert together[0].n_held == apart[0].n_held  # nothing reserved by the refused call
+
+
 @pytest.mark.parametrize("weight_type", [T.Q8_0, T.Q4_0])
 def test_quantized_model_matches_reference_of_its_dequantized_weights(tmp_path, weight_type):
     built = write_tiny_qwen2(tmp_path / "q.gguf", seed=3, weight_type=weight_type, dim=64, ffn_dim=128)

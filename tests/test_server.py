@@ -169,6 +169,32 @@ def test_completions_take_a_raw_prompt(client, model_id, real_engine):
     assert streamed == want
 
 
+def test_concurrent_replies_are_batched_and_still_the_engines(client, model_id, real_engine, greedy_reference):
+    """Two requests at once on two slots decode in one pass per step (Batcher); each reply is still what
+    the engine writes for it alone."""
+    import threading
+
+    from qcpu.generate import Stats
+
+    count = "Count from 1 to 15, separated by commas."
+    real_engine.reset()
+    prompt = real_engine.chat_prompt_tokens([{"role": "user", "content": count}])
+    stats = Stats()
+    want_count = "".join(p.text for p in real_engine.stream(prompt, SamplingParams(temperature=0.0), 40, stats))
+    got = {}
+
+    def ask(name, message):
+        got[name] = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": message}],
+                                                   temperature=0, max_tokens=40).choices[0].message.content
+
+    threads = [threading.Thread(target=ask, args=a) for a in (("square", MESSAGE), ("count", count))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == {"square": greedy_reference[0], "count": want_count}
+
+
 # ---- bad input: OpenAI's error body, and the server unharmed ----------------------------------------
 
 def post(server, body, path="/v1/chat/completions", headers=None):

@@ -53,7 +53,7 @@ def specialise(py_func, name: str, **jit_options):
     if not all(map(_plain, cells)):
         raise TypeError(f"{name}: a specialisation may only capture plain constants, not {cells!r}")
     py_func.__name__ = py_func.__qualname__ = name
-    return njit(cache=True, **jit_options)(py_func)
+    return njit(cache=True, nogil=True, **jit_options)(py_func)
 
 
 def literal_values(ty):
