@@ -98,7 +98,7 @@ def _boolean(body: dict, name: str, default: bool) -> bool:
     return v
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     """One validated request: what to feed and how to sample."""
 
@@ -412,6 +412,7 @@ class Server:
                  max_queue: int = 8, log: Callable[[str], None] | None = None):
         self.pool = SlotPool(engines, max_queue)
         self.batcher = Batcher()
+        self.active: set[Job] = set()  # jobs handed to the batcher and not done
         self.engine = engines[0]  # tokenizer and template (shared by all slots)
         self.model_id, self.defaults, self.api_key = model_id, defaults, api_key
         self.created = int(time.time())
@@ -542,11 +543,24 @@ class Server:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
-        def release() -> None:
-            loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.pool.release(engine)))
+        def later(fn, *args) -> None:  # from the batcher's thread; after shutdown nobody listens
+            try:
+                loop.call_soon_threadsafe(fn, *args)
+            except RuntimeError:  # the event loop is closed
+                pass
 
-        self.batcher.submit(engine, job, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), release)
+        def release() -> None:
+            self.active.discard(job)
+            later(lambda: asyncio.ensure_future(self.pool.release(engine)))
+
+        self.active.add(job)
+        self.batcher.submit(engine, job, lambda ev: later(events.put_nowait, ev), release)
         return events
+
+    def cancel_all(self) -> None:
+        """End every reply in flight at the next step, cleanly (shutdown)."""
+        for job in list(self.active):
+            job.cancel.set()
 
     async def _events(self, request: Request, job: Job, events: asyncio.Queue) -> AsyncIterator[tuple]:
         """The job's events until done or error; cancels the job when the client leaves."""
@@ -640,8 +654,8 @@ def _legacy_logprobs(entries: list) -> dict:
 def serve(engines: list[Engine], model_id: str, defaults: SamplingParams, host: str, port: int,
           api_key: str | None = None, max_queue: int = 8, verbose: bool = False) -> None:
     """Run the server until Ctrl-C or SIGTERM: HTTP (uvicorn) on a thread, the model on this one. On a
-    signal, in-flight requests get a few seconds to finish, then are cancelled. Raises QcpuError when the
-    address cannot be bound."""
+    signal, replies in flight end at the next step (finish_reason "stop", [DONE] sent) and the process
+    exits 0. Raises QcpuError when the address cannot be bound."""
     import signal
 
     import uvicorn
@@ -664,6 +678,7 @@ def serve(engines: list[Engine], model_id: str, defaults: SamplingParams, host: 
         if userver.should_exit:  # a second signal: stop waiting for in-flight requests
             userver.force_exit = True
         userver.should_exit = True
+        server.cancel_all()  # replies in flight end now, with their last text, rather than being cut
 
     previous = signal.signal(signal.SIGINT, stop), signal.signal(signal.SIGTERM, stop)
     try:

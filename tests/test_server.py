@@ -46,7 +46,8 @@ class Running:
         raise AssertionError("the server did not start")
 
     def stop(self) -> tuple[int, str]:
-        self.proc.send_signal(signal.SIGTERM)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
         try:
             _, err = self.proc.communicate(timeout=60)
         except subprocess.TimeoutExpired:
@@ -60,7 +61,7 @@ def server(real_model_path):
     running = Running(real_model_path, "--parallel", "2", "--queue", "2")
     yield running
     code, err = running.stop()
-    assert code == 0, err  # SIGTERM: a clean exit
+    assert code == 0 and "Traceback" not in err, err  # SIGTERM: a clean exit
     assert "POST /v1/chat/completions 200" in err  # one log line per request
 
 
@@ -285,3 +286,18 @@ def test_a_full_queue_answers_503_at_once(guarded):
                           json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
         assert busy.status_code == 503 and busy.json()["error"]["code"] == "overloaded"
         assert time.time() - t0 < 5
+
+
+def test_sigterm_ends_replies_in_flight_cleanly_and_exits_0(real_model_path):
+    running = Running(real_model_path)
+    body = {"messages": [{"role": "user", "content": "Count from 1 to 500."}], "max_tokens": 300, "stream": True}
+    with httpx.stream("POST", running.base + "/v1/chat/completions", json=body, timeout=120) as r:
+        lines = r.iter_lines()
+        while not next(lines).startswith('data: {"id"'):
+            pass
+        running.proc.send_signal(signal.SIGTERM)
+        rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]"
+    assert json.loads(rest[-2][len("data: "):])["choices"][0]["finish_reason"] == "stop"
+    code, err = running.stop()
+    assert code == 0 and "Traceback" not in err and "ERROR" not in err, err
