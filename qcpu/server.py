@@ -373,7 +373,9 @@ class Batcher:
     def step(self, runs: list[Run]) -> list[Run]:
         """One step over the runs; those still going."""
         reading = [r for r in runs if r.logits is None]
-        if reading:
+        if reading and reading[0].job.cancel.is_set():  # left while its prompt was being read
+            reading[0].finish("cancelled")
+        elif reading:
             try:
                 reading[0].prefill()
             except Exception as e:
