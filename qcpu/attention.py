@@ -189,6 +189,41 @@ def _check_arrays(arrays, dtypes):
                for a, (d, n) in zip(arrays, dtypes))
 
 
+def _hidden_lanes(b, seqp, s0, last, n, query):
+    """IR: <8 x i1>, lane j true where key s0 + j is hidden from the query (a hole, newer than query_seq)
+    or past the range (j >= n, the step's keys left; its index is clamped to `last`)."""
+    hidden = ir.Constant(_vec(8, ir.IntType(1)), None)
+    for j in range(STEP):
+        seq = b.load(b.gep(seqp, [_min(b, b.add(s0, _i64(j)), last)]))
+        off = b.or_(b.or_(b.icmp_signed("<", seq, _i64(0)), b.icmp_signed(">", seq, query)),
+                    b.icmp_signed("<=", n, _i64(j)))
+        hidden = b.insert_element(hidden, off, ir.Constant(_I32, j))
+    return hidden
+
+
+def _store_step(b, x, best, out, n):
+    """IR: a step's 8 scores x into the running maxima vector at `best` and to `out` (float*), only the
+    first n of them when the step is the range's last, partial one."""
+    old = b.load(best, align=4)
+    b.store(b.select(b.fcmp_ordered(">", x, old), x, old), best, align=4)
+    with b.if_else(b.icmp_signed(">=", n, _i64(STEP))) as (whole, part):
+        with whole:
+            b.store(x, b.bitcast(out, _V8F.as_pointer()), align=4)
+        with part:
+            for j in range(STEP):
+                with b.if_then(b.icmp_signed(">", n, _i64(j))):
+                    b.store(b.extract_element(x, ir.Constant(_I32, j)), b.gep(out, [_i64(j)]))
+
+
+def _lane_max(b, m):
+    """IR: the largest of <8 x float> m's lanes."""
+    top = b.extract_element(m, ir.Constant(_I32, 0))
+    for j in range(1, 8):
+        e = b.extract_element(m, ir.Constant(_I32, j))
+        top = b.select(b.fcmp_ordered(">", e, top), e, top)
+    return top
+
+
 @intrinsic
 def _score_keys(typingctx, krows, qf, slot_seq, query_seq, scale, scores, h0, group, lo, hi, work, spec):
     """Scores of F16 keys krows[lo:hi] (uint8[slots, row_bytes], one kv head) against the fp16-rounded
@@ -245,37 +280,17 @@ def _score_keys(typingctx, krows, qf, slot_seq, query_seq, scale, scores, h0, gr
                     v = b.fadd(b.fadd(accs[0], accs[2]), b.fadd(accs[1], accs[3]))
                     b.store(v, b.gep(vbuf, [b.add(b.mul(heads.index, _i64(STEP)), _i64(j))]), align=4)
             n = b.sub(hi_, s0)
-            hidden = ir.Constant(_vec(8, ir.IntType(1)), None)
-            for j in range(STEP):
-                seq = b.load(b.gep(seqp, [_min(b, b.add(s0, _i64(j)), last)]))
-                off = b.or_(b.or_(b.icmp_signed("<", seq, _i64(0)), b.icmp_signed(">", seq, query)),
-                            b.icmp_signed("<=", n, _i64(j)))
-                hidden = b.insert_element(hidden, off, ir.Constant(_I32, j))
-            full = b.icmp_signed(">=", n, _i64(STEP))
+            hidden = _hidden_lanes(b, seqp, s0, last, n, query)
             with cgutils.for_range(b, grp) as heads:
                 h = b.add(h0_, heads.index)
                 base = b.mul(heads.index, _i64(STEP))
                 vs = [b.load(b.gep(vbuf, [b.add(base, _i64(j))]), align=4) for j in range(STEP)]
                 x = b.fmul(_lane_sums(b, vs, True), _splat_value(b, scl, 8))
                 x = b.select(hidden, neg_inf, x)
-                bp = b.gep(best, [heads.index])
-                old = b.load(bp, align=4)
-                b.store(b.select(b.fcmp_ordered(">", x, old), x, old), bp, align=4)
-                out = b.gep(scp, [b.add(b.mul(h, n_slots), s0)])
-                with b.if_else(full) as (whole, part):
-                    with whole:
-                        b.store(x, b.bitcast(out, _V8F.as_pointer()), align=4)
-                    with part:
-                        for j in range(STEP):
-                            with b.if_then(b.icmp_signed(">", n, _i64(j))):
-                                b.store(b.extract_element(x, ir.Constant(_I32, j)), b.gep(out, [_i64(j)]))
+                _store_step(b, x, b.gep(best, [heads.index]), b.gep(scp, [b.add(b.mul(h, n_slots), s0)]), n)
         with cgutils.for_range(b, grp) as heads:
             m = b.load(b.gep(best, [heads.index]), align=4)
-            top = b.extract_element(m, ir.Constant(_I32, 0))
-            for j in range(1, 8):
-                e = b.extract_element(m, ir.Constant(_I32, j))
-                top = b.select(b.fcmp_ordered(">", e, top), e, top)
-            b.store(top, b.gep(maxima, [heads.index]))
+            b.store(_lane_max(b, m), b.gep(maxima, [heads.index]))
         return context.get_dummy_value()
 
     return sig, codegen
@@ -358,7 +373,6 @@ def _score_quantized_keys(typingctx, krows, qq, qd, qc, slot_seq, query_seq, sca
             s0 = b.add(lo_, b.shl(step.index, _i64(3)))
             n = b.sub(hi_, s0)
             wq, dk = {}, [ir.Constant(_V8F, None)] * nb
-            hidden = ir.Constant(_vec(8, ir.IntType(1)), None)
             for j in range(STEP):
                 s = _min(b, b.add(s0, _i64(j)), last)  # past hi: the last key again, masked below
                 row = b.gep(kp, [b.mul(s, _i64(row_bytes))])
@@ -366,11 +380,7 @@ def _score_quantized_keys(typingctx, krows, qq, qd, qc, slot_seq, query_seq, sca
                     blk = b.gep(row, [_i64(i * type_size)])
                     wq[j, i] = _emit_weights(b, blk, False, has_qh, nibbles, 0 if raw_nibbles else offset)
                     dk[i] = b.insert_element(dk[i], ir_half_at(b, blk, 0, f16c), ir.Constant(_I32, j))
-                seq = b.load(b.gep(seqp, [s]))
-                off = b.or_(b.or_(b.icmp_signed("<", seq, _i64(0)), b.icmp_signed(">", seq, query)),
-                            b.icmp_signed("<=", n, _i64(j)))
-                hidden = b.insert_element(hidden, off, ir.Constant(_I32, j))
-            full = b.icmp_signed(">=", n, _i64(STEP))
+            hidden = _hidden_lanes(b, seqp, s0, last, n, query)
             for g in range(group):
                 acc = zero8
                 for i in range(nb):
@@ -384,23 +394,9 @@ def _score_quantized_keys(typingctx, krows, qq, qd, qc, slot_seq, query_seq, sca
                 o = b.load(b.gep(ofp, [b.add(b.mul(h, n_cb), b.udiv(s0, _i64(CENTER_BLOCK)))]))
                 x = _contract(b.fadd(_contract(b.fmul(acc, scl)), _splat_value(b, o, 8)))
                 x = b.select(hidden, neg_inf, x)
-                old = b.load(best[g])
-                b.store(b.select(b.fcmp_ordered(">", x, old), x, old), best[g])
-                out = b.gep(scp, [b.add(b.mul(h, n_slots), s0)])
-                with b.if_else(full) as (whole, part):
-                    with whole:
-                        b.store(x, b.bitcast(out, _V8F.as_pointer()), align=4)
-                    with part:
-                        for j in range(STEP):
-                            with b.if_then(b.icmp_signed(">", n, _i64(j))):
-                                b.store(b.extract_element(x, ir.Constant(_I32, j)), b.gep(out, [_i64(j)]))
+                _store_step(b, x, best[g], b.gep(scp, [b.add(b.mul(h, n_slots), s0)]), n)
         for g in range(group):
-            m = b.load(best[g])
-            top = b.extract_element(m, ir.Constant(_I32, 0))
-            for j in range(1, 8):
-                e = b.extract_element(m, ir.Constant(_I32, j))
-                top = b.select(b.fcmp_ordered(">", e, top), e, top)
-            b.store(top, b.gep(maxima, [_i64(g)]))
+            b.store(_lane_max(b, b.load(best[g])), b.gep(maxima, [_i64(g)]))
         return context.get_dummy_value()
 
     return sig, codegen
