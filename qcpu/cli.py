@@ -262,9 +262,8 @@ def serve(
     Point any OpenAI client at http://HOST:PORT/v1. The sampling options are the defaults a request's own
     fields override. Ctrl-C stops the server.
     """
-    from qcpu.cache import cache_type
     from qcpu.generate import Engine
-    from qcpu.memory import check_memory, kv_cache_bytes
+    from qcpu.memory import check_memory
     from qcpu.server import serve as run_server
 
     if not 0 < port < 65536:
@@ -273,7 +272,7 @@ def serve(
     if queue < 0:
         raise typer.BadParameter(f"--queue must be >= 0, got {queue}")
     chat_template, alias = clean_arg(chat_template, "--chat-template"), clean_arg(alias, "--alias")
-    defaults = _sampling(temp, top_k, top_p, min_p, repeat_penalty, seed if seed is not None else -1)
+    defaults = _sampling(temp, top_k, top_p, min_p, repeat_penalty, seed)
     if seed is None:  # each request draws its own seed unless it sends one
         from dataclasses import replace
 
@@ -282,9 +281,7 @@ def serve(
     cache_types = _cache_types(cache_type_k, cache_type_v)
     first = _load_engine(model, ctx, threads, chat_template, check_tensors, rope, cache_types)
     if parallel > 1:  # one KV cache per slot over the one model: check they all fit first
-        cfg = first.model.config
-        check_memory(first.model.file.size, parallel * kv_cache_bytes(cfg, first.capacity, cache_type(cache_types[0]),
-                                                                     cache_type(cache_types[1])), ctx=first.capacity)
+        check_memory(first.model.file.size, parallel * first.cache_bytes, ctx=first.capacity)
     engines = [first] + [Engine(first.model, first.tokenizer, first.template, first.capacity, *cache_types)
                          for _ in range(parallel - 1)]
     run_server(engines, alias or first.model.file.path.name, defaults, host, port, api_key, queue, verbose)

@@ -90,14 +90,12 @@ class Qwen2Model:
             k = (k + lw.bk).reshape(n, c.n_kv_heads, c.head_dim)
             v = (v + lw.bv).reshape(n, c.n_kv_heads, c.head_dim)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            a = np.empty_like(q) if len(segments) > 1 else None
-            for cache, rows, slots, seqs in segments:
+            outs = []
+            for cache, rows, slots, seqs in segments:  # rows in order: segment i holds the rows after i - 1's
                 cache.write(layer, slots, k[rows], v[rows])
-                out = attention(q[rows], *cache.layer(layer), seqs, cache.type_k, cache.type_v, cache.centers(layer))
-                if a is None:
-                    a = out
-                else:
-                    a[rows] = out
+                outs.append(attention(q[rows], *cache.layer(layer), seqs, cache.type_k, cache.type_v,
+                                      cache.centers(layer)))
+            a = outs[0] if len(outs) == 1 else np.concatenate(outs)
             x = x + lw.wo @ a.reshape(n, c.n_heads * c.head_dim)
 
             h = rms_norm(x, lw.ffn_norm, c.rms_eps)

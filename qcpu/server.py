@@ -580,25 +580,25 @@ class Server:
         finally:
             job.cancel.set()  # done anyway, or the client left: stop at the next token
 
+    def _header(self, job: Job, stream: bool) -> dict:
+        """The fields every response object (or every chunk of one stream) starts with."""
+        obj = ("chat.completion.chunk" if stream else "chat.completion") if job.chat else "text_completion"
+        return {"id": ("chatcmpl-" if job.chat else "cmpl-") + uuid.uuid4().hex, "object": obj,
+                "created": int(time.time()), "model": self.model_id, "system_fingerprint": None}
+
     def _whole(self, job: Job, deltas: list, done: tuple) -> dict:
         text = "".join(d[1] for d in deltas)
         entries = [e for d in deltas for e in d[2]]
-        usage = {"prompt_tokens": done[2], "completion_tokens": done[3], "total_tokens": done[2] + done[3]}
-        finish = "stop" if done[1] in ("stop", "cancelled") else done[1]
-        base = {"id": ("chatcmpl-" if job.chat else "cmpl-") + uuid.uuid4().hex, "created": int(time.time()),
-                "model": self.model_id, "system_fingerprint": None}
         if job.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "logprobs": {"content": entries} if job.logprobs else None, "finish_reason": finish}
-            return {**base, "object": "chat.completion", "choices": [choice], "usage": usage}
-        choice = {"index": 0, "text": text, "logprobs": _legacy_logprobs(entries) if job.logprobs else None,
-                  "finish_reason": finish}
-        return {**base, "object": "text_completion", "choices": [choice], "usage": usage}
+                      "logprobs": {"content": entries} if job.logprobs else None, "finish_reason": _finish_reason(done)}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": _legacy_logprobs(entries) if job.logprobs else None,
+                      "finish_reason": _finish_reason(done)}
+        return {**self._header(job, stream=False), "choices": [choice], "usage": _usage(done)}
 
     async def _stream(self, request: Request, job: Job, events: asyncio.Queue, t0: float) -> AsyncIterator[bytes]:
-        cid = ("chatcmpl-" if job.chat else "cmpl-") + uuid.uuid4().hex
-        created = int(time.time())
-        obj = "chat.completion.chunk" if job.chat else "text_completion"
+        header = self._header(job, stream=True)
 
         def chunk(delta_text: str | None, entries: list, finish: str | None, role: bool = False) -> dict:
             if job.chat:
@@ -611,8 +611,7 @@ class Server:
                 choice = {"index": 0, "text": delta_text or "",
                           "logprobs": _legacy_logprobs(entries) if job.logprobs and entries else None,
                           "finish_reason": finish}
-            out = {"id": cid, "object": obj, "created": created, "model": self.model_id,
-                   "system_fingerprint": None, "choices": [choice]}
+            out = {**header, "choices": [choice]}
             if job.include_usage:
                 out["usage"] = None
             return out
@@ -630,16 +629,22 @@ class Server:
                     return
                 else:
                     done = event
-            finish = "stop" if done[1] in ("stop", "cancelled") else done[1]
-            yield _sse(chunk(None, [], finish))
+            yield _sse(chunk(None, [], _finish_reason(done)))
             if job.include_usage:
-                yield _sse({"id": cid, "object": obj, "created": created, "model": self.model_id,
-                            "system_fingerprint": None, "choices": [],
-                            "usage": {"prompt_tokens": done[2], "completion_tokens": done[3],
-                                      "total_tokens": done[2] + done[3]}})
+                yield _sse({**header, "choices": [], "usage": _usage(done)})
             yield b"data: [DONE]\n\n"
         finally:
             self._finish(request, status, t0, job, done)
+
+
+def _finish_reason(done: tuple) -> str:
+    """OpenAI's finish_reason for a run's ("done", reason, ...) event: a reply cut short by the client or
+    a shutdown ended as "stop" (OpenAI has no other word for it)."""
+    return "stop" if done[1] in ("stop", "cancelled") else done[1]
+
+
+def _usage(done: tuple) -> dict:
+    return {"prompt_tokens": done[2], "completion_tokens": done[3], "total_tokens": done[2] + done[3]}
 
 
 def _legacy_logprobs(entries: list) -> dict:
