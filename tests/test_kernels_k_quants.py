@@ -147,7 +147,7 @@ def run_matvec(qtype, w, x, simd=True):
     if simd:
         kernel_for(qtype).matvec(w, x, out)
     else:
-        kq.make_matvec(qtype, avx2=False, f16c=False)[0]((w,), x, (out,))
+        kq.make_matvec(qtype, avx2=False, f16c=False)[0]((w,), x[None], (out[None],))
     return out
 
 

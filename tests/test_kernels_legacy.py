@@ -348,7 +348,7 @@ def generic_matvec(qtype):
     """The target-independent IR path (what CPUs without AVX2 and F16C run), built here so it is tested
     on every machine, whichever path the registry picked."""
     many = legacy.make_kernels(qtype, avx2=False, f16c=False)[1]
-    return lambda w, x, out: many((w,), x, (out,))
+    return lambda w, x, out: many((w,), x[None], (out[None],))
 
 
 @pytest.mark.parametrize("qtype", LEGACY, ids=lambda t: t.name)

@@ -58,3 +58,60 @@ def test_matmul_many_rejects_a_weight_of_the_wrong_width():
     pairs = [(weight(T.Q4_0, 4, 1), T.Q4_0), (narrow, T.Q4_0)]
     with pytest.raises(ValueError):
         matmul_many(pairs, activation(COLS, seed=1)[None])
+
+
+def _families(qtype):
+    """(name, matvec_many) of every kernel of qtype: the registered one (this CPU's best path), the packed
+    variant where there is one, and the target-independent IR of each, built here so every machine runs it."""
+    from qcpu.kernels import PACKED, REGISTRY, k_quants, legacy, repack
+
+    if qtype.name.endswith("_K"):
+        return [("rows", REGISTRY[qtype].matvec_many, False),
+                ("rows-portable", k_quants.make_matvec(qtype, avx2=False, f16c=False)[0], False)]
+    return [("rows", REGISTRY[qtype].matvec_many, False),
+            ("rows-portable", legacy.make_kernels(qtype, avx2=False, f16c=False)[1], False),
+            ("packed", PACKED[qtype].matvec_many, True),
+            ("packed-portable", repack.make_kernels(qtype, avx2=False, f16c=False)[1], True)]
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K],
+                         ids=lambda t: t.name)
+def test_multi_token_matvec_is_one_matvec_per_token(qtype):
+    """A few tokens at once (a server's batch, speculative verification): each weight row is read once for
+    all of them, and each token's output is bit for bit what the matvec gives it alone, for 1..17 tokens
+    (every split into calls of 4, 2 and 1) and for rows that are not a multiple of 8 or 4."""
+    from qcpu.kernels import repack
+
+    for name, many, packed in _families(qtype):
+        for rows, n in ((40, 17), (24, 5), (8, 3), (16, 2), (11, 6), (13, 1)):
+            if packed and rows % 8:
+                continue
+            w = weight(qtype, rows, seed=rows)
+            w2 = weight(qtype, 8, seed=rows + 1)  # a second weight in the same pass (Q/K/V, gate/up)
+            if packed:
+                w, w2 = repack.pack(w, qtype), repack.pack(w2, qtype)
+            xs = np.stack([activation(COLS, seed=100 + s) for s in range(n)])
+            got = (np.full((n, rows), np.nan, np.float32), np.full((n, 8), np.nan, np.float32))
+            many((w, w2), xs, got)
+            for t in range(n):
+                for weight_, out in ((w, got[0]), (w2, got[1])):
+                    want = np.full((1, out.shape[1]), np.nan, np.float32)
+                    many((weight_,), xs[t : t + 1], (want,))
+                    assert np.array_equal(out[t], want[0]), (name, rows, n, t)
+
+
+def test_matmul_below_the_gemm_threshold_is_the_per_token_matvec():
+    """matmul / matmul_many send a few tokens to the multi-token matvec: the same bits as token by token."""
+    from qcpu.kernels import matmul
+
+    from qcpu.kernels import repack
+
+    pairs = [(weight(T.Q4_K, 16, 1), T.Q4_K, False), (weight(T.Q6_K, 8, 3), T.Q6_K, False),
+             (repack.pack(weight(T.Q8_0, 24, 2), T.Q8_0), T.Q8_0, True)]
+    for n in (2, 4, 7):
+        xs = np.stack([activation(COLS, seed=s) for s in range(n)])
+        many = matmul_many(pairs, xs)
+        for (w, t, packed), g in zip(pairs, many):
+            assert n < kernel_for(t, packed).gemm_min_tokens
+            one = np.stack([matmul(w, t, xs[i : i + 1], packed)[0] for i in range(n)])
+            assert np.array_equal(g, one) and np.array_equal(matmul(w, t, xs, packed), one), (t.name, n)

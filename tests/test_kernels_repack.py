@@ -51,7 +51,7 @@ def test_packed_matvec_follows_ggml(qtype, portable):
         w = random_blocks(qtype, rows, nb, seed=nb)
         x = activation(nb * QK, seed=rows)
         got = np.full(rows, np.nan, np.float32)
-        matvec_many((repack.pack(w, qtype),), x, (got,))
+        matvec_many((repack.pack(w, qtype),), x[None], (got[None],))
         emu, scale = np_llama_matvec(qtype, w, x)
         assert (np.abs(got - emu) <= TOL_EMU * scale + 1e-30).all()
         row = np.empty(rows, np.float32)

@@ -9,9 +9,12 @@ Kernel contract (all arrays C-contiguous):
   matvec(w, x, out)    w: uint8[rows, row_bytes]; x: float32[cols]; out: float32[rows]
                        (the decode hot path: x is quantized once to the type's activation format and
                         multiplied with integer dot products, as llama.cpp's vec_dot does)
-  matvec_many(ws, x, outs)   the same for a tuple of weights of this type that read the same x (Q/K/V,
-                       gate/up): x quantized once, one parallel region over all their rows. Where a family
-                       has it, its matvec is matvec_many of one weight.
+  matvec_many(ws, x, outs)   the same for a few tokens (x float32[n, cols], outs float32[n, rows] each) and
+                       a tuple of weights of this type that read the same x (Q/K/V, gate/up): x quantized
+                       once, one parallel region over all their rows, each weight row read from memory once
+                       for all n tokens, each token's output bit for bit its n = 1 output (a server's batch,
+                       speculative verification). Where a family has it, its matvec is matvec_many of one
+                       weight and one token.
   gemm(w, x, out)      x: float32[n, cols]; out: float32[n, rows] (batched products: gemm.py)
 
 A type may also have a packed variant (PACKED, repack.py): the same entry points over weights repacked at
@@ -98,7 +101,7 @@ class QuantKernel:
     dequantize: Callable[[np.ndarray, np.ndarray], None]
     matvec: Callable[[np.ndarray, np.ndarray, np.ndarray], None]
     gemm: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None
-    gemm_min_tokens: int = 2  # the batched path from this many tokens; below, one matvec per token (packing costs)
+    gemm_min_tokens: int = 2  # the batched path from this many tokens; below, the matvec (packing a tile costs)
     matvec_many: Callable[[tuple, np.ndarray, tuple], None] | None = None
     group_rows: int = 1  # weight rows per row of w: 8 in a packed layout
     pack: Callable[..., np.ndarray] | None = None  # pack(w, out=None): file rows -> this layout (packed variants)
@@ -124,7 +127,7 @@ def register(ggml_type: GGMLQuantizationType, dequantize, matvec=None, gemm=None
     """Enter a type in the table; a family that has matvec_many may leave matvec to it."""
     if matvec is None:
         def matvec(w, x, out, _many=matvec_many):
-            _many((w,), x, (out,))
+            _many((w,), x.reshape(1, -1), (out.reshape(1, -1),))
     kernel = QuantKernel(ggml_type, dequantize, matvec, gemm, gemm_min_tokens, matvec_many)
     REGISTRY[ggml_type] = kernel
     return kernel
@@ -133,7 +136,7 @@ def register(ggml_type: GGMLQuantizationType, dequantize, matvec=None, gemm=None
 def register_packed(ggml_type: GGMLQuantizationType, pack, unpack, matvec_many, gemm, gemm_min_tokens=2) -> QuantKernel:
     """Enter a type's packed variant (see the module docstring)."""
     def matvec(w, x, out, _many=matvec_many):
-        _many((w,), x, (out,))
+        _many((w,), x.reshape(1, -1), (out.reshape(1, -1),))
 
     def dequantize(w, out, _unpack=unpack, _rows=REGISTRY[ggml_type].dequantize):
         _rows(_unpack(w), out)
@@ -174,7 +177,8 @@ def matmul(w: np.ndarray, ggml_type: int, x: np.ndarray, packed: bool = False) -
     """y = x @ W.T for raw weight blocks W (uint8[rows, row_bytes], or the packed variant's layout with
     `packed`) and float32 x[n, cols] -> [n, rows].
 
-    One token (or fewer than the type's gemm_min_tokens): the type's fused dequant-dot matvec per token.
+    Fewer tokens than the type's gemm_min_tokens: the type's fused dequant-dot matvec (each weight row read
+    once for all of them, where the type has matvec_many; else one matvec per token).
     Several tokens (prefill): the type's integer GEMM (gemm.py) where it has one, else (float types)
     dequantize a tile of rows once and hand it to BLAS with the whole batch, the activations first rounded
     as the matvec (and llama.cpp) would convert them. Either way the weights are read once per batch.
@@ -184,8 +188,11 @@ def matmul(w: np.ndarray, ggml_type: int, x: np.ndarray, packed: bool = False) -
     rows = w.shape[0] * kernel.group_rows
     out = np.empty((n, rows), dtype=np.float32)
     if n < kernel.gemm_min_tokens:
-        for i in range(n):
-            kernel.matvec(w, np.ascontiguousarray(x[i], dtype=np.float32), out[i])
+        if kernel.matvec_many is not None:
+            kernel.matvec_many((w,), np.ascontiguousarray(x, dtype=np.float32), (out,))
+        else:
+            for i in range(n):
+                kernel.matvec(w, np.ascontiguousarray(x[i], dtype=np.float32), out[i])
         return out
     if kernel.gemm is not None:
         kernel.gemm(w, np.ascontiguousarray(x, dtype=np.float32), out)
@@ -208,26 +215,32 @@ def matmul(w: np.ndarray, ggml_type: int, x: np.ndarray, packed: bool = False) -
 
 def matmul_many(pairs, x: np.ndarray) -> list[np.ndarray]:
     """[x @ W.T for each (W, ggml_type) or (W, ggml_type, packed) in pairs]: several weights that read the
-    same x float32[n, cols] (Q/K/V, gate/up), float32[n, rows_W] each. One token: the weights of each type
-    (and layout) go through its matvec_many together (x quantized once per type, one parallel region);
-    else as `matmul` one by one."""
+    same x float32[n, cols] (Q/K/V, gate/up), float32[n, rows_W] each. Fewer tokens than a type's
+    gemm_min_tokens (decode, a server's batch): the weights of each type (and layout) go through its
+    matvec_many together (x quantized once per type, one parallel region, each weight row read once for
+    all n tokens); else as `matmul` one by one."""
     pairs = [(w, t, packed) for w, t, *more in pairs for packed in [bool(more and more[0])]]
-    if x.shape[0] != 1:
-        return [matmul(w, t, x, packed) for w, t, packed in pairs]
-    x0 = np.ascontiguousarray(x[0], dtype=np.float32)
-    outs = [np.empty((1, w.shape[0] * kernel_for(t, packed).group_rows), dtype=np.float32) for w, t, packed in pairs]
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n = x.shape[0]
+    outs: list[np.ndarray | None] = [None] * len(pairs)
     by_type: dict[tuple[int, bool], list[int]] = {}
-    for i, (_, t, packed) in enumerate(pairs):
-        by_type.setdefault((t, packed), []).append(i)
+    for i, (w, t, packed) in enumerate(pairs):
+        kernel = kernel_for(t, packed)
+        if n < kernel.gemm_min_tokens and kernel.matvec_many is not None:
+            by_type.setdefault((t, packed), []).append(i)
+        else:
+            outs[i] = matmul(w, t, x, packed)
     for (t, packed), idx in by_type.items():
         kernel = kernel_for(t, packed)
         ws = tuple(pairs[i][0] for i in idx)
+        for i in idx:
+            outs[i] = np.empty((n, pairs[i][0].shape[0] * kernel.group_rows), dtype=np.float32)
         # Numba indexes a tuple at run time only if its arrays have one type (layout, writability)
-        if kernel.matvec_many is not None and len({(w.flags.c_contiguous, w.flags.writeable) for w in ws}) == 1:
-            kernel.matvec_many(ws, x0, tuple(outs[i][0] for i in idx))
+        if len({(w.flags.c_contiguous, w.flags.writeable) for w in ws}) == 1:
+            kernel.matvec_many(ws, x, tuple(outs[i] for i in idx))
         else:
             for i in idx:
-                kernel.matvec(pairs[i][0], x0, outs[i][0])
+                kernel.matvec_many((pairs[i][0],), x, (outs[i],))
     return outs
 
 

@@ -309,16 +309,20 @@ def quantize_q8_K(x, qs, d, bsums):
 
 @njit(cache=True)
 def _prepare(ws, x, outs, size):
-    """Shape checks of each weight in the tuple ws against its output in outs, then x -> Q8_K (qs, d,
-    bsums)."""
+    """Shape checks of each weight in the tuple ws against its output in outs (float32[n, rows]), then x
+    float32[n, cols] -> Q8_K rows (qs int8[n, cols], d float32[n, nb], bsums int16[n, nb*16])."""
+    n, cols = x.shape
     for m in range(len(ws)):
-        check_rows(ws[m], outs[m].shape[0], x.shape[0], QK_K, size,
+        if outs[m].shape[0] != n:
+            raise ValueError("matvec: outputs are not [tokens, rows]")
+        check_rows(ws[m], outs[m].shape[1], cols, QK_K, size,
                    "matvec: weight row bytes do not match the activation length (or rows not contiguous)")
-    nb = x.shape[0] // QK_K
-    qs = np.empty(nb * QK_K, np.int8)
-    d = np.empty(nb, np.float32)
-    bsums = np.empty(nb * 16, np.int16)
-    quantize_q8_K(np.ascontiguousarray(x), qs, d, bsums)
+    nb = cols // QK_K
+    qs = np.empty((n, nb * QK_K), np.int8)
+    d = np.empty((n, nb), np.float32)
+    bsums = np.empty((n, nb * 16), np.int16)
+    for t in range(n):
+        quantize_q8_K(x[t], qs[t], d[t], bsums[t])
     return qs, d, bsums
 
 
@@ -446,56 +450,77 @@ _TYPES = {  # kind: (quant emitter, offset, d field, dmin field or None)
 
 
 @intrinsic
-def _row_dot(typingctx, row, qx, dx, bsums, spec):
-    """dot(row u8[row_bytes], qx i8[cols], dx f32[nb], bsums i16[nb*16], spec) -> float32: one weight row
-    times the Q8_K activation, as ggml_vec_dot_q*_K_q8_K's AVX2 code. Per super-block the int32 lanes
-    sumi (quants times scales, less the offset term) and, for the types with mins, msum (mins times
-    bsums) are exact; then acc += (d*d_x) * sumi and acc_m += (dmin*d_x) * msum, two <8 x float>
-    accumulators as ggml's acc and acc_m (one rounding each, FMA); the row is the lane sum of acc - acc_m,
-    taken once at its end. spec: a specialisation's
-    literal (kind, avx2, f16c) -- the type (a _TYPES key) and the instructions the code may use."""
+def _row_dot(typingctx, row, qx, dx, bsums, t0, out, i, spec):
+    """out[t0 + j, i] for j < nt = one weight row (u8[row_bytes]) times Q8_K activation rows t0 + j (qx
+    i8[n, cols], dx f32[n, nb], bsums i16[n, nb*16]; out f32[n, rows]), as ggml_vec_dot_q*_K_q8_K's AVX2
+    code. Per super-block the int32 lanes sumi (quants times scales, less the offset term) and, for the
+    types with mins, msum (mins times bsums) are exact; then acc += (d*d_x) * sumi and acc_m += (dmin*d_x)
+    * msum, two <8 x float> accumulators per token as ggml's acc and acc_m (one rounding each, FMA); a
+    token's result is the lane sum of acc - acc_m, taken once at the row's end. The quants and scales of
+    a super-block are unpacked once for the nt tokens; each token's bits are those of nt = 1. spec: a
+    specialisation's literal (kind, avx2, f16c, nt) -- the type (a _TYPES key), the instructions the
+    code may use, the tokens per call."""
     layout = literal_values(spec)
     if layout is None:
         return None
-    kind, avx2, f16c = layout
+    kind, avx2, f16c, nt = layout
     quants, offset, d_at, dmin_at = _TYPES[kind]
     size = GGML_QUANT_SIZES[GGMLQuantizationType[kind.upper()]][1]
 
     def codegen(context, b, signature, args):
-        arrs = [context.make_array(t)(context, b, a) for t, a in zip(signature.args[:4], args[:4])]
-        rowp, xqp, dxp, bsp = (b.bitcast(a.data, _I8.as_pointer()) for a in arrs)
-        nb = b.extract_value(arrs[2].shape, 0)
-        acc = cgutils.alloca_once_value(b, ir.Constant(_vec(8, _F32), [0.0] * 8))
-        acc_m = cgutils.alloca_once_value(b, ir.Constant(_vec(8, _F32), [0.0] * 8))
+        arow, aqx, adx, abs_, aout = [context.make_array(signature.args[k])(context, b, args[k]) for k in (0, 1, 2, 3, 5)]
+        t0, i = args[4], args[6]
+        rowp = b.bitcast(arow.data, _I8.as_pointer())
+
+        def row_ptr(arr, t):  # byte pointer to row t0 + t of a 2-D array
+            at = b.mul(b.add(t0, ir.Constant(_I64, t)), b.extract_value(arr.strides, 0))
+            return b.gep(b.bitcast(arr.data, _I8.as_pointer()), [at])
+
+        xqps = [row_ptr(aqx, t) for t in range(nt)]
+        dxps = [b.bitcast(row_ptr(adx, t), _F32.as_pointer()) for t in range(nt)]
+        bsps = [row_ptr(abs_, t) for t in range(nt)]
+        nb = b.extract_value(adx.shape, 1)
+        zero8 = ir.Constant(_vec(8, _F32), [0.0] * 8)
+        accs = [cgutils.alloca_once_value(b, zero8) for _ in range(nt)]
+        accs_m = [cgutils.alloca_once_value(b, zero8) for _ in range(nt)]
         with cgutils.for_range(b, nb) as loop:
             blk = loop.index
             at = b.mul(blk, ir.Constant(_I64, size))
             wb = b.gep(rowp, [at])
             _prefetch(b, rowp, at, size)
-            xb = b.gep(xqp, [b.mul(blk, ir.Constant(_I64, QK_K))])
-            bs = _load(b, bsp, b.mul(blk, ir.Constant(_I64, 32)), _vec(16, _I16))
+            xbs = [b.gep(xqp, [b.mul(blk, ir.Constant(_I64, QK_K))]) for xqp in xqps]
+            bss = [_load(b, bsp, b.mul(blk, ir.Constant(_I64, 32)), _vec(16, _I16)) for bsp in bsps]
             sc, mn = _scales_16(b, wb, kind)
-            sumi = ir.Constant(_vec(8, _I32), [0] * 8)
+            sumi = [ir.Constant(_vec(8, _I32), [0] * 8)] * nt
             for g, u in enumerate(quants(b, wb)):
-                y = _load(b, xb, 32 * g, _vec(32, _I8))
                 # pair sums k < 8 lie in sixteen 2g, k >= 8 in sixteen 2g + 1
-                sumi = b.add(sumi, _madd(b, _maddubs(b, u, y, avx2), _shuffle(b, sc, [2 * g] * 8 + [2 * g + 1] * 8), avx2))
-            if offset:  # q = u - offset: subtract offset * sum_s scale_s * bsums_s
-                sumi = b.sub(sumi, b.mul(_madd(b, sc, bs, avx2), _splat(_I32, 8, offset)))
-            dxv = b.load(b.gep(b.bitcast(dxp, _F32.as_pointer()), [blk]))
-            a = _contract(b.fadd(b.load(acc), _contract(b.fmul(b.sitofp(sumi, _vec(8, _F32)),
-                                                                   _splat_value(b, b.fmul(ir_half_at(b, wb, d_at, f16c), dxv), 8)))))
-            if dmin_at is not None:
-                msum = b.sitofp(_madd(b, mn, bs, avx2), _vec(8, _F32))
-                m = _contract(b.fadd(b.load(acc_m), _contract(b.fmul(msum, _splat_value(b, b.fmul(ir_half_at(b, wb, dmin_at, f16c), dxv), 8)))))
-                b.store(m, acc_m)
-            b.store(a, acc)
-        v = b.fsub(b.load(acc), b.load(acc_m))
-        for n in (4, 2, 1):  # horizontal sum of the 8 lanes
-            v = b.fadd(_shuffle(b, v, range(n)), _shuffle(b, v, range(n, 2 * n)))
-        return b.extract_element(v, ir.Constant(_I32, 0))
+                scg = _shuffle(b, sc, [2 * g] * 8 + [2 * g + 1] * 8)
+                for t in range(nt):
+                    y = _load(b, xbs[t], 32 * g, _vec(32, _I8))
+                    sumi[t] = b.add(sumi[t], _madd(b, _maddubs(b, u, y, avx2), scg, avx2))
+            d = ir_half_at(b, wb, d_at, f16c)
+            dmin = ir_half_at(b, wb, dmin_at, f16c) if dmin_at is not None else None
+            for t in range(nt):
+                s = sumi[t]
+                if offset:  # q = u - offset: subtract offset * sum_s scale_s * bsums_s
+                    s = b.sub(s, b.mul(_madd(b, sc, bss[t], avx2), _splat(_I32, 8, offset)))
+                dxv = b.load(b.gep(dxps[t], [blk]))
+                a = _contract(b.fadd(b.load(accs[t]), _contract(b.fmul(b.sitofp(s, _vec(8, _F32)),
+                                                                       _splat_value(b, b.fmul(d, dxv), 8)))))
+                b.store(a, accs[t])
+                if dmin is not None:
+                    msum = b.sitofp(_madd(b, mn, bss[t], avx2), _vec(8, _F32))
+                    m = _contract(b.fadd(b.load(accs_m[t]), _contract(b.fmul(msum, _splat_value(b, b.fmul(dmin, dxv), 8)))))
+                    b.store(m, accs_m[t])
+        for t in range(nt):
+            v = b.fsub(b.load(accs[t]), b.load(accs_m[t]))
+            for n in (4, 2, 1):  # horizontal sum of the 8 lanes
+                v = b.fadd(_shuffle(b, v, range(n)), _shuffle(b, v, range(n, 2 * n)))
+            op = b.bitcast(row_ptr(aout, t), _F32.as_pointer())
+            b.store(b.extract_element(v, ir.Constant(_I32, 0)), b.gep(op, [i]))
+        return context.get_dummy_value()
 
-    return types.float32(row, qx, dx, bsums, spec), codegen
+    return types.void(row, qx, dx, bsums, t0, out, i, spec), codegen
 
 
 @intrinsic
@@ -565,11 +590,23 @@ def make_matvec(qtype, avx2=X86_AVX2, f16c=F16C):
     size = GGML_QUANT_SIZES[qtype][1]
     name = kind + ("" if (avx2, f16c) == (X86_AVX2, F16C) else f"_avx2{avx2:d}_f16c{f16c:d}")
 
+    spec1, spec2, spec4 = [(*spec, nt) for nt in (1, 2, 4)]  # tokens per _row_dot call
+
     def matvec(ws, x, outs):
         qx, dx, bsums = _prepare(ws, x, outs, size)
-        for r in prange(total_rows(ws)):
+        n = x.shape[0]
+        for r in prange(total_rows(ws)):  # each row read from memory once for all n tokens
             m, i = locate_row(ws, r)
-            outs[m][i] = _row_dot(ws[m][i], qx, dx, bsums, spec)
+            t0 = 0
+            while n - t0 >= 4:
+                _row_dot(ws[m][i], qx, dx, bsums, t0, outs[m], i, spec4)
+                t0 += 4
+            if n - t0 >= 2:
+                _row_dot(ws[m][i], qx, dx, bsums, t0, outs[m], i, spec2)
+                t0 += 2
+            if n - t0 == 1:
+                _row_dot(ws[m][i], qx, dx, bsums, t0, outs[m], i, spec1)
+
 
     # The batched product (gemm.py): super-blocks unpacked per tile into 8-row groups, int8 dots.
     _, offset, _, dmin_at = _TYPES[kind]
@@ -612,8 +649,13 @@ def make_matvec(qtype, avx2=X86_AVX2, f16c=F16C):
             specialise(batched, f"gemm_{name}", parallel=True))
 
 
+# Below this many tokens the multi-token matvec beats the packed GEMM, whose tile packing is paid per call
+# (measured on AVX2, 2 threads, 9000 x 6912 weights, time / one token's matvec: Q4_K 16 tokens 12.7 vs
+# 17.8, 32 tokens 27.3 vs 29.2; Q6_K 16: 9.5 vs 13.9, 32: 18.5 vs 23.5).
+GEMM_MIN_TOKENS = 32
+
 _T = GGMLQuantizationType
 for _t, _dequantize in ((_T.Q2_K, dequantize_q2_K), (_T.Q3_K, dequantize_q3_K), (_T.Q4_K, dequantize_q4_K),
                         (_T.Q5_K, dequantize_q5_K), (_T.Q6_K, dequantize_q6_K)):
     _matvec, _gemm = make_matvec(_t)
-    register(_t, _dequantize, gemm=_gemm, gemm_min_tokens=5, matvec_many=_matvec)  # measured: 4 matvecs ~ a packed tile
+    register(_t, _dequantize, gemm=_gemm, gemm_min_tokens=GEMM_MIN_TOKENS, matvec_many=_matvec)

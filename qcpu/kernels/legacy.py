@@ -360,8 +360,8 @@ LAYOUTS = {
 def make_kernels(qtype, avx2=X86_AVX2, f16c=F16C):
     """(dequantize(w, out), matvec_many(ws, x, outs), gemm(w, x, out)) for one legacy type, jitted: w
     uint8[rows, row_bytes] of ggml-common.h's block_q4_0..block_q8_0 (LAYOUTS); dequantize: out
-    float32[rows, cols]; matvec_many: a tuple ws of such weights, x float32[cols] quantized once -> the tuple
-    outs of float32[rows of each]; gemm: x float32[n, cols] -> out float32[n, rows] (gemm.py). ggml's dequantize_row_* and ggml_vec_dot_*_q8_0/q8_1 arithmetic; ValueError
+    float32[rows, cols]; matvec_many: a tuple ws of such weights, x float32[n, cols] (a few tokens)
+    quantized once -> the tuple outs of float32[n, rows of each]; gemm: x float32[n, cols] -> out float32[n, rows] (gemm.py). ggml's dequantize_row_* and ggml_vec_dot_*_q8_0/q8_1 arithmetic; ValueError
     when the shapes do not match.
 
     avx2 / f16c: the instructions the emitted code may use (default: this CPU's); the tests also build the
@@ -377,21 +377,22 @@ def make_kernels(qtype, avx2=X86_AVX2, f16c=F16C):
             _row_dequantize(w[r], out[r], spec)
 
     def matvec(ws, x, outs):
+        n, cols = x.shape
         for m in range(len(ws)):
-            check_rows(ws[m], outs[m].shape[0], x.shape[0], QK, type_size,
+            if outs[m].shape[0] != n:
+                raise ValueError("matvec: outputs are not [tokens, rows]")
+            check_rows(ws[m], outs[m].shape[1], cols, QK, type_size,
                        "matvec: weight row bytes do not match the activation length")
-        if has_m:  # vec_dot_type Q8_1 (with the block sums the min multiplies), else Q8_0
-            xq, xd, xs = quantize_q8_1(x)
-        else:
-            xq, xd = quantize_q8_0(x)
-            xs = xd  # not read
+        # vec_dot_type Q8_1 (xs: the block sums the min multiplies) for the types with a min, else Q8_0
+        xq, xd, _, xs = quantize_rows_q8(x, offset)
+        xc = np.zeros((n, cols // 4 if offset else 1), np.int32)  # read only by the offset types
         if offset:
-            xc = offset_sums(xq, offset)
-        else:
-            xc = xs  # not read
-        for r in prange(total_rows(ws)):
+            for t in range(n):
+                xc[t] = offset_sums(xq[t], offset)
+        for r in prange(total_rows(ws)):  # a row is read from memory once, then from L1 for the other tokens
             m, i = locate_row(ws, r)
-            outs[m][i] = _row_dot(ws[m][i], xq, xd, xs, xc, spec)
+            for t in range(n):
+                outs[m][t, i] = _row_dot(ws[m][i], xq[t], xd[t], xs[t], xc[t], spec)
 
     # The batched product (gemm.py): quants unpacked per tile into 8-row groups, int8 dots.
     signed = not spec[3]  # Q8_0; the nibble types are packed unsigned
