@@ -32,15 +32,21 @@ def _rms_norm(x, weight, eps, out):
 
 
 @njit(cache=True)
-def _rms_norm_one(x, weight, eps, out):
-    _rms_norm_row(x, weight, eps, out, 0)  # one row (decode): a microsecond, not worth waking a thread
+def _rms_norm_serial(x, weight, eps, out):
+    for r in range(x.shape[0]):
+        _rms_norm_row(x, weight, eps, out, r)
+
+
+# Values below which the row-wise ops run on the calling thread: a decode step's row, or a server's batch
+# of a few, costs a microsecond or so per 1000 values, and waking the sleeping workers ~50-80 us.
+SERIAL_VALUES = 1 << 15
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """x float32[n, dim] / rms(x) * weight float32[dim] -> float32[n, dim], as ggml's rms_norm then mul
     (ggml_compute_forward_rms_norm_f32: x*x in float32 summed in double, 1/sqrtf(mean + eps) in float32)."""
     out = np.empty(x.shape, np.float32)
-    run = _rms_norm_one if x.shape[0] == 1 else _rms_norm
+    run = _rms_norm_serial if x.size <= SERIAL_VALUES else _rms_norm
     run(np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(weight, dtype=np.float32), np.float32(eps), out)
     return out
 
@@ -101,14 +107,15 @@ def _swiglu(gate, up, out):
 
 
 @njit(cache=True)
-def _swiglu_one(gate, up, out):
-    _swiglu_row(gate, up, out, 0)  # one row (decode): a few microseconds, not worth waking a thread
+def _swiglu_serial(gate, up, out):
+    for r in range(gate.shape[0]):
+        _swiglu_row(gate, up, out, r)
 
 
 def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     """silu(gate) * up, float32[n, ffn_dim] each -> float32[n, ffn_dim]; silu(x) = x / (1 + exp(-x)) with
     ggml's expf, as ggml_vec_swiglu_f32 (the FFN of llama.cpp's graph: ggml_swiglu_split)."""
     out = np.empty_like(gate)
-    run = _swiglu_one if gate.shape[0] == 1 else _swiglu
+    run = _swiglu_serial if gate.size <= SERIAL_VALUES else _swiglu
     run(np.ascontiguousarray(gate, dtype=np.float32), np.ascontiguousarray(up, dtype=np.float32), out)
     return out
