@@ -140,6 +140,40 @@ RopeFreqBase = typer.Option(None, "--rope-freq-base", metavar="F", show_default=
                             help="RoPE base frequency (default: the file's).")
 
 
+JsonSchema = typer.Option(None, "--json-schema", "-j", metavar="JSON|FILE", show_default=False,
+                          help="Constrain replies to JSON valid under this JSON Schema (inline JSON, or a file).")
+JsonSchemaFile = typer.Option(None, "--json-schema-file", "-jf", metavar="FILE", show_default=False,
+                              help="As --json-schema, from a file.")
+GrammarOpt = typer.Option(None, "--grammar", metavar="GRAMMAR|FILE", show_default=False,
+                          help="Constrain replies to a GBNF (llama.cpp's) or Lark grammar (inline, or a file).")
+GrammarFile = typer.Option(None, "--grammar-file", metavar="FILE", show_default=False, help="As --grammar, from a file.")
+JsonOnly = typer.Option(False, "--json", help="Constrain replies to one JSON object.")
+
+
+def _grammar(json_schema, json_schema_file, grammar, grammar_file, json_only):
+    """The constraint the options ask for (at most one), or None. A value of --json-schema / --grammar
+    that names an existing file is read from it. Bad JSON, schema or grammar: a usage error, one line."""
+    from qcpu.grammar import Grammar
+
+    given = [(n, v) for n, v in (("--json-schema", json_schema), ("--json-schema-file", json_schema_file),
+                                 ("--grammar", grammar), ("--grammar-file", grammar_file),
+                                 ("--json", json_only or None)) if v is not None]
+    if len(given) > 1:
+        raise typer.BadParameter(f"give at most one of {', '.join(n for n, _ in given)}")
+    if not given:
+        return None
+    name, value = given[0]
+    try:
+        if name == "--json":
+            return Grammar.any_json()
+        value = clean_arg(value, name)
+        if name.endswith("-file") or (not value.lstrip().startswith("{") and Path(value).is_file()):
+            value = read_text_file(value)
+        return Grammar.json_schema(value) if name.startswith("--json") else Grammar.from_text(value)
+    except QcpuError as e:
+        raise typer.BadParameter(f"{name}: {e}") from None
+
+
 def _stream_reply(engine, prompt_tokens, params, max_tokens, show_stats: bool) -> str:
     from qcpu.generate import Stats
 
@@ -177,16 +211,23 @@ def generate(
     rope_scaling: Optional[str] = RopeScaling, rope_scale: Optional[float] = RopeScale,
     yarn_orig_ctx: Optional[int] = YarnOrigCtx, rope_freq_base: Optional[float] = RopeFreqBase,
     cache_type_k: str = CacheTypeK, cache_type_v: str = CacheTypeV,
+    json_schema: Optional[str] = JsonSchema, json_schema_file: Optional[str] = JsonSchemaFile,
+    grammar: Optional[str] = GrammarOpt, grammar_file: Optional[str] = GrammarFile, json_only: bool = JsonOnly,
 ):
     """Render one chat turn through the model's template and stream the reply to stdout."""
+    from dataclasses import replace
+
     model, message = _model_and(first, second)
     message, system = clean_arg(message, "MESSAGE"), clean_arg(system, "--system")
     chat_template = clean_arg(chat_template, "--chat-template")
     params = _sampling(temp, top_k, top_p, min_p, repeat_penalty, seed)
+    params = replace(params, grammar=_grammar(json_schema, json_schema_file, grammar, grammar_file, json_only))
     _positive("--max-tokens", max_tokens)
     rope = _rope(rope_scaling, rope_scale, yarn_orig_ctx, rope_freq_base)
     engine = _load_engine(model, ctx, threads, chat_template, check_tensors, rope,
                           _cache_types(cache_type_k, cache_type_v))
+    if params.grammar is not None:
+        params.grammar.check(engine.tokenizer)  # before any decoding: one line if it cannot be compiled
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": message}]
     prompt = engine.chat_prompt_tokens(messages)
     _stream_reply(engine, prompt, params, max_tokens, stats)
@@ -205,6 +246,8 @@ def chat(
     rope_scaling: Optional[str] = RopeScaling, rope_scale: Optional[float] = RopeScale,
     yarn_orig_ctx: Optional[int] = YarnOrigCtx, rope_freq_base: Optional[float] = RopeFreqBase,
     cache_type_k: str = CacheTypeK, cache_type_v: str = CacheTypeV,
+    json_schema: Optional[str] = JsonSchema, json_schema_file: Optional[str] = JsonSchemaFile,
+    grammar: Optional[str] = GrammarOpt, grammar_file: Optional[str] = GrammarFile, json_only: bool = JsonOnly,
 ):
     """Multi-turn chat in the terminal.
 
@@ -221,8 +264,11 @@ def chat(
     from qcpu.models import resolve_model
     from qcpu.repl import run_chat
 
+    from dataclasses import replace
+
     system, chat_template = clean_arg(system, "--system"), clean_arg(chat_template, "--chat-template")
     params = _sampling(temp, top_k, top_p, min_p, repeat_penalty, seed)
+    params = replace(params, grammar=_grammar(json_schema, json_schema_file, grammar, grammar_file, json_only))
     _positive("--max-tokens", max_tokens)
     _positive("--ctx", ctx)
     rope = _rope(rope_scaling, rope_scale, yarn_orig_ctx, rope_freq_base)

@@ -297,7 +297,7 @@ class Engine:
         if len(prompt) > self.room and not truncate:
             raise QcpuError(f"prompt is {len(prompt)} tokens, longer than the context of "
                             f"{self.capacity} tokens (raise --ctx)")
-        sampler = make_sampler(params, rng)
+        sampler = make_sampler(params, rng, self.tokenizer)
         t0 = time.perf_counter()
         logits = self.feed(prompt)
         stats.prompt_tokens += len(prompt)

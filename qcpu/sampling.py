@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from qcpu.errors import QcpuError
+from qcpu.grammar import Grammar
 
 
 @dataclass
@@ -31,6 +32,7 @@ class SamplingParams:
     seed: int | None = None
     presence_penalty: float = 0.0  # OpenAI's: subtracted once from each token in the window
     frequency_penalty: float = 0.0  # OpenAI's: subtracted once per occurrence in the window
+    grammar: Grammar | None = None  # replies must match it (a JSON schema, any JSON, GBNF/Lark): grammar.py
 
     def validate(self) -> None:
         if not self.temperature >= 0:
@@ -123,18 +125,24 @@ def _keep_min_p(ids, logits, p: float):
     return ids[keep], logits[keep]
 
 
-def make_sampler(params: SamplingParams, rng: np.random.Generator | None = None
+def make_sampler(params: SamplingParams, rng: np.random.Generator | None = None, tokenizer=None
                  ) -> Callable[[np.ndarray, Sequence[int]], int]:
-    """sampler(logits[vocab] float32, recent_tokens) -> token id. Same seed, same tokens.
+    """sampler(logits[vocab] float32, recent_tokens) -> token id, for one reply. Same seed, same tokens.
 
     `rng` continues a session's random stream (see `new_rng`); without it the stream starts from
-    `params.seed`. Raises QcpuError for invalid parameters."""
+    `params.seed`. With `params.grammar` (which needs the `tokenizer`) the sampler keeps the reply's
+    parser state: tokens the grammar forbids are masked first (-inf, before the penalties: llama.cpp's
+    grammar sampler), and each token drawn advances it. Raises QcpuError for invalid parameters, and
+    from the sampler if the grammar has no way on."""
     params.validate()
     rng = rng if rng is not None else new_rng(params)
+    if params.grammar is not None and tokenizer is None:
+        raise ValueError("make_sampler: a grammar needs the tokenizer")
+    constraint = params.grammar.start(tokenizer) if params.grammar is not None else None
 
-    def sample(logits: np.ndarray, recent: Sequence[int] = ()) -> int:
+    def draw(logits: np.ndarray, recent: Sequence[int]) -> int:
         window = list(recent)[-params.repeat_last_n:]
-        logits = apply_repeat_penalty(np.asarray(logits, dtype=np.float32), window, params.repeat_penalty)
+        logits = apply_repeat_penalty(logits, window, params.repeat_penalty)
         logits = apply_presence_frequency(logits, window, params.presence_penalty, params.frequency_penalty)
         if np.float32(params.temperature) == 0:  # llama.cpp's temperature is a float32: 1e-320 is greedy
             return int(np.argmax(logits))
@@ -146,5 +154,13 @@ def make_sampler(params: SamplingParams, rng: np.random.Generator | None = None
         probs = _softmax((scaled - scaled.max()) / params.temperature)  # shifted first: a tiny temperature
         # sends the others to -inf, never the top one to +inf (inf - inf would be NaN)
         return int(ids[rng.choice(len(ids), p=probs)])
+
+    def sample(logits: np.ndarray, recent: Sequence[int] = ()) -> int:
+        logits = np.asarray(logits, dtype=np.float32)
+        if constraint is None:
+            return draw(logits, recent)
+        token = draw(constraint.mask(logits), recent)
+        constraint.accept(token)
+        return token
 
     return sample

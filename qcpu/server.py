@@ -35,6 +35,7 @@ from starlette.routing import Route
 
 from qcpu.errors import QcpuError
 from qcpu.generate import PREFILL_CHUNK, Engine, common_prefix
+from qcpu.grammar import Grammar
 from qcpu.sampling import SEED_MAX, SamplingParams, make_sampler
 from qcpu.tokenizer import StreamDecoder
 
@@ -162,6 +163,46 @@ def _common(body: dict, defaults: SamplingParams, chat: bool) -> dict:
                 logprobs=logprobs, top_logprobs=top, chat=chat)
 
 
+def _grammar(body: dict) -> Grammar | None:
+    """The constraint a request asks for: OpenAI's `response_format` ({"type": "json_object"}, or
+    {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}), or llama-server's `json_schema`
+    (a schema) and `grammar` (GBNF or Lark text). At most one. Not yet compiled against the vocabulary
+    (Grammar.check)."""
+    asked = [k for k in ("response_format", "json_schema", "grammar") if body.get(k) is not None]
+    if len(asked) > 1:
+        raise ApiError(400, f"give at most one of 'response_format', 'json_schema' and 'grammar' (got {asked})",
+                       param=asked[1])
+    try:
+        if body.get("grammar") is not None:
+            if not isinstance(body["grammar"], str) or not body["grammar"].strip():
+                raise ApiError(400, "'grammar' must be a non-empty string", code="invalid_type", param="grammar")
+            return Grammar.from_text(body["grammar"])
+        if body.get("json_schema") is not None:
+            if not isinstance(body["json_schema"], dict):
+                raise ApiError(400, "'json_schema' must be an object", code="invalid_type", param="json_schema")
+            return Grammar.json_schema(body["json_schema"])
+        fmt = body.get("response_format")
+        if fmt is None:
+            return None
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if kind == "text":
+            return None
+        if kind == "json_object":  # llama-server also takes a schema here
+            schema = fmt.get("schema")
+            return Grammar.any_json() if schema is None else Grammar.json_schema(schema)
+        if kind == "json_schema":
+            spec = fmt.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            if not isinstance(schema, dict):
+                raise ApiError(400, "response_format json_schema needs 'json_schema': {'name': ..., 'schema': {...}}",
+                               param="response_format.json_schema.schema")
+            return Grammar.json_schema(schema)
+        raise ApiError(400, "'response_format' must be {'type': 'text' | 'json_object' | 'json_schema', ...}",
+                       code="invalid_value", param="response_format")
+    except QcpuError as e:
+        raise ApiError(400, str(e), code="invalid_value", param=asked[0]) from None
+
+
 _ROLES = {"system", "user", "assistant", "tool", "developer"}
 
 
@@ -273,7 +314,7 @@ class Run:
         self.engine, self.job, self.emit, self._done = engine, job, emit, done
         room = engine.capacity - len(job.prompt)
         self.max_tokens = room if job.max_tokens is None else min(job.max_tokens, room)
-        self.sampler = make_sampler(job.params)
+        self.sampler = make_sampler(job.params, tokenizer=engine.tokenizer)
         self.decoder = StreamDecoder(engine.tokenizer)
         self.pending, self.entries, self.n = "", [], 0
         self.logits: np.ndarray | None = None  # set once the prompt is fed: the next token's distribution
@@ -488,7 +529,7 @@ class Server:
         t0 = time.perf_counter()
         try:
             self._check_key(request)
-            job = self._job(await self._json(request), chat)
+            job = await asyncio.to_thread(self._job, await self._json(request), chat)
             events = await self._start(job)
         except ApiError as e:
             self._finish(request, e.status, t0)
@@ -535,6 +576,14 @@ class Server:
             raise ApiError(400, f"the prompt is {len(prompt)} tokens; this server's context is "
                                 f"{self.engine.capacity} tokens per slot (start it with a larger --ctx)",
                            code="context_length_exceeded", param="messages" if chat else "prompt")
+        grammar = _grammar(body)
+        if grammar is not None:  # compiled now: a bad schema is a 400 before any decoding
+            try:
+                grammar.check(tok)
+            except QcpuError as e:
+                param = next(k for k in ("response_format", "json_schema", "grammar") if body.get(k) is not None)
+                raise ApiError(400, str(e), code="invalid_value", param=param) from None
+            common["params"] = replace(common["params"], grammar=grammar)
         return Job(prompt=prompt, **common)
 
     async def _start(self, job: Job) -> asyncio.Queue:

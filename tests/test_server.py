@@ -196,6 +196,70 @@ def test_concurrent_replies_are_batched_and_still_the_engines(client, model_id, 
     assert got == {"square": greedy_reference[0], "count": want_count}
 
 
+# ---- structured output ------------------------------------------------------------------------------
+
+def test_response_format_json_schema_for_every_schema(client, model_id):
+    """response_format json_schema through the openai client, for the whole schema set of
+    test_grammar.py: greedy and sampled, whole and streamed, two requests at a time (both slots); every
+    reply parses and validates with jsonschema."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import jsonschema
+
+    from tests.test_grammar import CASES
+
+    def ask(job):
+        i, (temperature, stream) = job
+        case = CASES[i]
+        fmt = {"type": "json_schema", "json_schema": {"name": f"case{i}", "schema": case["schema"], "strict": True}}
+        kwargs = dict(model=model_id, messages=[{"role": "user", "content": case["prompt"] + " Answer in JSON."}],
+                      temperature=temperature, seed=i, max_tokens=200, response_format=fmt)
+        if stream:
+            chunks = list(client.chat.completions.create(stream=True, **kwargs))
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+            return case, text, finish[-1]
+        r = client.chat.completions.create(**kwargs)
+        return case, r.choices[0].message.content, r.choices[0].finish_reason
+
+    jobs = [(i, mode) for i in range(len(CASES)) for mode in ((0.0, False), (0.8, True))]
+    with ThreadPoolExecutor(2) as pool:
+        for case, text, finish in pool.map(ask, jobs):
+            assert finish == "stop", text
+            jsonschema.validate(json.loads(text), case["schema"])
+
+
+def test_json_object_and_llama_server_fields(server, client, model_id):
+    r = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "Describe a cat in JSON."}],
+                                       temperature=0.7, seed=1, max_tokens=150, response_format={"type": "json_object"})
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+    # llama-server's own fields: json_schema and grammar (GBNF), on both endpoints
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"], "additionalProperties": False}
+    r = post(server, {"messages": [{"role": "user", "content": "Pick a number."}], "json_schema": schema, "max_tokens": 50})
+    assert r.status_code == 200 and set(json.loads(r.json()["choices"][0]["message"]["content"])) == {"n"}
+    r = post(server, {"prompt": "Is the sky blue? Answer:", "grammar": 'root ::= " yes" | " no"', "max_tokens": 5},
+             "/v1/completions")
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] in (" yes", " no")
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}},
+     "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format.json_schema.schema"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
+    ({"response_format": "json"}, "response_format"),
+    ({"json_schema": {"type": "object", "properties": {"a": {"$ref": "#/$defs/nope"}}}}, "json_schema"),
+    ({"grammar": 'root ::= ("a" | '}, "grammar"),
+    ({"grammar": 5}, "grammar"),
+    ({"grammar": 'root ::= "a"', "json_schema": {"type": "object"}}, "grammar"),
+])
+def test_a_schema_that_cannot_compile_is_a_400_before_decoding(server, extra, param):
+    r = post(server, {"messages": [{"role": "user", "content": "hi"}], **extra})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and "\n" not in err["message"], err
+
+
 # ---- bad input: OpenAI's error body, and the server unharmed ----------------------------------------
 
 def post(server, body, path="/v1/chat/completions", headers=None):
