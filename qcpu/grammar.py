@@ -27,7 +27,7 @@ from qcpu.errors import QcpuError
 
 # Objects and arrays written as Python's json.dumps does by default: readable, and no run of whitespace
 # for a small model to lose itself in.
-_JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 _TABLES: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
 
@@ -77,7 +77,7 @@ class Grammar:
         if not isinstance(schema, dict):
             raise QcpuError("a JSON schema must be a JSON object")
         try:
-            return cls(llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS), "JSON schema")
+            return cls(llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_STYLE), "JSON schema")
         except (ValueError, TypeError) as e:
             raise QcpuError(f"invalid JSON schema: {e}") from None
 
@@ -96,6 +96,14 @@ class Grammar:
             return cls(llguidance.grammar_from("grammar", text), "grammar")
         except Exception as e:  # the GBNF converter raises plain exceptions with a useful message
             raise QcpuError(f"invalid grammar: {_one_line(str(e))}") from None
+
+    @classmethod
+    def from_lark(cls, text: str, kind: str = "grammar") -> "Grammar":
+        """A Lark grammar in llguidance's dialect (which embeds JSON schemas as `%json {...}`); checked
+        only by `check`."""
+        import llguidance
+
+        return cls(llguidance.LLMatcher.grammar_from_lark(text), kind)
 
     def check(self, tokenizer) -> None:
         """Compile against the tokenizer's vocabulary; QcpuError (one line) naming the problem if the

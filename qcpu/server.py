@@ -35,6 +35,7 @@ from starlette.routing import Route
 
 from qcpu.errors import QcpuError
 from qcpu.generate import PREFILL_CHUNK, Engine, common_prefix
+from qcpu import tool_calls
 from qcpu.grammar import Grammar
 from qcpu.sampling import SEED_MAX, SamplingParams, make_sampler
 from qcpu.tokenizer import StreamDecoder
@@ -112,6 +113,8 @@ class Job:
     logprobs: bool
     top_logprobs: int
     chat: bool
+    tools: frozenset[str] = frozenset()  # the functions the template listed: calls to them become tool_calls
+    parallel_tool_calls: bool = True  # False: at most one call (OpenAI's parallel_tool_calls)
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
@@ -230,8 +233,46 @@ def _messages(body: dict) -> list[dict]:
         elif not isinstance(content, str):
             raise ApiError(400, f"{where}.content must be a string or a list of text parts", param=where)
         role = "system" if m["role"] == "developer" else m["role"]
-        out.append({"role": role, "content": content})
+        message = {"role": role, "content": content}
+        if role == "assistant" and m.get("tool_calls"):
+            try:
+                message["tool_calls"] = tool_calls.history(m, where)
+            except ValueError as e:
+                raise ApiError(400, str(e), param=where) from None
+        if role == "tool" and isinstance(m.get("tool_call_id"), str):
+            message["tool_call_id"] = m["tool_call_id"]
+        out.append(message)
     return out
+
+
+def _tools(body: dict) -> tuple[list | None, Grammar | None]:
+    """OpenAI's `tools` and `tool_choice`: the tools for the template to render (None: none, or
+    tool_choice "none") and, for tool_choice "required" or a named function, the grammar that forces the
+    call."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    parallel = _boolean(body, "parallel_tool_calls", True)
+    if tools is None:
+        if choice is not None:
+            raise ApiError(400, "'tool_choice' needs 'tools'", param="tool_choice")
+        return None, None
+    try:
+        tools = tool_calls.check_tools(tools)
+    except ValueError as e:
+        raise ApiError(400, str(e), code="invalid_value", param="tools") from None
+    if choice is None or choice == "auto":
+        return tools, None
+    if choice == "none":
+        return None, None
+    if choice == "required":
+        return tools, tool_calls.calls_grammar(tools, parallel=parallel)
+    fn = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise ApiError(400, "'tool_choice' must be 'none', 'auto', 'required' or {'type': 'function', "
+                            "'function': {'name': ...}}", code="invalid_value", param="tool_choice")
+    try:
+        return tools, tool_calls.calls_grammar(tools, fn["name"], parallel)
+    except ValueError as e:
+        raise ApiError(400, str(e), code="invalid_value", param="tool_choice") from None
 
 
 # ---- slots -----------------------------------------------------------------------------------------
@@ -308,7 +349,8 @@ class Run:
     """One request's generation on its slot: its prompt fed in chunks, then one token per batch step.
     Events go to `emit`: ("delta", text, logprob_entries) as text becomes final (stop strings never
     sent), then ("done", finish_reason, prompt_tokens, completion_tokens) or ("error", ApiError); `done`
-    is called once at the end, whatever happened."""
+    is called once at the end, whatever happened. With tools offered, ("tools", [ToolCall]) comes before
+    "done" when the reply called them (tool_calls.parse); that text is never sent as content."""
 
     def __init__(self, engine: Engine, job: Job, emit: Callable[[tuple], None], done: Callable[[], None]):
         self.engine, self.job, self.emit, self._done = engine, job, emit, done
@@ -317,6 +359,8 @@ class Run:
         self.sampler = make_sampler(job.params, tokenizer=engine.tokenizer)
         self.decoder = StreamDecoder(engine.tokenizer)
         self.pending, self.entries, self.n = "", [], 0
+        self.calls: str | None = None  # the reply from its first <tool_call> on (job.tools)
+        self.sent = False  # some of the reply's text has been sent
         self.logits: np.ndarray | None = None  # set once the prompt is fed: the next token's distribution
         self.finished = False
         self.rest = engine.sync(job.prompt)  # the prompt tokens the slot's cache does not hold yet
@@ -339,24 +383,56 @@ class Run:
         self.n += 1
         if self.job.logprobs:
             self.entries.append(_logprob_entries(self.engine.tokenizer, self.logits, token, self.job.top_logprobs))
-        self.pending += self.decoder.feed(token)
+        piece = self.decoder.feed(token)
+        if self.calls is not None:  # inside the tool calls: kept for parse() at the end, never streamed
+            self.calls += piece
+            return self._after(token)
+        self.pending += piece
         hit = [i for i in (self.pending.find(s) for s in self.job.stop) if i >= 0]
         if hit:
             self.pending = self.pending[:min(hit)]
             return self.finish("stop", flush=False)
         keep = _held_back(self.pending, self.job.stop)
+        if self.job.tools:
+            if tool_calls.OPEN in self.pending:
+                at = self.pending.find(tool_calls.OPEN)
+                self.pending, self.calls = self.pending[:at], self.pending[at:]
+                keep = 0
+            elif not self.sent and tool_calls.may_be_call(self.pending):
+                keep = len(self.pending)  # a bare or fenced call, perhaps: held until the reply ends
+            else:
+                keep = max(keep, _held_back(self.pending, [tool_calls.OPEN]))
         if len(self.pending) > keep:
             self.emit(("delta", self.pending[:len(self.pending) - keep], self.entries))
-            self.pending, self.entries = self.pending[len(self.pending) - keep:], []
+            self.pending, self.entries, self.sent = self.pending[len(self.pending) - keep:], [], True
+        return self._after(token)
+
+    def _after(self, token: int) -> int | None:
         if self.n >= self.max_tokens:
             return self.finish("length")
         return token
 
     def finish(self, reason: str, flush: bool = True) -> None:
         if flush:
-            self.pending += self.decoder.flush()
+            tail = self.decoder.flush()
+            if self.calls is not None:
+                self.calls += tail
+            else:
+                self.pending += tail
+        calls = None
+        if self.calls is not None:  # <tool_call> blocks after the text already streamed
+            calls = tool_calls.parse(self.calls)
+            if calls is None:  # none that parses: the whole reply is text
+                self.pending += self.calls
+        elif self.job.tools and not self.sent:  # perhaps the whole reply is one bare or fenced call
+            calls = tool_calls.parse(self.pending, self.job.tools)
+            if calls is not None:
+                self.pending = ""
         if self.pending or self.entries:
             self.emit(("delta", self.pending, self.entries))
+        if calls is not None:
+            self.emit(("tools", calls[1] if self.job.parallel_tool_calls else calls[1][:1]))
+            reason = "tool_calls" if reason == "stop" else reason
         self.emit(("done", reason, len(self.job.prompt), self.n))
         self.close()
 
@@ -539,7 +615,7 @@ class Server:
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         deltas, done, error = [], None, None
         async for event in self._events(request, job, events):
-            if event[0] == "delta":
+            if event[0] in ("delta", "tools"):
                 deltas.append(event)
             elif event[0] == "done":
                 done = event
@@ -557,9 +633,10 @@ class Server:
     def _job(self, body: dict, chat: bool) -> Job:
         common = _common(body, self.defaults, chat)
         tok = self.engine.tokenizer
+        tools, forced = _tools(body) if chat else (None, None)
         if chat:
             try:
-                text = self.engine.template.render(_messages(body), add_generation_prompt=True)
+                text = self.engine.template.render(_messages(body), add_generation_prompt=True, tools=tools)
             except QcpuError as e:
                 raise ApiError(400, f"the chat template failed on these messages: {e}") from None
             prompt = tok.encode(text)
@@ -577,14 +654,20 @@ class Server:
                                 f"{self.engine.capacity} tokens per slot (start it with a larger --ctx)",
                            code="context_length_exceeded", param="messages" if chat else "prompt")
         grammar = _grammar(body)
+        if grammar is not None and forced is not None:
+            raise ApiError(400, "a forced tool call (tool_choice) cannot be combined with a response format",
+                           param="tool_choice")
+        grammar = grammar or forced
         if grammar is not None:  # compiled now: a bad schema is a 400 before any decoding
             try:
                 grammar.check(tok)
             except QcpuError as e:
-                param = next(k for k in ("response_format", "json_schema", "grammar") if body.get(k) is not None)
+                param = next((k for k in ("response_format", "json_schema", "grammar") if body.get(k) is not None),
+                             "tools")
                 raise ApiError(400, str(e), code="invalid_value", param=param) from None
             common["params"] = replace(common["params"], grammar=grammar)
-        return Job(prompt=prompt, **common)
+        names = frozenset(t["function"]["name"] for t in tools or ())
+        return Job(prompt=prompt, tools=names, parallel_tool_calls=_boolean(body, "parallel_tool_calls", True), **common)
 
     async def _start(self, job: Job) -> asyncio.Queue:
         """Wait for a slot and hand the job to the batcher; the queue its events arrive on. The slot is
@@ -636,10 +719,15 @@ class Server:
                 "created": int(time.time()), "model": self.model_id, "system_fingerprint": None}
 
     def _whole(self, job: Job, deltas: list, done: tuple) -> dict:
+        calls = [c.openai() for d in deltas if d[0] == "tools" for c in d[1]]
+        deltas = [d for d in deltas if d[0] == "delta"]
         text = "".join(d[1] for d in deltas)
         entries = [e for d in deltas for e in d[2]]
         if job.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+            message = {"role": "assistant", "content": text}
+            if calls:
+                message = {"role": "assistant", "content": text or None, "tool_calls": calls}
+            choice = {"index": 0, "message": message,
                       "logprobs": {"content": entries} if job.logprobs else None, "finish_reason": _finish_reason(done)}
         else:
             choice = {"index": 0, "text": text, "logprobs": _legacy_logprobs(entries) if job.logprobs else None,
@@ -672,6 +760,10 @@ class Server:
             async for event in self._events(request, job, events):
                 if event[0] == "delta":
                     yield _sse(chunk(event[1], event[2], None))
+                elif event[0] == "tools":  # each call whole, in one delta (OpenAI's clients join the pieces)
+                    calls = [{"index": i, **c.openai()} for i, c in enumerate(event[1])]
+                    yield _sse({**chunk(None, [], None), "choices": [
+                        {"index": 0, "delta": {"tool_calls": calls}, "logprobs": None, "finish_reason": None}]})
                 elif event[0] == "error":
                     status = event[1].status
                     yield _sse(event[1].body())

@@ -260,6 +260,83 @@ def test_a_schema_that_cannot_compile_is_a_400_before_decoding(server, extra, pa
     assert err["param"] == param and "\n" not in err["message"], err
 
 
+def test_tool_calls_with_the_openai_client(client, model_id, real_engine):
+    """Two tools offered; the model calls one with arguments valid under its parameters (streamed and
+    whole alike); the call and the tool's result go back through the template; then a final text reply.
+
+    This 0.5B model, given a tool result, calls the tool again rather than answering (the prompt is
+    rendered as the model's own template does: checked below), so the final turn asks for text with
+    tool_choice "none"."""
+    import jsonschema
+
+    from tests.test_tool_calls import TOOLS
+
+    question = [{"role": "user", "content": "What's the weather like in Paris right now?"}]
+    kwargs = dict(model=model_id, messages=question, tools=TOOLS, temperature=0, max_tokens=100)
+    whole = client.chat.completions.create(**kwargs)
+    choice = whole.choices[0]
+    assert choice.finish_reason == "tool_calls" and not choice.message.content
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name in ("get_weather", "get_time") and call.id
+    params = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}[call.function.name]
+    jsonschema.validate(json.loads(call.function.arguments), params)
+
+    chunks = list(client.chat.completions.create(stream=True, **kwargs))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    streamed = [tc for d in deltas if d.tool_calls for tc in d.tool_calls]
+    assert [(tc.function.name, tc.function.arguments) for tc in streamed] == [(call.function.name, call.function.arguments)]
+    assert "".join(d.content or "" for d in deltas) == "" and chunks[-1].choices[0].finish_reason == "tool_calls"
+
+    result = {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temp_c": 18, "sky": "cloudy"})}
+    history = question + [choice.message.model_dump(exclude_none=True), result]
+    rendered = real_engine.template.render(
+        [question[0], {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": call.function.name, "arguments": json.loads(call.function.arguments)}}]},
+         {"role": "tool", "content": result["content"]}], add_generation_prompt=True, tools=TOOLS)
+    assert "<tool_response>\n" + result["content"] in rendered
+    again = client.chat.completions.create(model=model_id, messages=history, tools=TOOLS, temperature=0, max_tokens=60)
+    assert again.choices[0].finish_reason in ("stop", "tool_calls", "length")
+    final = client.chat.completions.create(model=model_id, messages=history, tools=TOOLS, tool_choice="none",
+                                           temperature=0, max_tokens=60)
+    assert final.choices[0].message.content and not final.choices[0].message.tool_calls
+
+
+def test_forced_tool_choice(client, model_id):
+    """tool_choice "required" and a named function are grammar-constrained: the call always parses."""
+    import jsonschema
+
+    from tests.test_tool_calls import TOOLS
+
+    question = [{"role": "user", "content": "Tell me a joke."}]  # nothing a tool is for
+    for choice, parallel in (("required", True), ({"type": "function", "function": {"name": "get_time"}}, False)):
+        r = client.chat.completions.create(model=model_id, messages=question, tools=TOOLS, tool_choice=choice,
+                                           parallel_tool_calls=parallel, temperature=0.9, seed=3, max_tokens=150)
+        calls = r.choices[0].message.tool_calls
+        assert r.choices[0].finish_reason == "tool_calls" and calls and (parallel or len(calls) == 1)
+        for call in calls:
+            assert choice == "required" or call.function.name == "get_time"
+            params = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}[call.function.name]
+            jsonschema.validate(json.loads(call.function.arguments), params)
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"tools": "get_weather"}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools"),
+    ({"tool_choice": "auto"}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "sometimes"}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "strin"}}}],
+      "tool_choice": "required"}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required",
+      "response_format": {"type": "json_object"}}, "tool_choice"),
+])
+def test_bad_tool_requests(server, extra, param):
+    r = post(server, {"messages": [{"role": "user", "content": "hi"}], **extra})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.json()
+
+
 # ---- bad input: OpenAI's error body, and the server unharmed ----------------------------------------
 
 def post(server, body, path="/v1/chat/completions", headers=None):
