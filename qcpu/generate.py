@@ -260,18 +260,23 @@ class Engine:
         return self._tokens[-n:] if n > 0 else []
 
     @staticmethod
-    def step_together(engines: Sequence["Engine"], tokens: Sequence[int]) -> np.ndarray:
-        """One decode step of several engines over the same model, one token each, in one pass (the
-        weights are read once for all: Qwen2Model.forward_batch); logits float32[len(engines), vocab].
-        Raises ValueError when the engines do not share one model or repeat."""
+    def step_together(engines: Sequence["Engine"], tokens: Sequence) -> np.ndarray:
+        """Several engines over the same model fed in one pass (the weights are read once for all:
+        Qwen2Model.forward_batch): tokens[i] is one token id (a decode step) or a list of them (a prompt
+        chunk, at most `room`). Logits float32[len(engines), vocab], each engine's last token's. Raises
+        ValueError when the engines do not share one model or repeat, QcpuError when a chunk does not fit."""
         if len({id(e.model) for e in engines}) != 1:
             raise ValueError("step_together: the engines must share one model")
+        seqs = [[int(t)] if np.ndim(t) == 0 else [int(x) for x in t] for t in tokens]
+        for e, seq in zip(engines, seqs):
+            if len(seq) > 1 and len(seq) > e.room:
+                raise QcpuError(f"a chunk of {len(seq)} tokens does not fit the {e.room} tokens of room")
         if len(engines) == 1:
-            logits = engines[0].model.forward([tokens[0]], engines[0]._cache)
+            logits = engines[0].model.forward(seqs[0], engines[0]._cache)
         else:
-            logits = engines[0].model.forward_batch(tokens, [e._cache for e in engines])
-        for e, t in zip(engines, tokens):
-            e._tokens.append(int(t))
+            logits = engines[0].model.forward_batch(seqs, [e._cache for e in engines])
+        for e, seq in zip(engines, seqs):
+            e._tokens.extend(seq)
         return logits
 
     # -- generation ---------------------------------------------------------------------------------

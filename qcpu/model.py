@@ -50,34 +50,38 @@ class Qwen2Model:
         tokens = np.asarray(tokens, dtype=np.int64)
         slots, positions, seqs = cache.reserve(len(tokens))
         try:
-            return self._layers(tokens, positions, [(cache, slice(None), slots, seqs)], all_logits)
+            return self._layers(tokens, positions, [(cache, slice(None), slots, seqs)],
+                                slice(None) if all_logits else slice(-1, None))
         except BaseException:  # Ctrl-C mid-pass: the cache must not claim tokens it half-holds
             cache.unreserve(slots)
             raise
 
     def forward_batch(self, tokens, caches: list[KVCache]) -> np.ndarray:
-        """One decode step for several sequences at once: tokens[i] after what caches[i] holds (distinct
-        caches). Logits float32[len(tokens), vocab]. Every weight is read once for all of them (the
-        products run on the batch's rows); attention runs per cache (continuous batching, as
-        llama-server's slots share a batch)."""
-        tokens = np.asarray(tokens, dtype=np.int64)
-        if len(tokens) != len(caches) or len({id(c) for c in caches}) != len(caches):
-            raise ValueError("forward_batch: one token for each of distinct caches")
-        segments, positions = [], []
+        """Several sequences in one pass: tokens[i] (one token id, or a sequence of them: a prompt chunk)
+        after what caches[i] holds (distinct caches). Logits float32[len(caches), vocab], of each
+        sequence's last token. Every weight is read once for all the rows (the products run on the
+        batch), attention runs per cache: continuous batching, as llama-server's slots share a batch, a
+        prompt chunk riding with the other slots' decode steps."""
+        seqs = [np.atleast_1d(np.asarray(t, dtype=np.int64)) for t in tokens]
+        if len(seqs) != len(caches) or len({id(c) for c in caches}) != len(caches) or any(s.ndim != 1 or not len(s) for s in seqs):
+            raise ValueError("forward_batch: one non-empty token sequence for each of distinct caches")
+        segments, positions, at = [], [], 0
         try:
-            for i, cache in enumerate(caches):
-                slots, pos, seqs = cache.reserve(1)
-                segments.append((cache, slice(i, i + 1), slots, seqs))
+            for seq, cache in zip(seqs, caches):
+                slots, pos, stream = cache.reserve(len(seq))
+                segments.append((cache, slice(at, at + len(seq)), slots, stream))
                 positions.append(pos)
-            return self._layers(tokens, np.concatenate(positions), segments, all_logits=True)
+                at += len(seq)
+            last = np.cumsum([len(s) for s in seqs]) - 1
+            return self._layers(np.concatenate(seqs), np.concatenate(positions), segments, last)
         except BaseException:
             for cache, _, slots, _ in segments:
                 cache.unreserve(slots)
             raise
 
-    def _layers(self, tokens, positions, segments, all_logits):
+    def _layers(self, tokens, positions, segments, logit_rows):
         """The pass over rows x[n]; segments: (cache, its rows, their slots, their stream indices), one per
-        sequence. Logits float32[n, vocab] (all_logits) or [1, vocab] of the last row."""
+        sequence. Logits float32[k, vocab] of the rows logit_rows selects from x (a slice or indices)."""
         c, w = self.config, self.weights
         n = len(tokens)
         cos, sin = self.rope.cos_sin(positions)
@@ -101,6 +105,5 @@ class Qwen2Model:
             h = rms_norm(x, lw.ffn_norm, c.rms_eps)
             x = x + lw.w_down @ swiglu(*matmul_many((lw.w_gate, lw.w_up), h))
 
-        if not all_logits:
-            x = x[-1:]
+        x = x[logit_rows]
         return w.output @ rms_norm(x, w.output_norm, c.rms_eps)

@@ -365,10 +365,17 @@ class Run:
         self.finished = False
         self.rest = engine.sync(job.prompt)  # the prompt tokens the slot's cache does not hold yet
 
-    def prefill(self) -> None:
-        """Feed the next chunk of the prompt (PREFILL_CHUNK tokens)."""
-        part, self.rest = self.rest[:PREFILL_CHUNK], self.rest[PREFILL_CHUNK:]
-        logits = self.engine.feed(part)
+    def next_chunk(self) -> list[int]:
+        """The next piece of the prompt to feed (PREFILL_CHUNK tokens, at most the cache's room), taken
+        off `rest`; `fed` gets its logits. Raises QcpuError when the kept prefix leaves no room."""
+        n = min(PREFILL_CHUNK, self.engine.room)
+        if n < 1:
+            raise QcpuError(f"the kept prefix fills the whole context of {self.engine.capacity} tokens")
+        part, self.rest = self.rest[:n], self.rest[n:]
+        return part
+
+    def fed(self, logits: np.ndarray) -> None:
+        """The logits float32[vocab] of the chunk's last token: the first token's, once the prompt is in."""
         if not self.rest:
             self.logits = logits
 
@@ -455,10 +462,10 @@ def _api_error(e: Exception) -> ApiError:
 class Batcher:
     """The loop that runs the model, on the main thread (`run`; the HTTP server lives in another: kernels
     launched from a secondary thread ran ~30% slower here, each such thread getting its own OpenMP team):
-    continuous batching over the slots' runs, as llama-server's update loop does. Each step feeds one
-    prompt chunk of a run that is still reading its prompt (if any), then samples a token for every run
-    that has logits and feeds all those tokens in one pass (Engine.step_together: the weights are read
-    once per step, not once per slot). Runs join and leave between steps."""
+    continuous batching over the slots' runs, as llama-server's update loop does. Each step samples a
+    token for every run that has logits and feeds all those tokens, with one prompt chunk of a run still
+    reading its prompt (if any), in one pass (Engine.step_together: the weights are read once per step,
+    not once per slot). Runs join and leave between steps."""
 
     def __init__(self):
         self.inbox: queue.Queue = queue.Queue()
@@ -488,16 +495,19 @@ class Batcher:
             runs = self.step(runs)
 
     def step(self, runs: list[Run]) -> list[Run]:
-        """One step over the runs; those still going."""
-        reading = [r for r in runs if r.logits is None]
-        if reading and reading[0].job.cancel.is_set():  # left while its prompt was being read
-            reading[0].finish("cancelled")
-        elif reading:
+        """One step over the runs; those still going. Every run with logits samples its next token; those
+        tokens and one prompt chunk of a run still reading its prompt (if any) go through the model in one
+        pass, so a new request's prompt does not stall the replies being written."""
+        reading = next((r for r in runs if r.logits is None and not r.finished), None)
+        chunk: list[int] = []
+        if reading is not None and reading.job.cancel.is_set():  # left while its prompt was being read
+            reading.finish("cancelled")
+        elif reading is not None:
             try:
-                reading[0].prefill()
+                chunk = reading.next_chunk()
             except Exception as e:
-                reading[0].fail(_api_error(e))
-        batch = []
+                reading.fail(_api_error(e))
+        batch: list[tuple[Run, Any]] = []
         for r in runs:
             if r.logits is not None and not r.finished:
                 try:
@@ -507,11 +517,16 @@ class Batcher:
                     continue
                 if token is not None:
                     batch.append((r, token))
+        if chunk:
+            batch.append((reading, chunk))
         if batch:
             try:
                 logits = Engine.step_together([r.engine for r, _ in batch], [t for _, t in batch])
-                for (r, _), row in zip(batch, logits):
-                    r.logits = row
+                for (r, fed), row in zip(batch, logits):
+                    if isinstance(fed, list):
+                        r.fed(row)
+                    else:
+                        r.logits = row
             except Exception as e:
                 for r, _ in batch:
                     r.fail(_api_error(e))

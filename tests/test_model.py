@@ -65,9 +65,19 @@ def test_forward_batch_equals_one_pass_per_sequence(tmp_path, weight_type):
     for a, b in zip(apart, together):
         assert (a.n_held, a.n_seen) == (b.n_held, b.n_seen)
         assert rel_err(b.k[:, :, :b.n_held].view(np.float16), a.k[:, :, :a.n_held].view(np.float16)) < 1e-3
+    # a prompt chunk riding with the others' decode steps: the chunk's last logits, the others' as alone
+    chunk = [int(t) for t in rng.integers(0, vocab, 6)]
+    want = np.concatenate([model.forward([tokens[0]], apart[0]), model.forward(chunk, apart[1]),
+                           model.forward([tokens[2]], apart[2])])
+    got = model.forward_batch([tokens[0], chunk, [tokens[2]]], together)
+    assert got.shape == want.shape and rel_err(got, want) < 1e-4
+    for a, b in zip(apart, together):
+        assert (a.n_held, a.n_seen) == (b.n_held, b.n_seen)
     with pytest.raises(ValueError):
         model.forward_batch([1, 2], [together[0], together[0]])
-    assert together[0].n_held == apart[0].n_held  # nothing reserved by the refused call
+    with pytest.raises(ValueError):
+        model.forward_batch([1, []], together[:2])
+    assert together[0].n_held == apart[0].n_held  # nothing reserved by the refused calls
 
 
 @pytest.mark.parametrize("weight_type", [T.Q8_0, T.Q4_0])
