@@ -530,6 +530,8 @@ def run_chat(path: Path, *, params, max_tokens: int, system: str | None, ctx: in
     chat = load_chat(path, params=params, max_tokens=max_tokens, system=system, ctx=ctx,
                      chat_template=chat_template, console=status_console, check_tensors=check_tensors, rope=rope,
                      cache_types=cache_types)
+    if params.grammar is not None:
+        params.grammar.check(chat.engine.tokenizer)  # a schema that cannot compile: one line, before any turn
     cfg = chat.engine.model.config
     label = f"{cfg.name} · {quant_name(chat.engine)}"
     repl = Repl(chat, interactive=interactive, markdown=markdown, color=color,

@@ -153,3 +153,20 @@ def test_cli_bad_constraint_is_one_line(real_model_path, args, code, message):
     r = _qcpu("generate", str(real_model_path), "hi", *args)
     assert r.returncode == code and message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+def test_chat_holds_every_reply_to_the_schema(real_model_path):
+    """`qcpu chat --json-schema` (piped): each turn's reply is a valid document; a bad schema is refused
+    at start, before any turn."""
+    case = CASES[0]
+    r = subprocess.run([sys.executable, "-m", "qcpu.cli", "chat", str(real_model_path), "--json-schema",
+                        json.dumps(case["schema"]), "--temp", "0.7", "--seed", "2"],
+                       input="Invent a person.\nAnother one, older.\n", capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    replies = [line for line in r.stdout.splitlines() if line.strip()]
+    assert len(replies) == 2
+    for line in replies:
+        jsonschema.validate(json.loads(line), case["schema"])
+    r = subprocess.run([sys.executable, "-m", "qcpu.cli", "chat", str(real_model_path), "--json-schema", '{"type": "strin"}'],
+                       input="hi\n", capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "invalid JSON schema" in r.stderr and r.stdout == ""

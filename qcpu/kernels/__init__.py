@@ -146,9 +146,19 @@ def register_packed(ggml_type: GGMLQuantizationType, pack, unpack, matvec_many, 
     return kernel
 
 
+_FOUND: dict[tuple[int, bool], QuantKernel] = {}  # kernel_for's answers: it runs several times per layer and token
+
+
 def kernel_for(ggml_type: int, packed: bool = False) -> QuantKernel:
     """The kernels of a GGML type (of its packed variant with `packed`). Raises QcpuError for a type
     without kernels, KeyError for a packed variant that does not exist."""
+    found = _FOUND.get((ggml_type, packed))
+    if found is None:
+        found = _FOUND[(int(ggml_type), bool(packed))] = _lookup(ggml_type, packed)
+    return found
+
+
+def _lookup(ggml_type: int, packed: bool) -> QuantKernel:
     if packed:
         return PACKED[GGMLQuantizationType(ggml_type)]
     try:
@@ -219,29 +229,48 @@ def matmul_many(pairs, x: np.ndarray) -> list[np.ndarray]:
     gemm_min_tokens (decode, a server's batch): the weights of each type (and layout) go through its
     matvec_many together (x quantized once per type, one parallel region, each weight row read once for
     all n tokens); else as `matmul` one by one."""
-    pairs = [(w, t, packed) for w, t, *more in pairs for packed in [bool(more and more[0])]]
+    pairs = [(w, t, bool(more and more[0])) for w, t, *more in pairs]
     x = np.ascontiguousarray(x, dtype=np.float32)
     n = x.shape[0]
-    outs: list[np.ndarray | None] = [None] * len(pairs)
-    by_type: dict[tuple[int, bool], list[int]] = {}
-    for i, (w, t, packed) in enumerate(pairs):
-        kernel = kernel_for(t, packed)
-        if n < kernel.gemm_min_tokens and kernel.matvec_many is not None:
-            by_type.setdefault((t, packed), []).append(i)
-        else:
-            outs[i] = matmul(w, t, x, packed)
-    for (t, packed), idx in by_type.items():
-        kernel = kernel_for(t, packed)
+    outs: list = [None] * len(pairs)
+    for kernel, idx in _groups(pairs, n):
+        if kernel is None:  # the batched path
+            w, t, packed = pairs[idx[0]]
+            outs[idx[0]] = matmul(w, t, x, packed)
+            continue
         ws = tuple(pairs[i][0] for i in idx)
-        for i in idx:
-            outs[i] = np.empty((n, pairs[i][0].shape[0] * kernel.group_rows), dtype=np.float32)
-        # Numba indexes a tuple at run time only if its arrays have one type (layout, writability)
-        if len({(w.flags.c_contiguous, w.flags.writeable) for w in ws}) == 1:
-            kernel.matvec_many(ws, x, tuple(outs[i] for i in idx))
-        else:
-            for i in idx:
-                kernel.matvec_many((pairs[i][0],), x, (outs[i],))
+        group = tuple(np.empty((n, pairs[i][0].shape[0] * kernel.group_rows), dtype=np.float32) for i in idx)
+        kernel.matvec_many(ws, x, group)
+        for i, out in zip(idx, group):
+            outs[i] = out
     return outs
+
+
+_GROUPINGS: dict[tuple, list] = {}
+
+
+def _groups(pairs, n: int) -> list[tuple[QuantKernel | None, list[int]]]:
+    """How matmul_many runs `pairs` for n tokens: (kernel, indices) per matvec pass (weights of one type
+    and layout, and one array type, since Numba indexes a tuple at run time only if its arrays share
+    one), (None, [i]) per weight that takes the batched path. It depends only on the weights' shapes,
+    types and flags and on n, so it is worked out once for each (a decode step asks the same several
+    times per layer)."""
+    key = (n, *((w.shape, w.flags.c_contiguous, w.flags.writeable, t, p) for w, t, p in pairs))
+    plan = _GROUPINGS.get(key)
+    if plan is None:
+        by_type: dict[tuple, list[int]] = {}
+        plan = []
+        for i, (w, t, packed) in enumerate(pairs):
+            kernel = kernel_for(t, packed)
+            if n < kernel.gemm_min_tokens and kernel.matvec_many is not None:
+                by_type.setdefault((int(t), packed, w.flags.c_contiguous, w.flags.writeable), []).append(i)
+            else:
+                plan.append((None, [i]))
+        plan += [(kernel_for(t, packed), idx) for (t, packed, _, _), idx in by_type.items()]
+        if len(_GROUPINGS) > 4096:  # many batch sizes seen: start again
+            _GROUPINGS.clear()
+        _GROUPINGS[key] = plan
+    return plan
 
 
 # Importing a family module registers its types.
