@@ -95,11 +95,16 @@ def apply_presence_frequency(logits: np.ndarray, recent: Sequence[int], presence
     return logits
 
 
-def _keep_top_k(ids: np.ndarray, logits: np.ndarray, k: int):
-    if 0 < k < len(ids):
-        top = np.argpartition(-logits, k - 1)[:k]
-        ids, logits = ids[top], logits[top]
-    return ids, logits
+def _keep_top_k(ids: np.ndarray | None, logits: np.ndarray, k: int):
+    """The k largest logits (all if k is 0 or covers them) and their ids, most likely first, ties by
+    position. ids None stands for np.arange(len(logits)) (the whole vocabulary) without building it:
+    with the negated copy the old code made, that took a third of the sampler's time at 152K tokens."""
+    n = len(logits)
+    if not 0 < k < n:
+        return ids, logits
+    top = np.argpartition(logits, n - k)[n - k:]
+    top = top[np.lexsort((top, -logits[top]))]
+    return (top if ids is None else ids[top]), logits[top]
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -146,8 +151,9 @@ def make_sampler(params: SamplingParams, rng: np.random.Generator | None = None,
         logits = apply_presence_frequency(logits, window, params.presence_penalty, params.frequency_penalty)
         if np.float32(params.temperature) == 0:  # llama.cpp's temperature is a float32: 1e-320 is greedy
             return int(np.argmax(logits))
-        ids = np.arange(len(logits))
-        ids, logits = _keep_top_k(ids, logits, params.top_k)
+        ids, logits = _keep_top_k(None, logits, params.top_k)
+        if ids is None:
+            ids = np.arange(len(logits))
         ids, logits = _keep_top_p(ids, logits, params.top_p)
         ids, logits = _keep_min_p(ids, logits, params.min_p)
         scaled = logits.astype(np.float64)
