@@ -42,8 +42,7 @@ def constrained_reply(engine, prompt: str, grammar: Grammar, params: SamplingPar
 def test_every_reply_validates_against_its_schema(real_engine, case):
     grammar = Grammar.json_schema(case["schema"])
     grammar.check(real_engine.tokenizer)
-    for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=0.8, seed=7),
-                   SamplingParams(temperature=1.2, top_k=0, top_p=1.0, seed=11)):
+    for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=1.2, top_k=0, top_p=1.0, seed=11)):
         text, why = constrained_reply(real_engine, case["prompt"], grammar, params)
         assert why == "end of turn", (text, params)  # the grammar completed: only end-of-turn was left
         jsonschema.validate(json.loads(text), case["schema"])
