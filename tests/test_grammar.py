@@ -38,14 +38,39 @@ def constrained_reply(engine, prompt: str, grammar: Grammar, params: SamplingPar
     return text, stats.stop_reason
 
 
+@pytest.fixture
+def cli_on_loaded_engine(real_engine, monkeypatch):
+    """`qcpu generate` run in this process on the session's engine (its loading is what the subprocess
+    tests below cover): the options, the schema file, the check and the stream to stdout are the CLI's."""
+    from typer.testing import CliRunner
+
+    from qcpu import cli
+
+    def loaded(*args, **kwargs):
+        real_engine.reset()
+        return real_engine
+
+    monkeypatch.setattr(cli, "_load_engine", loaded)
+    runner = CliRunner()
+
+    def run(*args):
+        r = runner.invoke(cli.app, ["generate", *args])
+        assert r.exit_code == 0, r.output
+        return r.stdout
+
+    return run
+
+
 @pytest.mark.parametrize("case", CASES, ids=[f"schema{i}" for i in range(len(CASES))])
-def test_every_reply_validates_against_its_schema(real_engine, case):
-    grammar = Grammar.json_schema(case["schema"])
-    grammar.check(real_engine.tokenizer)
-    for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=1.2, top_k=0, top_p=1.0, seed=11)):
-        text, why = constrained_reply(real_engine, case["prompt"], grammar, params)
-        assert why == "end of turn", (text, params)  # the grammar completed: only end-of-turn was left
-        jsonschema.validate(json.loads(text), case["schema"])
+def test_every_reply_validates_against_its_schema(cli_on_loaded_engine, real_engine, tmp_path, case):
+    """Through `qcpu generate --json-schema FILE`, greedy and sampled (temperature 1.2, no top-k/top-p:
+    the most adversarial): the reply parses and validates."""
+    schema_file = tmp_path / "schema.json"
+    schema_file.write_text(json.dumps(case["schema"]))
+    for sampling in (["--temp", "0"], ["--temp", "1.2", "--top-k", "0", "--top-p", "1", "--seed", "11"]):
+        out = cli_on_loaded_engine(case["prompt"] + " Answer in JSON.", "--json-schema", str(schema_file),
+                                   "-n", str(MAX_TOKENS), "--repeat-penalty", "1.1", *sampling)
+        jsonschema.validate(json.loads(out), case["schema"])  # a reply cut at -n would not parse
 
 
 def test_any_json_object(real_engine):
