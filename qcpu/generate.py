@@ -227,16 +227,22 @@ class Engine:
         self.reset(keep)
         return tokens
 
+    def prefill_chunk(self) -> int:
+        """Tokens per prefill pass: PREFILL_CHUNK, at most the room the cache has (tokens). Raises
+        QcpuError when the kept prefix leaves none."""
+        chunk = min(PREFILL_CHUNK, self.room)
+        if chunk < 1:
+            raise QcpuError(f"the kept prefix ({self.n_kept} tokens) fills the whole context of "
+                            f"{self.capacity} tokens")
+        return chunk
+
     def feed(self, tokens: Sequence[int], all_logits: bool = False,
              progress: Callable[[int, int], None] | None = None, first_chunk: int | None = None) -> np.ndarray:
         """Run tokens after what the cache holds, in chunks of at most PREFILL_CHUNK (and `room`); the
         logits float32[vocab] of the last one (or float32[len(tokens), vocab] of all). `progress(done,
         total)` is called after each chunk; `first_chunk` makes the first one that small (compile the
         one-token path first at start-up). Raises QcpuError when the kept prefix leaves no room."""
-        chunk = min(PREFILL_CHUNK, self.room)
-        if chunk < 1:
-            raise QcpuError(f"the kept prefix ({self.n_kept} tokens) fills the whole context of "
-                            f"{self.capacity} tokens")
+        chunk = self.prefill_chunk()
         outs = []
         logits = None
         done, total = 0, len(tokens)

@@ -9,7 +9,8 @@ Slots (llama-server's): each is an `Engine` over the one shared model, with its 
 tokens it holds, so a client that resends a conversation pays only for what is new; a request goes to the
 free slot whose cached tokens share the longest prefix with its prompt. One thread runs the model
 (`Batcher`): the slots' replies decode together, one pass per step for all of them (continuous
-batching: a request joins or leaves between steps), and prompts are fed a chunk per step in between.
+batching: a request joins or leaves between steps), and a new prompt rides in those passes a chunk at a
+time.
 Requests beyond the free slots wait in a bounded queue; a full queue answers 503 at once. A client that
 disconnects stops its reply at the next step.
 """
@@ -34,7 +35,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from qcpu.errors import QcpuError
-from qcpu.generate import PREFILL_CHUNK, Engine, common_prefix
+from qcpu.generate import Engine, common_prefix
 from qcpu import tool_calls
 from qcpu.grammar import Grammar
 from qcpu.sampling import SEED_MAX, SamplingParams, make_sampler
@@ -245,12 +246,11 @@ def _messages(body: dict) -> list[dict]:
     return out
 
 
-def _tools(body: dict) -> tuple[list | None, Grammar | None]:
+def _tools(body: dict, parallel: bool) -> tuple[list | None, Grammar | None]:
     """OpenAI's `tools` and `tool_choice`: the tools for the template to render (None: none, or
     tool_choice "none") and, for tool_choice "required" or a named function, the grammar that forces the
-    call."""
+    call (one call unless `parallel`)."""
     tools, choice = body.get("tools"), body.get("tool_choice")
-    parallel = _boolean(body, "parallel_tool_calls", True)
     if tools is None:
         if choice is not None:
             raise ApiError(400, "'tool_choice' needs 'tools'", param="tool_choice")
@@ -366,11 +366,9 @@ class Run:
         self.rest = engine.sync(job.prompt)  # the prompt tokens the slot's cache does not hold yet
 
     def next_chunk(self) -> list[int]:
-        """The next piece of the prompt to feed (PREFILL_CHUNK tokens, at most the cache's room), taken
-        off `rest`; `fed` gets its logits. Raises QcpuError when the kept prefix leaves no room."""
-        n = min(PREFILL_CHUNK, self.engine.room)
-        if n < 1:
-            raise QcpuError(f"the kept prefix fills the whole context of {self.engine.capacity} tokens")
+        """The next piece of the prompt to feed (Engine.prefill_chunk tokens), taken off `rest`; `fed` gets
+        its logits. Raises QcpuError when the kept prefix leaves no room."""
+        n = self.engine.prefill_chunk()
         part, self.rest = self.rest[:n], self.rest[n:]
         return part
 
@@ -648,7 +646,8 @@ class Server:
     def _job(self, body: dict, chat: bool) -> Job:
         common = _common(body, self.defaults, chat)
         tok = self.engine.tokenizer
-        tools, forced = _tools(body) if chat else (None, None)
+        parallel = _boolean(body, "parallel_tool_calls", True)
+        tools, forced = _tools(body, parallel) if chat else (None, None)
         if chat:
             try:
                 text = self.engine.template.render(_messages(body), add_generation_prompt=True, tools=tools)
@@ -682,7 +681,7 @@ class Server:
                 raise ApiError(400, str(e), code="invalid_value", param=param) from None
             common["params"] = replace(common["params"], grammar=grammar)
         names = frozenset(t["function"]["name"] for t in tools or ())
-        return Job(prompt=prompt, tools=names, parallel_tool_calls=_boolean(body, "parallel_tool_calls", True), **common)
+        return Job(prompt=prompt, tools=names, parallel_tool_calls=parallel, **common)
 
     async def _start(self, job: Job) -> asyncio.Queue:
         """Wait for a slot and hand the job to the batcher; the queue its events arrive on. The slot is
