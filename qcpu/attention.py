@@ -83,13 +83,19 @@ assert TILE % CENTER_BLOCK == 0  # a tile adds back whole blocks of key centers
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, slot_seq: np.ndarray, query_seq: np.ndarray,
-              type_k: T = T.F16, type_v: T = T.F16, centers: KeyCenters | None = None) -> np.ndarray:
+              type_k: T = T.F16, type_v: T = T.F16, centers: KeyCenters | None = None,
+              exact: bool = False) -> np.ndarray:
     """Scaled dot-product attention of q float32[n, n_heads, head_dim] over the cache k, v
     uint8[n_kv_heads, capacity, row_bytes] of types type_k, type_v (slot_seq int64[n_slots], query_seq
     int64[n]: see the module docstring). Returns float32[n, n_heads, head_dim]. n_heads must be a multiple
     of n_kv_heads (GQA). A query that sees no slot gets zeros. Quantized rows are read as cache.py stores
     them: Hadamard-rotated (llama.cpp's attention rotation, `cache.rotation`), and, given `centers`
-    (quantized keys only), minus those centers, which are added back."""
+    (quantized keys only), minus those centers, which are added back. `exact`: each query as a decode
+    step of its own (the flash-decoding kernel, keys newer than it hidden), so each row is bit for bit
+    what that query alone would get (speculative verification; the tiled prefill rounds differently)."""
+    if exact and q.shape[0] > 1:
+        return np.concatenate([attention(q[i:i + 1], k, v, slot_seq, query_seq[i:i + 1], type_k, type_v, centers)
+                               for i in range(q.shape[0])])
     hd = q.shape[-1]
     scale = np.float32(1.0 / math.sqrt(hd))
     type_k, type_v = T(type_k), T(type_v)

@@ -140,6 +140,44 @@ RopeFreqBase = typer.Option(None, "--rope-freq-base", metavar="F", show_default=
                             help="RoPE base frequency (default: the file's).")
 
 
+DraftModelOpt = typer.Option(None, "--draft", "-md", "--model-draft", metavar="MODEL", show_default=False,
+                             help="Speculative decoding with this smaller model of the same vocabulary as the "
+                                  "draft (a .gguf path or REPO[:QUANT]).")
+DraftMax = typer.Option(16, "--draft-max", help="Most tokens drafted per pass.")
+DraftMin = typer.Option(0, "--draft-min", help="Fewer drafted tokens than this are not checked.")
+DraftPMin = typer.Option(0.75, "--draft-p-min", help="A greedy draft stops below this probability.")
+LookupOpt = typer.Option(None, "--lookup/--no-lookup", show_default=False,
+                         help="Prompt lookup speculation (drafts copied from earlier text): --lookup always, "
+                              "--no-lookup never; default: on while its measured acceptance pays.")
+
+
+def _speculation(draft, draft_max, draft_min, p_min, lookup):
+    """SpecOptions from the options (a usage error, exit 2, for bad limits)."""
+    from qcpu.speculative import SpecOptions
+
+    if draft_max < 1 or draft_min < 0 or not 0.0 <= p_min <= 1.0:
+        raise typer.BadParameter(f"--draft-max must be >= 1, --draft-min >= 0 and --draft-p-min in [0, 1] "
+                                 f"(got {draft_max}, {draft_min}, {p_min})")
+    if draft is not None and lookup:
+        raise typer.BadParameter("--lookup and --draft are two ways to draft: give one")
+    return SpecOptions(clean_arg(draft, "--draft"), draft_max, draft_min, p_min, lookup)
+
+
+def _attach_draft(engine, options) -> None:
+    """engine.speculator from the options; a draft model named on the hub or by path is resolved first."""
+    from dataclasses import replace
+
+    from qcpu.models import resolve_model
+    from qcpu.speculative import attach
+
+    if options.draft is not None:
+        path = resolve_model(options.draft, err)
+        with err.status(f"loading the draft {path.name}", spinner="dots"):
+            attach(engine, replace(options, draft=str(path)))
+    else:
+        attach(engine, options)
+
+
 JsonSchema = typer.Option(None, "--json-schema", "-j", metavar="JSON|FILE", show_default=False,
                           help="Constrain replies to JSON valid under this JSON Schema (inline JSON, or a file).")
 JsonSchemaFile = typer.Option(None, "--json-schema-file", "-jf", metavar="FILE", show_default=False,
@@ -192,8 +230,10 @@ def _stream_reply(engine, prompt_tokens, params, max_tokens, show_stats: bool) -
     sys.stdout.write("\n")
     sys.stdout.flush()
     if show_stats:
+        spec = (f" | drafts: {stats.accepted_tokens}/{stats.drafted_tokens} accepted, "
+                f"{stats.accepted_per_pass:.2f} per pass" if stats.draft_passes else "")
         err.print(f"[dim]prompt {stats.prompt_tokens} tok, {stats.prompt_tps:.1f} tok/s | "
-                  f"generated {stats.generated_tokens} tok, {stats.generate_tps:.1f} tok/s | "
+                  f"generated {stats.generated_tokens} tok, {stats.generate_tps:.1f} tok/s{spec} | "
                   f"seed {params.seed}[/dim]")
     return "".join(parts)
 
@@ -213,6 +253,8 @@ def generate(
     cache_type_k: str = CacheTypeK, cache_type_v: str = CacheTypeV,
     json_schema: Optional[str] = JsonSchema, json_schema_file: Optional[str] = JsonSchemaFile,
     grammar: Optional[str] = GrammarOpt, grammar_file: Optional[str] = GrammarFile, json_only: bool = JsonOnly,
+    draft: Optional[str] = DraftModelOpt, draft_max: int = DraftMax, draft_min: int = DraftMin,
+    draft_p_min: float = DraftPMin, lookup: Optional[bool] = LookupOpt,
 ):
     """Render one chat turn through the model's template and stream the reply to stdout."""
     from dataclasses import replace
@@ -224,8 +266,10 @@ def generate(
     params = replace(params, grammar=_grammar(json_schema, json_schema_file, grammar, grammar_file, json_only))
     _positive("--max-tokens", max_tokens)
     rope = _rope(rope_scaling, rope_scale, yarn_orig_ctx, rope_freq_base)
+    speculation = _speculation(draft, draft_max, draft_min, draft_p_min, lookup)
     engine = _load_engine(model, ctx, threads, chat_template, check_tensors, rope,
                           _cache_types(cache_type_k, cache_type_v))
+    _attach_draft(engine, speculation)
     if params.grammar is not None:
         params.grammar.check(engine.tokenizer)  # before any decoding: one line if it cannot be compiled
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": message}]
@@ -248,6 +292,8 @@ def chat(
     cache_type_k: str = CacheTypeK, cache_type_v: str = CacheTypeV,
     json_schema: Optional[str] = JsonSchema, json_schema_file: Optional[str] = JsonSchemaFile,
     grammar: Optional[str] = GrammarOpt, grammar_file: Optional[str] = GrammarFile, json_only: bool = JsonOnly,
+    draft: Optional[str] = DraftModelOpt, draft_max: int = DraftMax, draft_min: int = DraftMin,
+    draft_p_min: float = DraftPMin, lookup: Optional[bool] = LookupOpt,
 ):
     """Multi-turn chat in the terminal.
 
@@ -273,11 +319,16 @@ def chat(
     _positive("--ctx", ctx)
     rope = _rope(rope_scaling, rope_scale, yarn_orig_ctx, rope_freq_base)
     cache_types = _cache_types(cache_type_k, cache_type_v)
+    speculation = _speculation(draft, draft_max, draft_min, draft_p_min, lookup)
     _set_threads(threads)
     path = resolve_model(model, err)
+    if speculation.draft is not None:
+        from dataclasses import replace as _replace
+
+        speculation = _replace(speculation, draft=str(resolve_model(speculation.draft, err)))
     code = run_chat(path, params=params, max_tokens=max_tokens, system=system, ctx=ctx, chat_template=chat_template,
                     markdown=markdown, color=not no_color, check_tensors=check_tensors, rope=rope,
-                    cache_types=cache_types)
+                    cache_types=cache_types, speculation=speculation)
     if code:
         raise typer.Exit(code)
 

@@ -24,6 +24,7 @@ from qcpu.memory import check_memory, kv_cache_bytes
 from qcpu.model import Qwen2Model
 from qcpu.rope import Rope
 from qcpu.sampling import SamplingParams, make_sampler
+from qcpu.speculative import Speculator, accept
 from qcpu.tokenizer import StreamDecoder, Tokenizer
 
 DEFAULT_CTX = 4096  # tokens of KV cache when the user names none (capped to the trained context)
@@ -48,6 +49,13 @@ class Stats:
     generate_seconds: float = 0.0
     first_token_seconds: float = 0.0
     stop_reason: str = ""
+    draft_passes: int = 0  # speculative decoding: passes that checked drafted tokens
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+
+    @property
+    def accepted_per_pass(self) -> float:
+        return self.accepted_tokens / self.draft_passes if self.draft_passes else 0.0
 
     @property
     def prompt_tps(self) -> float:
@@ -97,6 +105,7 @@ class Engine:
         check_memory(model.file.size, kv_cache_bytes(model.config, ctx, type_k, type_v), ctx=ctx)
         self._cache = model.new_cache(ctx, type_k=type_k, type_v=type_v)
         self._tokens: list[int] = []  # the token stream the cache has seen (evicted ones included)
+        self.speculator: Speculator | None = None  # drafts checked in one pass while decoding (speculative.py)
 
     @classmethod
     def load(cls, path: str | Path, ctx: int | None = None, chat_template: str | None = None,
@@ -261,6 +270,18 @@ class Engine:
             raise QcpuError("nothing to feed")
         return np.concatenate(outs) if all_logits else logits[-1]
 
+    def decode(self, tokens: Sequence[int]) -> np.ndarray:
+        """A few tokens (a decode step, or one with drafted tokens to check) after what the cache holds, in
+        one pass: logits float32[n, vocab] of every row, each bit for bit what feeding the tokens one at
+        a time gives (Qwen2Model.forward's `exact`), so speculative decoding keeps greedy output
+        identical. A full cache shifts first, as for any feed. Raises QcpuError when the tokens do not fit
+        the room."""
+        if len(tokens) > self.room:
+            raise QcpuError(f"{len(tokens)} tokens do not fit the {self.room} tokens of room")
+        logits = self.model.forward(tokens, self._cache, all_logits=True, exact=True)
+        self._tokens.extend(int(t) for t in tokens)
+        return logits
+
     def recent_tokens(self, n: int) -> list[int]:
         """The last n tokens of the stream (the sampler's penalty window)."""
         return self._tokens[-n:] if n > 0 else []
@@ -301,7 +322,12 @@ class Engine:
                        stats: Stats | None = None, rng: np.random.Generator | None = None,
                        truncate: bool = False) -> Iterator[tuple[int, np.ndarray]]:
         """As `generate_tokens`, with the logits float32[vocab] each token was sampled from (before any
-        penalty: the model's own distribution, for logprobs)."""
+        penalty: the model's own distribution, for logprobs).
+
+        With a `speculator` (and no grammar), each pass feeds the last token drawn together with the
+        tokens drafted after it (speculative.py) and keeps those the acceptance rule takes: greedy output
+        is plain decoding's token for token, sampled output has its distribution. The cache then holds
+        exactly the tokens yielded, as in plain decoding."""
         stats = stats if stats is not None else Stats()
         if len(prompt) == 0:
             raise QcpuError("empty prompt")
@@ -309,26 +335,66 @@ class Engine:
             raise QcpuError(f"prompt is {len(prompt)} tokens, longer than the context of "
                             f"{self.capacity} tokens (raise --ctx)")
         sampler = make_sampler(params, rng, self.tokenizer)
+        spec = self.speculator if params.grammar is None else None
+        if spec is not None:
+            spec.start(params, sampler.rng)
         t0 = time.perf_counter()
         logits = self.feed(prompt)
         stats.prompt_tokens += len(prompt)
         stats.prompt_seconds += time.perf_counter() - t0
         t1 = time.perf_counter()
         eot = self.tokenizer.eot_ids
-        for i in range(max_tokens):
-            token = sampler(logits, self._tokens)
-            if i == 0:
-                stats.first_token_seconds = time.perf_counter() - t0
+        token = sampler(logits, self._tokens)
+        stats.first_token_seconds = time.perf_counter() - t0
+        stats.stop_reason = "max tokens"
+        produced = 0
+        while produced < max_tokens:
             if token in eot:
                 stats.stop_reason = "end of turn"
                 break
+            produced += 1
             stats.generated_tokens += 1
+            if spec is not None:
+                spec.drawn(token)
             yield token, logits
-            logits = self.model.forward([token], self._cache)[-1]
-            self._tokens.append(token)
+            base = len(self._tokens)  # the stream index of `token` in the cache
+            # a draft may not reach past max_tokens, nor make the cache shift (a shift cannot be rewound)
+            limit = min(max_tokens - produced, self.capacity - self.n_held - 1)
+            draft = spec.propose(self._tokens + [token], limit) if spec is not None and limit > 0 else None
+            if not draft or not draft.tokens:
+                t_pass = time.perf_counter()
+                logits = self.decode([token])[-1]
+                if spec is not None:
+                    spec.checked(0, 0, 1, time.perf_counter() - t_pass)
+                stats.generate_seconds = time.perf_counter() - t1
+                if produced < max_tokens:
+                    token = sampler(logits, self._tokens)
+                continue
+            t_pass = time.perf_counter()
+            rows = self.decode([token] + draft.tokens)
+            seconds = time.perf_counter() - t_pass
+            taken, nxt = [], None
+            for j, (d, q) in enumerate(zip(draft.tokens, draft.q)):
+                p_ids, p_probs = sampler.distribution(rows[j], self._tokens[:base + 1 + j])
+                q_ids, q_probs = (np.array([d]), np.ones(1)) if q is None else q
+                ok, t = accept(p_ids, p_probs, d, q_ids, q_probs, sampler.rng)
+                if not ok or d in eot:  # an accepted end of turn ends the reply: not fed, as in plain decoding
+                    nxt = t
+                    break
+                taken.append(d)
+            if nxt is None:
+                nxt = sampler(rows[len(taken)], self._tokens)
+            spec.checked(len(draft.tokens), len(taken), 1 + len(draft.tokens), seconds)
+            self.rewind(base + 1 + len(taken))
+            stats.draft_passes += 1
+            stats.drafted_tokens += len(draft.tokens)
+            stats.accepted_tokens += len(taken)
+            for j, d in enumerate(taken):
+                produced += 1
+                stats.generated_tokens += 1
+                yield d, rows[j]
+            logits, token = rows[len(taken)], nxt
             stats.generate_seconds = time.perf_counter() - t1
-        else:
-            stats.stop_reason = "max tokens"
         stats.generate_seconds = time.perf_counter() - t1
 
     def stream(self, prompt: Sequence[int], params: SamplingParams, max_tokens: int,

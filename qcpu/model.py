@@ -44,14 +44,16 @@ class Qwen2Model:
         return KVCache(c.n_layers, capacity, c.n_kv_heads, c.head_dim, self.rope, keep=keep,
                        type_k=type_k or T.F16, type_v=type_v or T.F16)
 
-    def forward(self, tokens, cache: KVCache, all_logits: bool = False) -> np.ndarray:
+    def forward(self, tokens, cache: KVCache, all_logits: bool = False, exact: bool = False) -> np.ndarray:
         """Run tokens[n] after what the cache holds; logits float32[n or 1, vocab] (last position only
-        unless all_logits)."""
+        unless all_logits). `exact`: each row's logits bit for bit what feeding the tokens one at a time
+        gives (matvec products, decode attention per row): speculative verification, so that greedy
+        output is plain decoding's token for token. Meant for a few tokens: it is slower for a prompt."""
         tokens = np.asarray(tokens, dtype=np.int64)
         slots, positions, seqs = cache.reserve(len(tokens))
         try:
             return self._layers(tokens, positions, [(cache, slice(None), slots, seqs)],
-                                slice(None) if all_logits else slice(-1, None))
+                                slice(None) if all_logits else slice(-1, None), exact)
         except BaseException:  # Ctrl-C mid-pass: the cache must not claim tokens it half-holds
             cache.unreserve(slots)
             raise
@@ -79,9 +81,10 @@ class Qwen2Model:
                 cache.unreserve(slots)
             raise
 
-    def _layers(self, tokens, positions, segments, logit_rows):
+    def _layers(self, tokens, positions, segments, logit_rows, exact: bool = False):
         """The pass over rows x[n]; segments: (cache, its rows, their slots, their stream indices), one per
-        sequence. Logits float32[k, vocab] of the rows logit_rows selects from x (a slice or indices)."""
+        sequence. Logits float32[k, vocab] of the rows logit_rows selects from x (a slice or indices).
+        `exact`: see forward."""
         c, w = self.config, self.weights
         n = len(tokens)
         cos, sin = self.rope.cos_sin(positions)
@@ -89,7 +92,7 @@ class Qwen2Model:
         x = w.token_embd.take_rows(tokens)  # [n, dim]
         for layer, lw in enumerate(w.layers):
             h = rms_norm(x, lw.attn_norm, c.rms_eps)
-            q, k, v = matmul_many((lw.wq, lw.wk, lw.wv), h)
+            q, k, v = matmul_many((lw.wq, lw.wk, lw.wv), h, exact)
             q = (q + lw.bq).reshape(n, c.n_heads, c.head_dim)
             k = (k + lw.bk).reshape(n, c.n_kv_heads, c.head_dim)
             v = (v + lw.bv).reshape(n, c.n_kv_heads, c.head_dim)
@@ -98,12 +101,12 @@ class Qwen2Model:
             for cache, rows, slots, seqs in segments:  # rows in order: segment i holds the rows after i - 1's
                 cache.write(layer, slots, k[rows], v[rows])
                 outs.append(attention(q[rows], *cache.layer(layer), seqs, cache.type_k, cache.type_v,
-                                      cache.centers(layer)))
+                                      cache.centers(layer), exact))
             a = outs[0] if len(outs) == 1 else np.concatenate(outs)
-            x = x + lw.wo @ a.reshape(n, c.n_heads * c.head_dim)
+            x = x + lw.wo.matmul(a.reshape(n, c.n_heads * c.head_dim), exact)
 
             h = rms_norm(x, lw.ffn_norm, c.rms_eps)
-            x = x + lw.w_down @ swiglu(*matmul_many((lw.w_gate, lw.w_up), h))
+            x = x + lw.w_down.matmul(swiglu(*matmul_many((lw.w_gate, lw.w_up), h, exact)), exact)
 
         x = x[logit_rows]
-        return w.output @ rms_norm(x, w.output_norm, c.rms_eps)
+        return w.output.matmul(rms_norm(x, w.output_norm, c.rms_eps), exact)

@@ -520,8 +520,9 @@ def load_chat(path: Path, *, params, max_tokens: int, system: str | None, ctx: i
 
 def run_chat(path: Path, *, params, max_tokens: int, system: str | None, ctx: int | None, chat_template: str | None = None,
              markdown: bool = False, color: bool = True, check_tensors: bool = False, rope=None,
-             cache_types: tuple[str, str] = ("f16", "f16")) -> int:
-    """Run `qcpu chat` until the user leaves; the exit status. Raises QcpuError if it cannot start."""
+             cache_types: tuple[str, str] = ("f16", "f16"), speculation=None) -> int:
+    """Run `qcpu chat` until the user leaves; the exit status. `speculation`: speculative.SpecOptions
+    (None: none). Raises QcpuError if it cannot start."""
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     if os.environ.get("NO_COLOR"):
         color = False
@@ -530,6 +531,10 @@ def run_chat(path: Path, *, params, max_tokens: int, system: str | None, ctx: in
     chat = load_chat(path, params=params, max_tokens=max_tokens, system=system, ctx=ctx,
                      chat_template=chat_template, console=status_console, check_tensors=check_tensors, rope=rope,
                      cache_types=cache_types)
+    if speculation is not None:
+        from qcpu.speculative import attach
+
+        attach(chat.engine, speculation)
     if params.grammar is not None:
         params.grammar.check(chat.engine.tokenizer)  # a schema that cannot compile: one line, before any turn
     cfg = chat.engine.model.config

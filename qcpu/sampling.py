@@ -130,8 +130,65 @@ def _keep_min_p(ids, logits, p: float):
     return ids[keep], logits[keep]
 
 
-def make_sampler(params: SamplingParams, rng: np.random.Generator | None = None, tokenizer=None
-                 ) -> Callable[[np.ndarray, Sequence[int]], int]:
+class Sampler:
+    """One reply's sampler: `sampler(logits[vocab] float32, recent_tokens) -> token id`, and the
+    distribution it draws from (`distribution`, for speculative decoding's acceptance rule). Built by
+    make_sampler."""
+
+    def __init__(self, params: SamplingParams, rng: np.random.Generator, constraint):
+        self.params, self.rng, self.constraint = params, rng, constraint
+
+    @property
+    def greedy(self) -> bool:
+        """Temperature 0 (llama.cpp's temperature is a float32: 1e-320 is greedy)."""
+        return np.float32(self.params.temperature) == 0
+
+    def _filtered(self, logits: np.ndarray, recent: Sequence[int]):
+        """Penalties then top-k -> top-p -> min-p: (ids int64[k] or None for the greedy argmax, logits)."""
+        params = self.params
+        window = list(recent)[-params.repeat_last_n:]
+        logits = apply_repeat_penalty(logits, window, params.repeat_penalty)
+        logits = apply_presence_frequency(logits, window, params.presence_penalty, params.frequency_penalty)
+        if self.greedy:
+            return None, logits
+        ids, logits = _keep_top_k(None, logits, params.top_k)
+        if ids is None:
+            ids = np.arange(len(logits))
+        ids, logits = _keep_top_p(ids, logits, params.top_p)
+        return _keep_min_p(ids, logits, params.min_p)
+
+    def _probs(self, logits: np.ndarray) -> np.ndarray:
+        scaled = logits.astype(np.float64)
+        # shifted first: a tiny temperature sends the others to -inf, never the top one to +inf (inf - inf
+        # would be NaN)
+        return _softmax((scaled - scaled.max()) / self.params.temperature)
+
+    def distribution(self, logits: np.ndarray, recent: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+        """The distribution the next token is drawn from, after the penalties and filters: ids int64[k]
+        and probabilities float64[k] (summing to 1); greedy: the argmax with probability 1. Without the
+        grammar mask (speculative decoding does not run with a grammar)."""
+        ids, logits = self._filtered(np.asarray(logits, dtype=np.float32), recent)
+        if ids is None:
+            return np.array([int(np.argmax(logits))], dtype=np.int64), np.ones(1)
+        return ids.astype(np.int64), self._probs(logits)
+
+    def _draw(self, logits: np.ndarray, recent: Sequence[int]) -> int:
+        ids, logits = self._filtered(logits, recent)
+        if ids is None:
+            return int(np.argmax(logits))
+        probs = self._probs(logits)
+        return int(ids[self.rng.choice(len(ids), p=probs)])
+
+    def __call__(self, logits: np.ndarray, recent: Sequence[int] = ()) -> int:
+        logits = np.asarray(logits, dtype=np.float32)
+        if self.constraint is None:
+            return self._draw(logits, recent)
+        token = self._draw(self.constraint.mask(logits), recent)
+        self.constraint.accept(token)
+        return token
+
+
+def make_sampler(params: SamplingParams, rng: np.random.Generator | None = None, tokenizer=None) -> Sampler:
     """sampler(logits[vocab] float32, recent_tokens) -> token id, for one reply. Same seed, same tokens.
 
     `rng` continues a session's random stream (see `new_rng`); without it the stream starts from
@@ -144,29 +201,4 @@ def make_sampler(params: SamplingParams, rng: np.random.Generator | None = None,
     if params.grammar is not None and tokenizer is None:
         raise ValueError("make_sampler: a grammar needs the tokenizer")
     constraint = params.grammar.start(tokenizer) if params.grammar is not None else None
-
-    def draw(logits: np.ndarray, recent: Sequence[int]) -> int:
-        window = list(recent)[-params.repeat_last_n:]
-        logits = apply_repeat_penalty(logits, window, params.repeat_penalty)
-        logits = apply_presence_frequency(logits, window, params.presence_penalty, params.frequency_penalty)
-        if np.float32(params.temperature) == 0:  # llama.cpp's temperature is a float32: 1e-320 is greedy
-            return int(np.argmax(logits))
-        ids, logits = _keep_top_k(None, logits, params.top_k)
-        if ids is None:
-            ids = np.arange(len(logits))
-        ids, logits = _keep_top_p(ids, logits, params.top_p)
-        ids, logits = _keep_min_p(ids, logits, params.min_p)
-        scaled = logits.astype(np.float64)
-        probs = _softmax((scaled - scaled.max()) / params.temperature)  # shifted first: a tiny temperature
-        # sends the others to -inf, never the top one to +inf (inf - inf would be NaN)
-        return int(ids[rng.choice(len(ids), p=probs)])
-
-    def sample(logits: np.ndarray, recent: Sequence[int] = ()) -> int:
-        logits = np.asarray(logits, dtype=np.float32)
-        if constraint is None:
-            return draw(logits, recent)
-        token = draw(constraint.mask(logits), recent)
-        constraint.accept(token)
-        return token
-
-    return sample
+    return Sampler(params, rng, constraint)

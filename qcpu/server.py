@@ -542,14 +542,17 @@ class Server:
 
     def __init__(self, engines: list[Engine], model_id: str, defaults: SamplingParams, api_key: str | None = None,
                  max_queue: int = 8, log: Callable[[str], None] | None = None):
+        self.engines = list(engines)
         self.pool = SlotPool(engines, max_queue)
         self.batcher = Batcher()
+        self.counts = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
         self.active: set[Job] = set()  # jobs handed to the batcher and not done
         self.engine = engines[0]  # tokenizer and template (shared by all slots)
         self.model_id, self.defaults, self.api_key = model_id, defaults, api_key
         self.created = int(time.time())
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         routes = [Route("/health", self.health, methods=["GET"]),
+                  Route("/stats", self.stats, methods=["GET"]),
                   Route("/v1/models", self.models, methods=["GET"]),
                   Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
                   Route("/v1/completions", self.completions, methods=["POST"])]
@@ -592,6 +595,10 @@ class Server:
     def _finish(self, request: Request, status: int, t0: float, job: Job | None = None, done=None) -> None:
         """The request's log line: method, path, status, tokens, seconds."""
         tokens = f" prompt {done[2]} tok, completion {done[3]} tok" if done else ""
+        if done:
+            self.counts["requests"] += 1
+            self.counts["prompt_tokens"] += done[2]
+            self.counts["completion_tokens"] += done[3]
         if job is not None and done is None and status == 200:
             tokens = " (the client left)"
         self.log(f"{request.method} {request.url.path} {status}{tokens} {time.perf_counter() - t0:.2f}s")
@@ -599,6 +606,21 @@ class Server:
     # -- endpoints -----------------------------------------------------------------------------------
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
+
+    async def stats(self, request: Request) -> Response:
+        """The slots (busy or not, tokens cached), the queue, totals since start, and the KV cache's
+        types and bytes (every slot's, allocated at start)."""
+        try:
+            self._check_key(request)
+        except ApiError as e:
+            return e.response()
+        free = {id(e) for e in self.pool.free}
+        slots = [{"id": i, "busy": id(e) not in free, "n_cached": e.n_held, "n_ctx": e.capacity}
+                 for i, e in enumerate(self.engines)]
+        type_k, type_v = self.engine.cache_types
+        return JSONResponse({"slots": slots, "queue": self.pool.waiting, **self.counts,
+                             "kv_cache": {"type_k": type_k, "type_v": type_v,
+                                          "bytes": sum(e.cache_bytes for e in self.engines)}})
 
     async def models(self, request: Request) -> Response:
         try:

@@ -43,6 +43,10 @@ class QTensor:
         """x[n, cols] -> x @ W.T, float32[n, rows]."""
         return kernels.matmul(self.raw, self.ggml_type, x, self.packed)
 
+    def matmul(self, x: np.ndarray, exact: bool = False) -> np.ndarray:
+        """`self @ x`; with `exact`, each row bit for bit its one-token product (kernels.matmul)."""
+        return kernels.matmul(self.raw, self.ggml_type, x, self.packed, exact)
+
     def take_rows(self, ids: np.ndarray) -> np.ndarray:
         """Dequantize the rows `ids` (embedding lookup): float32[len(ids), cols]."""
         rows, ids = self.raw, np.asarray(ids, dtype=np.int64)
@@ -53,10 +57,11 @@ class QTensor:
         return kernels.dequantize(np.ascontiguousarray(rows[ids]), self.ggml_type, self.cols)
 
 
-def matmul_many(tensors: tuple[QTensor, ...], x: np.ndarray) -> list[np.ndarray]:
+def matmul_many(tensors: tuple[QTensor, ...], x: np.ndarray, exact: bool = False) -> list[np.ndarray]:
     """[x @ W.T for W in tensors], float32[n, W.rows] each, for weights that read the same x[n, cols]
-    (Q/K/V, gate/up): in decode each quant type's weights are one pass (kernels.matmul_many)."""
-    return kernels.matmul_many([(t.raw, t.ggml_type, t.packed) for t in tensors], x)
+    (Q/K/V, gate/up): in decode each quant type's weights are one pass (kernels.matmul_many). `exact`:
+    each row bit for bit its one-token product."""
+    return kernels.matmul_many([(t.raw, t.ggml_type, t.packed) for t in tensors], x, exact)
 
 
 _PACK_CHUNK_BYTES = 8 << 20  # file bytes read per step while repacking

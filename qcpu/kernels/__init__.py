@@ -183,9 +183,10 @@ def dequantize(w: np.ndarray, ggml_type: int, cols: int) -> np.ndarray:
 _TILE_ROWS = 512
 
 
-def matmul(w: np.ndarray, ggml_type: int, x: np.ndarray, packed: bool = False) -> np.ndarray:
+def matmul(w: np.ndarray, ggml_type: int, x: np.ndarray, packed: bool = False, exact: bool = False) -> np.ndarray:
     """y = x @ W.T for raw weight blocks W (uint8[rows, row_bytes], or the packed variant's layout with
-    `packed`) and float32 x[n, cols] -> [n, rows].
+    `packed`) and float32 x[n, cols] -> [n, rows]. `exact`: every row through the matvec path, whatever
+    n, so each output row is bit for bit its one-token matvec (speculative verification).
 
     Fewer tokens than the type's gemm_min_tokens: the type's fused dequant-dot matvec (each weight row read
     once for all of them, where the type has matvec_many; else one matvec per token).
@@ -197,7 +198,7 @@ def matmul(w: np.ndarray, ggml_type: int, x: np.ndarray, packed: bool = False) -
     n, cols = x.shape
     rows = w.shape[0] * kernel.group_rows
     out = np.empty((n, rows), dtype=np.float32)
-    if n < kernel.gemm_min_tokens:
+    if exact or n < kernel.gemm_min_tokens:
         if kernel.matvec_many is not None:
             kernel.matvec_many((w,), np.ascontiguousarray(x, dtype=np.float32), (out,))
         else:
@@ -223,20 +224,20 @@ def matmul(w: np.ndarray, ggml_type: int, x: np.ndarray, packed: bool = False) -
     return out
 
 
-def matmul_many(pairs, x: np.ndarray) -> list[np.ndarray]:
+def matmul_many(pairs, x: np.ndarray, exact: bool = False) -> list[np.ndarray]:
     """[x @ W.T for each (W, ggml_type) or (W, ggml_type, packed) in pairs]: several weights that read the
     same x float32[n, cols] (Q/K/V, gate/up), float32[n, rows_W] each. Fewer tokens than a type's
     gemm_min_tokens (decode, a server's batch): the weights of each type (and layout) go through its
     matvec_many together (x quantized once per type, one parallel region, each weight row read once for
-    all n tokens); else as `matmul` one by one."""
+    all n tokens); else as `matmul` one by one. `exact`: as `matmul`'s."""
     pairs = [(w, t, bool(more and more[0])) for w, t, *more in pairs]
     x = np.ascontiguousarray(x, dtype=np.float32)
     n = x.shape[0]
     outs: list = [None] * len(pairs)
-    for kernel, idx in _groups(pairs, n):
-        if kernel is None:  # the batched path
+    for kernel, idx in _groups(pairs, n, exact):
+        if kernel is None:  # the batched path, or a type without matvec_many
             w, t, packed = pairs[idx[0]]
-            outs[idx[0]] = matmul(w, t, x, packed)
+            outs[idx[0]] = matmul(w, t, x, packed, exact)
             continue
         ws = tuple(pairs[i][0] for i in idx)
         group = tuple(np.empty((n, pairs[i][0].shape[0] * kernel.group_rows), dtype=np.float32) for i in idx)
@@ -249,20 +250,20 @@ def matmul_many(pairs, x: np.ndarray) -> list[np.ndarray]:
 _GROUPINGS: dict[tuple, list] = {}
 
 
-def _groups(pairs, n: int) -> list[tuple[QuantKernel | None, list[int]]]:
+def _groups(pairs, n: int, exact: bool = False) -> list[tuple[QuantKernel | None, list[int]]]:
     """How matmul_many runs `pairs` for n tokens: (kernel, indices) per matvec pass (weights of one type
     and layout, and one array type, since Numba indexes a tuple at run time only if its arrays share
     one), (None, [i]) per weight that takes the batched path. It depends only on the weights' shapes,
     types and flags and on n, so it is worked out once for each (a decode step asks the same several
     times per layer)."""
-    key = (n, *((w.shape, w.flags.c_contiguous, w.flags.writeable, t, p) for w, t, p in pairs))
+    key = (n, exact, *((w.shape, w.flags.c_contiguous, w.flags.writeable, t, p) for w, t, p in pairs))
     plan = _GROUPINGS.get(key)
     if plan is None:
         by_type: dict[tuple, list[int]] = {}
         plan = []
         for i, (w, t, packed) in enumerate(pairs):
             kernel = kernel_for(t, packed)
-            if n < kernel.gemm_min_tokens and kernel.matvec_many is not None:
+            if (exact or n < kernel.gemm_min_tokens) and kernel.matvec_many is not None:
                 by_type.setdefault((int(t), packed, w.flags.c_contiguous, w.flags.writeable), []).append(i)
             else:
                 plan.append((None, [i]))

@@ -1,0 +1,335 @@
+"""Speculative decoding: guess several tokens cheaply, check them in one pass of the model.
+
+Decode reads every weight once per token; a pass over a few tokens costs little more (the multi-token
+matvec reads each weight once for all of them). So a drafter proposes up to `draft_max` tokens, the target
+model scores the pending token and the drafts in one exact pass (`Engine.decode`: each row bit for bit a
+one-token step), and the drafts are accepted from the left by speculative sampling's rule:
+
+    accept draft x with probability min(1, p(x) / q(x)); at the first rejection draw from
+    normalize(max(0, p - q)) instead and drop the rest; if all are accepted, draw one more from p
+
+(Leviathan et al. 2023, "Fast Inference from Transformers via Speculative Decoding", Algorithm 1; Chen et
+al. 2023). p is the target's distribution after the sampler's penalties and filters, q the drafter's. The
+output then has the target's distribution exactly; greedy (p one-hot) gives plain decoding's tokens.
+
+Drafters:
+- `NgramLookup`: prompt lookup decoding (llama.cpp's lookup, HF's prompt_lookup_num_tokens): the text that
+  followed the latest earlier occurrence of the last n tokens. q is one-hot.
+- `DraftModel`: a smaller model with the same vocabulary (llama.cpp's `-md`), on its own Engine and KV
+  cache; greedy drafts for a greedy target (stopping below `p_min`, llama.cpp's --draft-p-min), drafts
+  drawn from its own filtered distribution otherwise.
+
+`Speculator` decides how many tokens to draft each step from the measured acceptance rate and the
+measured cost of a pass by its size, so lookup turns itself off where it does not pay (plain chat) and
+on where it does (edits, code echoed back); while off, the acceptance of the drafts it would have made is
+still measured, for free, against the tokens actually drawn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from qcpu.errors import QcpuError
+from qcpu.sampling import Sampler, SamplingParams, make_sampler
+
+if TYPE_CHECKING:
+    from qcpu.generate import Engine
+
+DRAFT_MAX = 16  # llama.cpp's --draft-max default
+DRAFT_MIN = 0  # llama.cpp's --draft-min: fewer drafted tokens than this are not checked
+DRAFT_P_MIN = 0.75  # llama.cpp's --draft-p-min: a greedy draft stops below this probability
+NGRAM_MAX, NGRAM_MIN = 4, 2  # lookup: the longest n-gram tried first (llama.cpp's LLAMA_NGRAM_MAX is 4)
+VOCAB_MAX_DIFFERENCE = 128  # llama.cpp's SPEC_VOCAB_MAX_SIZE_DIFFERENCE
+
+
+# ---- the acceptance rule ---------------------------------------------------------------------------
+
+def accept(p_ids: np.ndarray, p_probs: np.ndarray, token: int, q_ids: np.ndarray, q_probs: np.ndarray,
+           rng: np.random.Generator) -> tuple[bool, int]:
+    """Speculative sampling's rule for one drafted `token` drawn from q: (True, token) with probability
+    min(1, p(token) / q(token)), else (False, a token drawn from normalize(max(0, p - q))). p and q are
+    sparse distributions: ids int64[k] with probabilities float64[k] (Sampler.distribution); a one-hot q
+    (a deterministic draft) is q_ids [token], q_probs [1]. No random number is used when p(token) >=
+    q(token) or when the residual has one token (a greedy p). Raises ValueError when q(token) is 0."""
+    p_x = float(p_probs[p_ids == token].sum())
+    q_x = float(q_probs[q_ids == token].sum())
+    if q_x <= 0:
+        raise ValueError("accept: the drafted token has no probability under q")
+    if p_x >= q_x or (p_x > 0 and rng.random() < p_x / q_x):
+        return True, token
+    # residual over p's support (where p - q can be positive): p minus q there, clipped at 0
+    q_on_p = np.zeros(len(p_ids))
+    order = np.argsort(q_ids)
+    at = np.searchsorted(q_ids[order], p_ids)
+    found = (at < len(q_ids)) & (q_ids[order][np.minimum(at, len(q_ids) - 1)] == p_ids)
+    q_on_p[found] = q_probs[order][at[found]]
+    residual = np.maximum(p_probs - q_on_p, 0.0)
+    total = residual.sum()
+    if total <= 0:  # p == q on p's support: cannot happen after a rejection, bar rounding
+        residual, total = p_probs.copy(), p_probs.sum()
+    if np.count_nonzero(residual) == 1:
+        return False, int(p_ids[np.argmax(residual)])
+    return False, int(p_ids[rng.choice(len(p_ids), p=residual / total)])
+
+
+# ---- drafters --------------------------------------------------------------------------------------
+
+@dataclass
+class Draft:
+    """Drafted tokens and, for each, the distribution it was drawn from (None: one-hot on the token)."""
+    tokens: list[int]
+    q: list[tuple[np.ndarray, np.ndarray] | None]
+
+
+class NgramLookup:
+    """Prompt lookup: the last n tokens of the stream (n from NGRAM_MAX down to NGRAM_MIN) searched for in
+    the earlier stream; the tokens that followed their latest occurrence are the draft. The stream is kept
+    as a growing int32 array, so a search is a few vectorized compares over it (~50 us at 32K tokens)."""
+
+    def __init__(self, ngram_max: int = NGRAM_MAX, ngram_min: int = NGRAM_MIN):
+        self.ngram_max, self.ngram_min = ngram_max, ngram_min
+        self._buf = np.empty(1024, dtype=np.int32)
+        self._seen: list[int] = []
+
+    def _sync(self, tokens: Sequence[int]) -> np.ndarray:
+        n = len(tokens)
+        keep = 0
+        for keep, (a, b) in enumerate(zip(self._seen, tokens)):  # usually all of _seen
+            if a != b:
+                break
+        else:
+            keep = min(len(self._seen), n)
+        if len(self._buf) < n:
+            self._buf = np.resize(self._buf, max(n, 2 * len(self._buf)))
+        self._buf[keep:n] = tokens[keep:n]
+        self._seen = list(tokens)
+        return self._buf[:n]
+
+    def draft(self, tokens: Sequence[int], n: int) -> Draft:
+        """Up to n tokens continuing `tokens` (the whole stream: prompt and reply so far)."""
+        a = self._sync(tokens)
+        size = len(a)
+        for g in range(min(self.ngram_max, size - 1), self.ngram_min - 1, -1):
+            tail = a[size - g:]
+            # candidate starts i in [0, size - g - 1]: an earlier occurrence followed by at least one token
+            hit = a[:size - g] == tail[0]
+            for j in range(1, g):
+                hit &= a[j:size - g + j] == tail[j]
+            where = np.flatnonzero(hit)
+            if len(where):
+                start = int(where[-1]) + g
+                out = [int(t) for t in a[start:start + n]]
+                return Draft(out, [None] * len(out))
+        return Draft([], [])
+
+    def close(self) -> None:
+        pass
+
+
+def check_vocabularies(target, draft) -> None:
+    """llama.cpp's rule for a draft model (common_speculative_are_compatible): vocabulary sizes within
+    VOCAB_MAX_DIFFERENCE and the same token bytes over the shared ids. Raises QcpuError (one line)."""
+    a, b = target.tokenizer, draft.tokenizer
+    if abs(a.vocab_size - b.vocab_size) > VOCAB_MAX_DIFFERENCE:
+        raise QcpuError(f"the draft model's vocabulary ({b.vocab_size} tokens) differs from the model's "
+                        f"({a.vocab_size}): a draft must share its tokenizer")
+    for i in range(min(a.vocab_size, b.vocab_size)):
+        if a.token_bytes(i) != b.token_bytes(i):
+            raise QcpuError(f"the draft model's token {i} is {b.token_bytes(i)!r}, the model's is "
+                            f"{a.token_bytes(i)!r}: a draft must share its tokenizer")
+
+
+class DraftModel:
+    """A smaller model with the same vocabulary, on its own Engine (its own KV cache, kept in step with the
+    target's stream by Engine.sync: only new tokens are fed)."""
+
+    def __init__(self, engine: "Engine", p_min: float = DRAFT_P_MIN):
+        self.engine, self.p_min = engine, p_min
+        self.sampler: Sampler | None = None
+
+    def start(self, params: SamplingParams, rng: np.random.Generator) -> None:
+        """A reply starts: greedy drafts for a greedy target, else drawn with the reply's own settings."""
+        self.sampler = make_sampler(SamplingParams(**{**params.__dict__, "grammar": None}), rng)
+
+    def draft(self, tokens: Sequence[int], n: int) -> Draft:
+        e = self.engine
+        out = Draft([], [])
+        if n <= 0:
+            return out
+        rest = e.sync(tokens)
+        if len(tokens) + n > e.capacity:
+            return out  # the draft's context would shift: not worth it
+        logits = e.feed(rest)
+        sampler = self.sampler
+        vocab = len(logits)
+        for i in range(n):
+            ids, probs = sampler.distribution(logits, e.recent_tokens(sampler.params.repeat_last_n))
+            if sampler.greedy:
+                top = np.exp(logits.astype(np.float64) - logits.max())
+                if top.max() / top.sum() < self.p_min:
+                    break
+                token, q = int(ids[0]), None
+            else:
+                token, q = int(ids[sampler.rng.choice(len(ids), p=probs)]), (ids, probs)
+            if token >= vocab or token in e.tokenizer.eot_ids:
+                break
+            out.tokens.append(token)
+            out.q.append(q)
+            if i + 1 < n:
+                logits = e.decode([token])[-1]
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+# ---- the policy ------------------------------------------------------------------------------------
+
+@dataclass
+class SpecStats:
+    """Counters of one reply (or a server's lifetime): verification passes, tokens drafted and checked,
+    tokens accepted."""
+    passes: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+    @property
+    def accepted_per_pass(self) -> float:
+        return self.accepted / self.passes if self.passes else 0.0
+
+    def add(self, other: "SpecStats") -> None:
+        self.passes += other.passes
+        self.drafted += other.drafted
+        self.accepted += other.accepted
+
+
+class Speculator:
+    """How many tokens to draft each step: the k in 0..draft_max that maximizes the expected tokens per
+    unit of time, (1 + a + ... + a^k) / (cost(k + 1) / cost(1)), where a is the measured acceptance rate
+    (a running average) and cost(n) the measured seconds of an n-token pass (a running average per n;
+    unmeasured sizes from a prior slope). `always` (an explicit --lookup or a draft model) drafts whenever
+    the drafter has something, up to draft_max, as llama.cpp does. The acceptance of a lookup draft that
+    was not checked is measured against the token actually drawn."""
+
+    PRIOR_SLOPE = 0.35  # cost(n) / cost(1) ~ 1 + slope (n - 1) before a size is measured (Q4_K_M, 2 threads)
+    DECAY = 0.9  # running averages: weight of the past
+
+    def __init__(self, drafter, draft_max: int = DRAFT_MAX, draft_min: int = DRAFT_MIN, always: bool = False):
+        if draft_max < 1 or draft_min < 0:
+            raise QcpuError(f"--draft-max must be >= 1 and --draft-min >= 0 (got {draft_max}, {draft_min})")
+        self.drafter, self.draft_max, self.draft_min, self.always = drafter, draft_max, draft_min, always
+        self.rate = 0.5  # acceptance prior: one try is cheap
+        self.cost: dict[int, float] = {}
+        self._shadow: list[int] = []  # an unchecked lookup draft, to score against the tokens drawn
+        self.stats = SpecStats()
+
+    @property
+    def is_lookup(self) -> bool:
+        return isinstance(self.drafter, NgramLookup)
+
+    def start(self, params: SamplingParams, rng: np.random.Generator) -> None:
+        self._shadow = []
+        if isinstance(self.drafter, DraftModel):
+            self.drafter.start(params, rng)
+
+    def _ratio(self, n: int) -> float:
+        c1 = self.cost.get(1)
+        if c1 and n in self.cost:
+            return self.cost[n] / c1
+        return 1.0 + self.PRIOR_SLOPE * (n - 1)
+
+    def budget(self, limit: int) -> int:
+        """Tokens worth drafting now (limit: room left in the reply and the cache)."""
+        k_max = min(self.draft_max, limit)
+        if k_max <= 0:
+            return 0
+        if self.always:
+            return k_max
+        best_k, best = 0, 1.0
+        gain, term = 1.0, 1.0
+        for k in range(1, k_max + 1):
+            term *= self.rate
+            gain += term
+            value = gain / self._ratio(k + 1)
+            if value > best * 1.02:  # a longer pass must be clearly better
+                best_k, best = k, value
+        return best_k
+
+    def propose(self, tokens: Sequence[int], limit: int) -> Draft:
+        """The draft after `tokens` (the stream including the pending token), maybe empty."""
+        k = self.budget(limit)
+        self._shadow = []
+        if k == 0:
+            if self.is_lookup and limit > 0:  # not checked: scored later against what is drawn
+                self._shadow = self.drafter.draft(tokens, min(self.draft_max, limit, 8)).tokens
+            return Draft([], [])
+        draft = self.drafter.draft(tokens, k)
+        if len(draft.tokens) < max(1, self.draft_min):
+            return Draft([], [])
+        return draft
+
+    def drawn(self, token: int) -> None:
+        """A token drawn by plain decoding (no draft checked): score the unchecked draft against it."""
+        if self._shadow:
+            hit = self._shadow[0] == token
+            self._update(1 if hit else 0, 1)
+            self._shadow = self._shadow[1:] if hit else []
+
+    def checked(self, drafted: int, accepted: int, n_pass: int, seconds: float) -> None:
+        """A pass of n_pass tokens took `seconds`; `accepted` of its `drafted` drafts were taken."""
+        self.cost[n_pass] = seconds if n_pass not in self.cost else (
+            self.DECAY * self.cost[n_pass] + (1 - self.DECAY) * seconds)
+        if drafted:
+            self.stats.passes += 1
+            self.stats.drafted += drafted
+            self.stats.accepted += accepted
+            # a rejection ends the run: accepted successes, then one failure (if any)
+            self._update(accepted, accepted + (1 if accepted < drafted else 0))
+
+    def _update(self, hits: int, trials: int) -> None:
+        for i in range(trials):
+            self.rate = self.DECAY * self.rate + (1 - self.DECAY) * (1.0 if i < hits else 0.0)
+
+    def close(self) -> None:
+        self.drafter.close()
+
+
+
+
+# ---- set-up from the command line --------------------------------------------------------------------
+
+@dataclass
+class SpecOptions:
+    """What the CLI asked for: a draft model (`--draft`/-md), or prompt lookup (`lookup`: True = always
+    draft, False = never, None = on when it pays, the default), and llama.cpp's draft limits."""
+    draft: str | None = None
+    draft_max: int = DRAFT_MAX
+    draft_min: int = DRAFT_MIN
+    p_min: float = DRAFT_P_MIN
+    lookup: bool | None = None
+
+
+def attach(engine: "Engine", options: SpecOptions | None) -> Speculator | None:
+    """Give `engine` the speculator the options ask for (engine.speculator; None for none). A draft model
+    is loaded with the target's context size and checked for the same vocabulary. Raises QcpuError (one
+    line) for a bad draft file, a different vocabulary, or bad limits."""
+    if options is None or (options.draft is None and options.lookup is False):
+        engine.speculator = None
+        return None
+    if not 0.0 <= options.p_min <= 1.0:
+        raise QcpuError(f"--draft-p-min must be in [0, 1], got {options.p_min}")
+    if options.draft is not None:
+        from qcpu.generate import Engine
+
+        if options.lookup:
+            raise QcpuError("--lookup and --draft are two ways to draft: give one")
+        draft = Engine.load(options.draft, ctx=engine.capacity)
+        check_vocabularies(engine, draft)
+        spec = Speculator(DraftModel(draft, options.p_min), options.draft_max, options.draft_min, always=True)
+    else:
+        spec = Speculator(NgramLookup(), options.draft_max, options.draft_min, always=bool(options.lookup))
+    engine.speculator = spec
+    return spec
