@@ -190,3 +190,68 @@ def best_of_llama_cpp(path: Path, n_prompt: int, n_gen: int, repeats: int, threa
     best = {key: max(r[key] for r in runs.values()) for key in ("pp_tps", "tg_tps")}
     best["rss_mb"] = min(r["rss_mb"] for r in runs.values())
     return {**runs, "best": best}
+
+
+def bench_speculative(path: Path, options, n_gen: int, sets: tuple[str, ...] = ("chat", "edit"),
+                      ctx: int = 4096, progress=None) -> dict:
+    """Decode tokens/s with and without speculative decoding (`options`: speculative.SpecOptions) on the
+    fixed prompts of bench_prompts (greedy, Qwen's repeat penalty, `n_gen` tokens at most per reply). For
+    each prompt the modes run back to back (plain first), so the machine's drift hits them alike; the
+    generated seconds exclude the prompt (and the draft model reading it). Lookup is measured as users get
+    it (on by measured acceptance) and always on. Per set: tokens, seconds, tok/s per mode, the ratios to
+    plain, accepted tokens per checking pass, and whether every reply equals plain decoding's (it must).
+    `progress(text)` is called before each reply. Raises QcpuError for a bad model or draft."""
+    from dataclasses import replace
+
+    from qcpu.bench_prompts import SETS
+    from qcpu.generate import Engine, Stats
+    from qcpu.sampling import SamplingParams
+    from qcpu.speculative import attach
+
+    engine = Engine.load(path, ctx=ctx)
+    modes = {"plain": None}
+    if options.draft is not None:
+        modes["draft"] = options
+    else:
+        modes["lookup"] = replace(options, lookup=None)
+        modes["lookup always"] = replace(options, lookup=True)
+    speculators = {}
+    for name, opts in modes.items():  # one speculator per mode for the whole run: it learns as in a chat
+        speculators[name] = attach(engine, opts) if opts is not None else None
+    params = SamplingParams(temperature=0.0, seed=0)
+    warm = engine.chat_prompt_tokens([{"role": "user", "content": "Say hi twice: hi hi hi hi"}])
+    for name in modes:  # compile every path before timing
+        engine.reset()
+        engine.speculator = speculators[name]
+        list(engine.generate_tokens(warm, params, 12))
+    out: dict = {"model": Path(path).name, "n_gen": n_gen, "draft": options.draft, "sets": {}}
+    for set_name in sets:
+        totals = {name: Stats() for name in modes}
+        same = True
+        for i, text in enumerate(SETS[set_name]):
+            replies = {}
+            for name in modes:
+                if progress:
+                    progress(f"{set_name} {i + 1}/{len(SETS[set_name])}: {name}")
+                engine.reset()
+                engine.speculator = speculators[name]
+                prompt = engine.chat_prompt_tokens([{"role": "user", "content": text}])
+                s = Stats()
+                replies[name] = list(engine.generate_tokens(prompt, params, n_gen, s))
+                t = totals[name]
+                t.generated_tokens += s.generated_tokens
+                t.generate_seconds += s.generate_seconds
+                t.draft_passes += s.draft_passes
+                t.drafted_tokens += s.drafted_tokens
+                t.accepted_tokens += s.accepted_tokens
+            same &= all(r == replies["plain"] for r in replies.values())
+        plain_tps = totals["plain"].generate_tps
+        out["sets"][set_name] = {
+            "prompts": len(SETS[set_name]), "identical": same,
+            "modes": {name: {"tokens": t.generated_tokens, "seconds": t.generate_seconds, "tok_s": t.generate_tps,
+                             "ratio": t.generate_tps / plain_tps if plain_tps else float("nan"),
+                             "drafted": t.drafted_tokens, "accepted": t.accepted_tokens,
+                             "accepted_per_pass": t.accepted_per_pass}
+                      for name, t in totals.items()}}
+    engine.speculator = None
+    return out

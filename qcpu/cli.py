@@ -352,6 +352,8 @@ def serve(
     rope_scaling: Optional[str] = RopeScaling, rope_scale: Optional[float] = RopeScale,
     yarn_orig_ctx: Optional[int] = YarnOrigCtx, rope_freq_base: Optional[float] = RopeFreqBase,
     cache_type_k: str = CacheTypeK, cache_type_v: str = CacheTypeV,
+    draft: Optional[str] = DraftModelOpt, draft_max: int = DraftMax, draft_min: int = DraftMin,
+    draft_p_min: float = DraftPMin, lookup: Optional[bool] = LookupOpt,
     verbose: bool = typer.Option(False, "--verbose", help="uvicorn's own log lines too."),
 ):
     """An OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models, /health).
@@ -376,11 +378,19 @@ def serve(
         defaults = replace(defaults, seed=None)
     rope = _rope(rope_scaling, rope_scale, yarn_orig_ctx, rope_freq_base)
     cache_types = _cache_types(cache_type_k, cache_type_v)
+    speculation = _speculation(draft, draft_max, draft_min, draft_p_min, lookup)
     first = _load_engine(model, ctx, threads, chat_template, check_tensors, rope, cache_types)
     if parallel > 1:  # one KV cache per slot over the one model: check they all fit first
         check_memory(first.model.file.size, parallel * first.cache_bytes, ctx=first.capacity)
     engines = [first] + [Engine(first.model, first.tokenizer, first.template, first.capacity, *cache_types)
                          for _ in range(parallel - 1)]
+    _attach_draft(first, speculation)
+    if first.speculator is not None:  # every slot its own drafter and acceptance, one table of pass costs
+        from qcpu.speculative import attach
+
+        drafter = getattr(first.speculator.drafter, "engine", None)  # the draft model, loaded once
+        for e in engines[1:]:
+            attach(e, speculation, first.speculator.costs, drafter)
     run_server(engines, alias or first.model.file.path.name, defaults, host, port, api_key, queue, verbose)
 
 
@@ -555,11 +565,27 @@ def bench(
                                            help="Run llama-cpp-python too, same run and sizes, flash attention off and "
                                                 "on; ratios are against the faster."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    draft: Optional[str] = typer.Option(None, "--draft", "-md", "--model-draft", metavar="MODEL", show_default=False,
+                                        help="Speculative decoding with this draft model: decode tok/s with and "
+                                             "without on fixed chat and code-edit prompts (greedy)."),
+    lookup: bool = typer.Option(False, "--lookup", help="The same for prompt lookup (as users get it, and always on)."),
+    draft_max: int = DraftMax, draft_min: int = DraftMin, draft_p_min: float = DraftPMin,
 ):
-    """Prompt-processing and generation speed, time to first token and memory (llama-bench's pp/tg)."""
+    """Prompt-processing and generation speed, time to first token and memory (llama-bench's pp/tg).
+
+    With --draft or --lookup: speculative decoding's decode speed against plain decoding instead."""
     import numba
 
     from qcpu.models import resolve_model
+
+    if draft is not None or lookup:
+        if draft is not None and lookup:
+            raise typer.BadParameter("--lookup and --draft are two ways to draft: give one")
+        speculation = _speculation(draft, draft_max, draft_min, draft_p_min, None)
+        _positive("--n-gen", n_gen)
+        _set_threads(None if threads is None else _thread_list(threads)[0])
+        _bench_speculative(resolve_model(model, err), speculation, n_gen, as_json)
+        return
 
     for name, value in (("--n-prompt", n_prompt), ("--n-gen", n_gen), ("--repeats", repeats)):
         _positive(name, value)
@@ -582,6 +608,39 @@ def bench(
                                   compare_llama_cpp, as_json))
     if as_json:
         print(json.dumps(results[0] if len(results) == 1 else results))
+
+
+def _bench_speculative(path, speculation, n_gen: int, as_json: bool) -> None:
+    from dataclasses import replace
+
+    from rich.table import Table
+
+    from qcpu.bench import bench_speculative
+
+    if speculation.draft is not None:
+        speculation = replace(speculation, draft=str(resolve_draft(speculation.draft)))
+    with err.status("speculative decoding bench") as status:
+        result = bench_speculative(path, speculation, n_gen, progress=lambda text: status.update(text))
+    if as_json:
+        print(json.dumps(result))
+        return
+    for set_name, r in result["sets"].items():
+        table = Table(title=f"{path.name}, {set_name} prompts ({r['prompts']}), greedy, up to {n_gen} tokens"
+                            + (f", draft {Path(speculation.draft).name}" if speculation.draft else ""))
+        for col in ("", "tokens", "tok/s", "vs plain", "accepted/drafted", "per pass"):
+            table.add_column(col, justify="right" if col else "left")
+        for name, m in r["modes"].items():
+            table.add_row(name, str(m["tokens"]), f"{m['tok_s']:.2f}", f"{m['ratio']:.2f}x",
+                          f"{m['accepted']}/{m['drafted']}" if m["drafted"] else "",
+                          f"{m['accepted_per_pass']:.2f}" if m["drafted"] else "")
+        Console().print(table)
+        Console().print("replies identical to plain decoding: " + ("yes" if r["identical"] else "NO"))
+
+
+def resolve_draft(name: str):
+    from qcpu.models import resolve_model
+
+    return resolve_model(name, err)
 
 
 def _bench_one(path, n_threads, n_prompt, n_gen, repeats, depth, cache_types, compare_llama_cpp, as_json) -> dict:

@@ -24,7 +24,7 @@ from qcpu.memory import check_memory, kv_cache_bytes
 from qcpu.model import Qwen2Model
 from qcpu.rope import Rope
 from qcpu.sampling import SamplingParams, make_sampler
-from qcpu.speculative import Speculator, accept
+from qcpu.speculative import Speculator, check
 from qcpu.tokenizer import StreamDecoder, Tokenizer
 
 DEFAULT_CTX = 4096  # tokens of KV cache when the user names none (capped to the trained context)
@@ -287,11 +287,14 @@ class Engine:
         return self._tokens[-n:] if n > 0 else []
 
     @staticmethod
-    def step_together(engines: Sequence["Engine"], tokens: Sequence) -> np.ndarray:
+    def step_together(engines: Sequence["Engine"], tokens: Sequence, all_logits=False, exact: bool = False):
         """Several engines over the same model fed in one pass (the weights are read once for all:
         Qwen2Model.forward_batch): tokens[i] is one token id (a decode step) or a list of them (a prompt
-        chunk, at most `room`). Logits float32[len(engines), vocab], each engine's last token's. Raises
-        ValueError when the engines do not share one model or repeat, QcpuError when a chunk does not fit."""
+        chunk, or a token and its drafts; at most `room`). Logits float32[len(engines), vocab], each
+        engine's last token's; with all_logits (True, or one bool per engine) a list of float32[len(tokens[i])
+        or 1, vocab] (Qwen2Model.forward_batch). `exact`: every
+        row bit for bit a one-token step (Qwen2Model.forward). Raises ValueError when the engines do not
+        share one model or repeat, QcpuError when a chunk does not fit."""
         if len({id(e.model) for e in engines}) != 1:
             raise ValueError("step_together: the engines must share one model")
         seqs = [[int(t)] if np.ndim(t) == 0 else [int(x) for x in t] for t in tokens]
@@ -299,9 +302,11 @@ class Engine:
             if len(seq) > 1 and len(seq) > e.room:
                 raise QcpuError(f"a chunk of {len(seq)} tokens does not fit the {e.room} tokens of room")
         if len(engines) == 1:
-            logits = engines[0].model.forward(seqs[0], engines[0]._cache)
+            every = all_logits if isinstance(all_logits, bool) else bool(all_logits[0])
+            logits = engines[0].model.forward(seqs[0], engines[0]._cache, every, exact)
+            logits = logits if isinstance(all_logits, bool) and not all_logits else [logits]
         else:
-            logits = engines[0].model.forward_batch(seqs, [e._cache for e in engines])
+            logits = engines[0].model.forward_batch(seqs, [e._cache for e in engines], all_logits, exact)
         for e, seq in zip(engines, seqs):
             e._tokens.extend(seq)
         return logits
@@ -340,6 +345,8 @@ class Engine:
             spec.start(params, sampler.rng)
         t0 = time.perf_counter()
         logits = self.feed(prompt)
+        if spec is not None:
+            spec.prepare(self._tokens)
         stats.prompt_tokens += len(prompt)
         stats.prompt_seconds += time.perf_counter() - t0
         t1 = time.perf_counter()
@@ -373,17 +380,7 @@ class Engine:
             t_pass = time.perf_counter()
             rows = self.decode([token] + draft.tokens)
             seconds = time.perf_counter() - t_pass
-            taken, nxt = [], None
-            for j, (d, q) in enumerate(zip(draft.tokens, draft.q)):
-                p_ids, p_probs = sampler.distribution(rows[j], self._tokens[:base + 1 + j])
-                q_ids, q_probs = (np.array([d]), np.ones(1)) if q is None else q
-                ok, t = accept(p_ids, p_probs, d, q_ids, q_probs, sampler.rng)
-                if not ok or d in eot:  # an accepted end of turn ends the reply: not fed, as in plain decoding
-                    nxt = t
-                    break
-                taken.append(d)
-            if nxt is None:
-                nxt = sampler(rows[len(taken)], self._tokens)
+            taken, nxt = check(sampler, rows, draft, self._tokens[:base + 1], eot)
             spec.checked(len(draft.tokens), len(taken), 1 + len(draft.tokens), seconds)
             self.rewind(base + 1 + len(taken))
             stats.draft_passes += 1

@@ -58,12 +58,13 @@ class Qwen2Model:
             cache.unreserve(slots)
             raise
 
-    def forward_batch(self, tokens, caches: list[KVCache]) -> np.ndarray:
-        """Several sequences in one pass: tokens[i] (one token id, or a sequence of them: a prompt chunk)
-        after what caches[i] holds (distinct caches). Logits float32[len(caches), vocab], of each
-        sequence's last token. Every weight is read once for all the rows (the products run on the
-        batch), attention runs per cache: continuous batching, as llama-server's slots share a batch, a
-        prompt chunk riding with the other slots' decode steps."""
+    def forward_batch(self, tokens, caches: list[KVCache], all_logits=False, exact: bool = False):
+        """Several sequences in one pass: tokens[i] (one token id, or a sequence of them: a prompt chunk,
+        or a token with drafted ones to check) after what caches[i] holds (distinct caches). Logits
+        float32[len(caches), vocab], of each sequence's last token; with all_logits (True, or one bool
+        per sequence), a list: float32[len(tokens[i]), vocab], every row's, or [1, vocab], the last's. Every weight is read once for all the rows (the
+        products run on the batch), attention runs per cache: continuous batching, as llama-server's slots
+        share a batch, a prompt chunk riding with the other slots' decode steps. `exact`: as forward's."""
         seqs = [np.atleast_1d(np.asarray(t, dtype=np.int64)) for t in tokens]
         if len(seqs) != len(caches) or len({id(c) for c in caches}) != len(caches) or any(s.ndim != 1 or not len(s) for s in seqs):
             raise ValueError("forward_batch: one non-empty token sequence for each of distinct caches")
@@ -74,8 +75,16 @@ class Qwen2Model:
                 segments.append((cache, slice(at, at + len(seq)), slots, stream))
                 positions.append(pos)
                 at += len(seq)
+            if not isinstance(all_logits, bool) or all_logits:  # per sequence: every row's, or the last's
+                every = [all_logits] * len(seqs) if isinstance(all_logits, bool) else list(all_logits)
+                picks = [np.arange(r.start, r.stop) if want else np.array([r.stop - 1])
+                         for want, (_, r, _, _) in zip(every, segments)]
+                logits = self._layers(np.concatenate(seqs), np.concatenate(positions), segments,
+                                      np.concatenate(picks), exact)
+                bounds = np.cumsum([0] + [len(p) for p in picks])
+                return [logits[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
             last = np.cumsum([len(s) for s in seqs]) - 1
-            return self._layers(np.concatenate(seqs), np.concatenate(positions), segments, last)
+            return self._layers(np.concatenate(seqs), np.concatenate(positions), segments, last, exact)
         except BaseException:
             for cache, _, slots, _ in segments:
                 cache.unreserve(slots)

@@ -39,6 +39,7 @@ from qcpu.generate import Engine, common_prefix
 from qcpu import tool_calls
 from qcpu.grammar import Grammar
 from qcpu.sampling import SEED_MAX, SamplingParams, make_sampler
+from qcpu.speculative import PassCosts, SpecStats, check
 from qcpu.tokenizer import StreamDecoder
 
 MAX_BODY = 16 << 20  # bytes of a request body: a full 32K-token conversation is well under 1 MB
@@ -362,7 +363,13 @@ class Run:
         self.calls: str | None = None  # the reply from its first <tool_call> on (job.tools)
         self.sent = False  # some of the reply's text has been sent
         self.logits: np.ndarray | None = None  # set once the prompt is fed: the next token's distribution
+        self.forced: int | None = None  # the next token, already drawn by speculative checking
+        self.drafted = None  # the Draft in the pass being run
         self.finished = False
+        # the slot's speculator (speculative.py), unless a grammar constrains the reply
+        self.spec = engine.speculator if job.params.grammar is None else None
+        if self.spec is not None:
+            self.spec.start(job.params, self.sampler.rng)
         self.rest = engine.sync(job.prompt)  # the prompt tokens the slot's cache does not hold yet
 
     def next_chunk(self) -> list[int]:
@@ -376,13 +383,54 @@ class Run:
         """The logits float32[vocab] of the chunk's last token: the first token's, once the prompt is in."""
         if not self.rest:
             self.logits = logits
+            if self.spec is not None:
+                self.spec.prepare(self.engine.tokens)
 
     def next_token(self) -> int | None:
-        """Sample the next token and send what text it completes; the token to feed, or None when the
-        reply is over (end of turn, a stop string, max_tokens, or the client left)."""
+        """Sample the next token (or take the one speculative checking drew) and send what text it
+        completes; the token to feed, or None when the reply is over (end of turn, a stop string,
+        max_tokens, or the client left)."""
         if self.job.cancel.is_set():
             return self.finish("cancelled")
-        token = self.sampler(self.logits, self.engine.recent_tokens(self.job.params.repeat_last_n))
+        if self.forced is not None:
+            token, self.forced = self.forced, None
+        else:
+            token = self.sampler(self.logits, self.engine.recent_tokens(self.job.params.repeat_last_n))
+        if self.spec is not None:
+            self.spec.drawn(token)
+        return self.take(token)
+
+    def draft(self, token: int, base: int) -> list[int]:
+        """Tokens drafted after `token` (about to be fed) for the pass to check; base: rows the pass has
+        so far. Never past max_tokens, nor enough to make the slot's cache shift."""
+        if self.spec is None:
+            self.drafted = None
+            return []
+        limit = min(self.max_tokens - self.n, self.engine.capacity - self.engine.n_held - 1)
+        self.drafted = self.spec.propose(self.engine.tokens + [token], limit, base) if limit > 0 else None
+        return self.drafted.tokens if self.drafted else []
+
+    def checked(self, rows: np.ndarray) -> None:
+        """The pass's logits rows float32[1 + drafts, vocab] for this run's token and drafts: take the drafts
+        the acceptance rule allows (sending their text), rewind the slot's cache past the others, and keep
+        the next token's distribution (and the token itself when the rule drew it)."""
+        draft = self.drafted
+        if not draft or not draft.tokens:
+            self.logits = rows[-1]
+            return
+        e = self.engine
+        base = e.n_seen - len(draft.tokens)  # the stream after the pending token
+        taken, nxt = check(self.sampler, rows, draft, e.tokens[:base], e.tokenizer.eot_ids)
+        self.spec.checked(len(draft.tokens), len(taken))
+        e.rewind(base + len(taken))
+        for j, d in enumerate(taken):
+            self.logits = rows[j]
+            if self.take(d) is None:
+                return
+        self.logits, self.forced = rows[len(taken)], nxt
+
+    def take(self, token: int) -> int | None:
+        """Send what text `token` completes; the token, or None when the reply is over."""
         if token in self.engine.tokenizer.eot_ids:
             return self.finish("stop")
         self.n += 1
@@ -465,8 +513,11 @@ class Batcher:
     reading its prompt (if any), in one pass (Engine.step_together: the weights are read once per step,
     not once per slot). Runs join and leave between steps."""
 
-    def __init__(self):
+    def __init__(self, costs: PassCosts | None = None):
+        """costs: the seconds of each pass by its rows (the slots' speculators share them, so they price
+        their drafts by what a pass of the whole batch costs)."""
         self.inbox: queue.Queue = queue.Queue()
+        self.costs = costs or PassCosts()
 
     def submit(self, engine: Engine, job: Job, emit: Callable[[tuple], None], done: Callable[[], None]) -> None:
         """Queue a job (from any thread)."""
@@ -506,25 +557,33 @@ class Batcher:
             except Exception as e:
                 reading.fail(_api_error(e))
         batch: list[tuple[Run, Any]] = []
+        rows = len(chunk)
         for r in runs:
             if r.logits is not None and not r.finished:
                 try:
                     token = r.next_token()
+                    if token is not None:
+                        seq = [token] + r.draft(token, rows + 1)
+                        rows += len(seq)
+                        batch.append((r, seq))
                 except Exception as e:
                     r.fail(_api_error(e))
-                    continue
-                if token is not None:
-                    batch.append((r, token))
         if chunk:
             batch.append((reading, chunk))
         if batch:
             try:
-                logits = Engine.step_together([r.engine for r, _ in batch], [t for _, t in batch])
-                for (r, fed), row in zip(batch, logits):
-                    if isinstance(fed, list):
-                        r.fed(row)
+                t0 = time.perf_counter()
+                # every row's logits (a run's drafts are checked against them); exact, each row a one-token
+                # step's bits, unless a prompt chunk rides along (its rows take the batched products)
+                logits = Engine.step_together([r.engine for r, _ in batch], [t for _, t in batch],
+                                              all_logits=[not (chunk and r is reading) for r, _ in batch],
+                                              exact=not chunk)
+                self.costs.timed(rows, time.perf_counter() - t0)
+                for (r, fed), out in zip(batch, logits):
+                    if r is reading and chunk:
+                        r.fed(out[-1])
                     else:
-                        r.logits = row
+                        r.checked(out)
             except Exception as e:
                 for r, _ in batch:
                     r.fail(_api_error(e))
@@ -544,7 +603,8 @@ class Server:
                  max_queue: int = 8, log: Callable[[str], None] | None = None):
         self.engines = list(engines)
         self.pool = SlotPool(engines, max_queue)
-        self.batcher = Batcher()
+        # the slots' speculators price drafts by the costs of the batcher's passes
+        self.batcher = Batcher(next((e.speculator.costs for e in engines if e.speculator is not None), None))
         self.counts = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
         self.active: set[Job] = set()  # jobs handed to the batcher and not done
         self.engine = engines[0]  # tokenizer and template (shared by all slots)
@@ -618,9 +678,17 @@ class Server:
         slots = [{"id": i, "busy": id(e) not in free, "n_cached": e.n_held, "n_ctx": e.capacity}
                  for i, e in enumerate(self.engines)]
         type_k, type_v = self.engine.cache_types
+        spec = SpecStats()
+        for e in self.engines:
+            if e.speculator is not None:
+                spec.add(e.speculator.stats)
+        kind = next((e.speculator.kind for e in self.engines if e.speculator is not None), "off")
         return JSONResponse({"slots": slots, "queue": self.pool.waiting, **self.counts,
                              "kv_cache": {"type_k": type_k, "type_v": type_v,
-                                          "bytes": sum(e.cache_bytes for e in self.engines)}})
+                                          "bytes": sum(e.cache_bytes for e in self.engines)},
+                             "speculative": {"drafter": kind, "passes": spec.passes, "drafted": spec.drafted,
+                                             "accepted": spec.accepted,
+                                             "accepted_per_pass": round(spec.accepted_per_pass, 3)}})
 
     async def models(self, request: Request) -> Response:
         try:

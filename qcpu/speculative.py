@@ -75,6 +75,23 @@ def accept(p_ids: np.ndarray, p_probs: np.ndarray, token: int, q_ids: np.ndarray
     return False, int(p_ids[rng.choice(len(p_ids), p=residual / total)])
 
 
+def check(sampler: Sampler, rows: np.ndarray, draft: "Draft", stream: list[int], eot) -> tuple[list[int], int]:
+    """Check `draft` against the target's logits rows float32[1 + len(draft), vocab] of one pass (row j:
+    after `stream`, which ends with the pending token, and the first j drafted tokens). Returns the
+    drafted tokens taken (from the left, up to the first rejection or an end-of-turn id, which ends the
+    reply and is not taken) and the next token: drawn from the residual at a rejection, the end of turn,
+    or drawn from the row after the last draft when all are taken."""
+    taken: list[int] = []
+    for j, (d, q) in enumerate(zip(draft.tokens, draft.q)):
+        p_ids, p_probs = sampler.distribution(rows[j], stream + taken)
+        q_ids, q_probs = (np.array([d]), np.ones(1)) if q is None else q
+        ok, token = accept(p_ids, p_probs, d, q_ids, q_probs, sampler.rng)
+        if not ok or d in eot:
+            return taken, token
+        taken.append(d)
+    return taken, sampler(rows[len(taken)], stream + taken)
+
+
 # ---- drafters --------------------------------------------------------------------------------------
 
 @dataclass
@@ -125,6 +142,9 @@ class NgramLookup:
                 return Draft(out, [None] * len(out))
         return Draft([], [])
 
+    def prepare(self, tokens: Sequence[int]) -> None:
+        self._sync(tokens)
+
     def close(self) -> None:
         pass
 
@@ -153,6 +173,13 @@ class DraftModel:
     def start(self, params: SamplingParams, rng: np.random.Generator) -> None:
         """A reply starts: greedy drafts for a greedy target, else drawn with the reply's own settings."""
         self.sampler = make_sampler(SamplingParams(**{**params.__dict__, "grammar": None}), rng)
+
+    def prepare(self, tokens: Sequence[int]) -> None:
+        """Read the prompt now (its time counts as prompt processing, as in llama.cpp), not at the first
+        draft."""
+        e = self.engine
+        if len(tokens) < e.capacity:
+            e.feed(e.sync(tokens))
 
     def draft(self, tokens: Sequence[int], n: int) -> Draft:
         e = self.engine
@@ -206,6 +233,28 @@ class SpecStats:
         self.accepted += other.accepted
 
 
+class PassCosts:
+    """Seconds of a model pass by its rows (running averages), shared by whatever feeds that model (the
+    slots of a server share their passes); unmeasured sizes are priced by a prior slope."""
+
+    PRIOR_SLOPE = 0.35  # cost(n) / cost(1) ~ 1 + slope (n - 1) before a size is measured (Q4_K_M, 2 threads)
+    DECAY = 0.9  # weight of the past in the running averages
+
+    def __init__(self):
+        self.seconds: dict[int, float] = {}
+
+    def timed(self, rows: int, seconds: float) -> None:
+        """A pass of `rows` rows took `seconds`."""
+        old = self.seconds.get(rows)
+        self.seconds[rows] = seconds if old is None else self.DECAY * old + (1 - self.DECAY) * seconds
+
+    def ratio(self, n: int, base: int = 1) -> float:
+        """cost(n) / cost(base): measured where both are, else the prior slope."""
+        if base in self.seconds and n in self.seconds:
+            return self.seconds[n] / self.seconds[base]
+        return (1.0 + self.PRIOR_SLOPE * (n - 1)) / (1.0 + self.PRIOR_SLOPE * (base - 1))
+
+
 class Speculator:
     """How many tokens to draft each step: the k in 0..draft_max that maximizes the expected tokens per
     unit of time, (1 + a + ... + a^k) / (cost(k + 1) / cost(1)), where a is the measured acceptance rate
@@ -214,15 +263,16 @@ class Speculator:
     the drafter has something, up to draft_max, as llama.cpp does. The acceptance of a lookup draft that
     was not checked is measured against the token actually drawn."""
 
-    PRIOR_SLOPE = 0.35  # cost(n) / cost(1) ~ 1 + slope (n - 1) before a size is measured (Q4_K_M, 2 threads)
-    DECAY = 0.9  # running averages: weight of the past
+    DECAY = 0.9  # the acceptance rate's running average: weight of the past
 
-    def __init__(self, drafter, draft_max: int = DRAFT_MAX, draft_min: int = DRAFT_MIN, always: bool = False):
+    def __init__(self, drafter, draft_max: int = DRAFT_MAX, draft_min: int = DRAFT_MIN, always: bool = False,
+                 costs: PassCosts | None = None):
+        """`costs`: the passes' costs, shared by the slots of a server (their passes are one)."""
         if draft_max < 1 or draft_min < 0:
             raise QcpuError(f"--draft-max must be >= 1 and --draft-min >= 0 (got {draft_max}, {draft_min})")
         self.drafter, self.draft_max, self.draft_min, self.always = drafter, draft_max, draft_min, always
         self.rate = 0.5  # acceptance prior: one try is cheap
-        self.cost: dict[int, float] = {}
+        self.costs = costs if costs is not None else PassCosts()
         self._shadow: list[int] = []  # an unchecked lookup draft, to score against the tokens drawn
         self.stats = SpecStats()
 
@@ -230,19 +280,25 @@ class Speculator:
     def is_lookup(self) -> bool:
         return isinstance(self.drafter, NgramLookup)
 
+    @property
+    def kind(self) -> str:
+        """'draft model', 'lookup' (always on) or 'lookup (auto)'."""
+        if not self.is_lookup:
+            return "draft model"
+        return "lookup" if self.always else "lookup (auto)"
+
     def start(self, params: SamplingParams, rng: np.random.Generator) -> None:
         self._shadow = []
         if isinstance(self.drafter, DraftModel):
             self.drafter.start(params, rng)
 
-    def _ratio(self, n: int) -> float:
-        c1 = self.cost.get(1)
-        if c1 and n in self.cost:
-            return self.cost[n] / c1
-        return 1.0 + self.PRIOR_SLOPE * (n - 1)
+    def prepare(self, tokens: Sequence[int]) -> None:
+        """The prompt is in the target's cache: let the drafter read it too."""
+        self.drafter.prepare(tokens)
 
-    def budget(self, limit: int) -> int:
-        """Tokens worth drafting now (limit: room left in the reply and the cache)."""
+    def budget(self, limit: int, base: int = 1) -> int:
+        """Tokens worth drafting now (limit: room left in the reply and the cache; base: the rows the pass
+        has without them, more than 1 when other slots' tokens share it)."""
         k_max = min(self.draft_max, limit)
         if k_max <= 0:
             return 0
@@ -253,14 +309,15 @@ class Speculator:
         for k in range(1, k_max + 1):
             term *= self.rate
             gain += term
-            value = gain / self._ratio(k + 1)
+            value = gain / self.costs.ratio(base + k, base)
             if value > best * 1.02:  # a longer pass must be clearly better
                 best_k, best = k, value
         return best_k
 
-    def propose(self, tokens: Sequence[int], limit: int) -> Draft:
-        """The draft after `tokens` (the stream including the pending token), maybe empty."""
-        k = self.budget(limit)
+    def propose(self, tokens: Sequence[int], limit: int, base: int = 1) -> Draft:
+        """The draft after `tokens` (the stream including the pending token), maybe empty (base: see
+        budget)."""
+        k = self.budget(limit, base)
         self._shadow = []
         if k == 0:
             if self.is_lookup and limit > 0:  # not checked: scored later against what is drawn
@@ -278,10 +335,11 @@ class Speculator:
             self._update(1 if hit else 0, 1)
             self._shadow = self._shadow[1:] if hit else []
 
-    def checked(self, drafted: int, accepted: int, n_pass: int, seconds: float) -> None:
-        """A pass of n_pass tokens took `seconds`; `accepted` of its `drafted` drafts were taken."""
-        self.cost[n_pass] = seconds if n_pass not in self.cost else (
-            self.DECAY * self.cost[n_pass] + (1 - self.DECAY) * seconds)
+    def checked(self, drafted: int, accepted: int, n_pass: int | None = None, seconds: float = 0.0) -> None:
+        """`accepted` of `drafted` drafted tokens were taken (in a pass of n_pass rows that took
+        `seconds`, when given)."""
+        if n_pass is not None:
+            self.costs.timed(n_pass, seconds)
         if drafted:
             self.stats.passes += 1
             self.stats.drafted += drafted
@@ -312,10 +370,13 @@ class SpecOptions:
     lookup: bool | None = None
 
 
-def attach(engine: "Engine", options: SpecOptions | None) -> Speculator | None:
+def attach(engine: "Engine", options: SpecOptions | None, costs: PassCosts | None = None,
+           draft_model=None) -> Speculator | None:
     """Give `engine` the speculator the options ask for (engine.speculator; None for none). A draft model
     is loaded with the target's context size and checked for the same vocabulary. Raises QcpuError (one
-    line) for a bad draft file, a different vocabulary, or bad limits."""
+    line) for a bad draft file, a different vocabulary, or bad limits. `costs`: shared pass costs (a
+    server's slots); `draft_model`: an Engine over the draft already loaded (its model is shared, a new
+    cache made for this engine)."""
     if options is None or (options.draft is None and options.lookup is False):
         engine.speculator = None
         return None
@@ -326,10 +387,15 @@ def attach(engine: "Engine", options: SpecOptions | None) -> Speculator | None:
 
         if options.lookup:
             raise QcpuError("--lookup and --draft are two ways to draft: give one")
-        draft = Engine.load(options.draft, ctx=engine.capacity)
+        if draft_model is None:
+            draft = Engine.load(options.draft, ctx=engine.capacity)
+        else:
+            draft = Engine(draft_model.model, draft_model.tokenizer, draft_model.template, engine.capacity)
         check_vocabularies(engine, draft)
-        spec = Speculator(DraftModel(draft, options.p_min), options.draft_max, options.draft_min, always=True)
+        spec = Speculator(DraftModel(draft, options.p_min), options.draft_max, options.draft_min, always=True,
+                          costs=costs)
     else:
-        spec = Speculator(NgramLookup(), options.draft_max, options.draft_min, always=bool(options.lookup))
+        spec = Speculator(NgramLookup(), options.draft_max, options.draft_min, always=bool(options.lookup),
+                          costs=costs)
     engine.speculator = spec
     return spec

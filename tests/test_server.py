@@ -442,3 +442,56 @@ def test_sigterm_ends_replies_in_flight_cleanly_and_exits_0(real_model_path):
     assert json.loads(rest[-2][len("data: "):])["choices"][0]["finish_reason"] == "stop"
     code, err = running.stop()
     assert code == 0 and "Traceback" not in err and "ERROR" not in err, err
+
+
+# ---- speculative decoding and /stats ----------------------------------------------------------------
+
+ECHO = ("Add type hints to this code and reply with the code only:\n\n"
+        "def area(width, height):\n    return width * height\n\n\ndef perimeter(width, height):\n"
+        "    return 2 * (width + height)\n")
+
+
+def test_stats_reports_slots_counts_and_the_cache(server, client, model_id):
+    chat(client, model_id, temperature=0, max_tokens=3)
+    s = httpx.get(server.base + "/stats", timeout=10).json()
+    assert [slot["id"] for slot in s["slots"]] == [0, 1]
+    assert all(slot["n_ctx"] == CTX and not slot["busy"] for slot in s["slots"])
+    assert s["queue"] == 0 and s["requests"] >= 1 and s["completion_tokens"] >= 3
+    assert s["kv_cache"]["type_k"] == "f16" and s["kv_cache"]["bytes"] > 0
+    assert s["speculative"]["drafter"] == "lookup (auto)"  # on by default, by measured acceptance
+
+
+def test_lookup_speculation_in_the_server_is_plain_decoding(real_model_path, real_engine):
+    """With --lookup (drafts always checked), two concurrent greedy replies are the engine's plain ones,
+    and /stats counts the accepted drafts."""
+    import threading
+
+    from qcpu.generate import Stats
+
+    want = {}
+    for name, message in (("echo", ECHO), ("square", MESSAGE)):
+        real_engine.reset()
+        prompt = real_engine.chat_prompt_tokens([{"role": "user", "content": message}])
+        want[name] = "".join(p.text for p in real_engine.stream(prompt, SamplingParams(temperature=0.0), 48, Stats()))
+    running = Running(real_model_path, "--lookup", "--parallel", "2", "--draft-max", "8")
+    try:
+        c = OpenAI(base_url=running.base + "/v1", api_key="unused", max_retries=0, timeout=300)
+        got = {}
+
+        def ask(name, message):
+            got[name] = c.chat.completions.create(model=c.models.list().data[0].id, temperature=0, max_tokens=48,
+                                                  messages=[{"role": "user", "content": message}]
+                                                  ).choices[0].message.content
+
+        threads = [threading.Thread(target=ask, args=a) for a in (("echo", ECHO), ("square", MESSAGE))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        ask("echo", ECHO)  # alone: the exact pass
+        assert got == want
+        spec = httpx.get(running.base + "/stats", timeout=10).json()["speculative"]
+        assert spec["drafter"] == "lookup" and 0 < spec["accepted"] <= spec["drafted"] and spec["passes"] > 0
+    finally:
+        code, err = running.stop()
+    assert code == 0 and "Traceback" not in err, err

@@ -265,7 +265,7 @@ def test_lookup_takes_the_latest_longest_match():
 
 def test_policy_turns_lookup_off_and_on_by_measured_acceptance():
     spec = Speculator(NgramLookup(), draft_max=8)
-    spec.cost = {1: 1.0, 2: 1.2, 3: 1.4, 4: 1.6, 5: 1.8, 6: 2.0, 7: 2.2, 8: 2.4, 9: 2.6}
+    spec.costs.seconds = {1: 1.0, 2: 1.2, 3: 1.4, 4: 1.6, 5: 1.8, 6: 2.0, 7: 2.2, 8: 2.4, 9: 2.6}
     spec.rate = 0.05
     assert spec.budget(8) == 0
     stream = [1, 2, 3, 4, 5, 1, 2, 3]
@@ -278,7 +278,7 @@ def test_policy_turns_lookup_off_and_on_by_measured_acceptance():
     assert spec.budget(8) > 0  # on again
     for _ in range(20):  # checked drafts, all taken: longer drafts pay
         k = spec.budget(8)
-        spec.checked(k, k, k + 1, spec.cost[k + 1])
+        spec.checked(k, k, k + 1, spec.costs.seconds[k + 1])
     assert spec.rate > 0.8 and spec.budget(8) > 3
     assert spec.budget(2) <= 2 and spec.budget(0) == 0
     always = Speculator(NgramLookup(), draft_max=4, always=True)
