@@ -121,6 +121,19 @@ def _fmt_stats(stats: Stats, chat: Chat, stopped: bool = False, live: bool = Fal
     return " · ".join(bits)
 
 
+def _fmt_speculation(engine, stats: Stats) -> str:
+    """/stats' line on speculative decoding: the drafter, and the last turn's and the session's accepted
+    tokens per checking pass."""
+    spec = engine.speculator
+    if spec is None:
+        return "off"
+    last = (f"last turn {stats.accepted_tokens}/{stats.drafted_tokens} drafted tokens accepted, "
+            f"{stats.accepted_per_pass:.2f} per pass" if stats.draft_passes else "last turn no drafts checked")
+    total = spec.stats
+    return (f"{spec.kind} · {last} · session {total.accepted}/{total.drafted}, {total.accepted_per_pass:.2f} per "
+            f"pass · acceptance now {spec.rate:.2f}")
+
+
 class Repl:
     def __init__(self, chat: Chat, *, interactive: bool, markdown: bool = False, color: bool = True,
                  history: Path | None = None, model_label: str = ""):
@@ -434,6 +447,7 @@ class Repl:
             ("last turn", f"prompt {s.prompt_tokens} new tokens in {s.prompt_seconds:.2f}s ({s.prompt_tps:.1f} tok/s) · "
                           f"reply {s.generated_tokens} tokens in {s.generate_seconds:.2f}s ({s.generate_tps:.1f} tok/s) · "
                           f"first token after {s.first_token_seconds:.2f}s · {s.stop_reason or '-'}"),
+            ("speculative", _fmt_speculation(eng, s)),
             ("session", f"{len(chat.messages) // 2} exchanges · {chat.total_prompt} prompt + "
                         f"{chat.total_generated} generated tokens · {threads} threads"),
             ("settings", "  ".join(f"{k} {v}" for k, v in self._settings().items())),
