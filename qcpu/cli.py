@@ -145,7 +145,7 @@ DraftModelOpt = typer.Option(None, "--draft", "-md", "--model-draft", metavar="M
                                   "draft (a .gguf path or REPO[:QUANT]).")
 DraftMax = typer.Option(16, "--draft-max", help="Most tokens drafted per pass.")
 DraftMin = typer.Option(0, "--draft-min", help="Fewer drafted tokens than this are not checked.")
-DraftPMin = typer.Option(0.75, "--draft-p-min", help="A greedy draft stops below this probability.")
+DraftPMin = typer.Option(0.0, "--draft-p-min", help="A greedy draft stops below this probability.")
 LookupOpt = typer.Option(None, "--lookup/--no-lookup", show_default=False,
                          help="Prompt lookup speculation (drafts copied from earlier text): --lookup always, "
                               "--no-lookup never; default: on while its measured acceptance pays.")

@@ -365,23 +365,23 @@ class Engine:
                 spec.drawn(token)
             yield token, logits
             base = len(self._tokens)  # the stream index of `token` in the cache
+            t_step = time.perf_counter()
             # a draft may not reach past max_tokens, nor make the cache shift (a shift cannot be rewound)
             limit = min(max_tokens - produced, self.capacity - self.n_held - 1)
             draft = spec.propose(self._tokens + [token], limit) if spec is not None and limit > 0 else None
             if not draft or not draft.tokens:
-                t_pass = time.perf_counter()
                 logits = self.decode([token])[-1]
-                if spec is not None:
-                    spec.checked(0, 0, 1, time.perf_counter() - t_pass)
                 stats.generate_seconds = time.perf_counter() - t1
                 if produced < max_tokens:
                     token = sampler(logits, self._tokens)
+                    if spec is not None and produced > 1:  # the first step after a prompt runs colder
+                        spec.stepped(0, time.perf_counter() - t_step)
                 continue
-            t_pass = time.perf_counter()
             rows = self.decode([token] + draft.tokens)
-            seconds = time.perf_counter() - t_pass
             taken, nxt = check(sampler, rows, draft, self._tokens[:base + 1], eot)
-            spec.checked(len(draft.tokens), len(taken), 1 + len(draft.tokens), seconds)
+            spec.checked(len(draft.tokens), len(taken))
+            if produced > 1:
+                spec.stepped(len(draft.tokens), time.perf_counter() - t_step)
             self.rewind(base + 1 + len(taken))
             stats.draft_passes += 1
             stats.drafted_tokens += len(draft.tokens)

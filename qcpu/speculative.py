@@ -27,6 +27,7 @@ still measured, for free, against the tokens actually drawn.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 
 DRAFT_MAX = 16  # llama.cpp's --draft-max default
 DRAFT_MIN = 0  # llama.cpp's --draft-min: fewer drafted tokens than this are not checked
-DRAFT_P_MIN = 0.75  # llama.cpp's --draft-p-min: a greedy draft stops below this probability
+DRAFT_P_MIN = 0.0  # llama.cpp's --draft-p-min (its default now): a greedy draft stops below this probability
 NGRAM_MAX, NGRAM_MIN = 4, 2  # lookup: the longest n-gram tried first (llama.cpp's LLAMA_NGRAM_MAX is 4)
 VOCAB_MAX_DIFFERENCE = 128  # llama.cpp's SPEC_VOCAB_MAX_SIZE_DIFFERENCE
 
@@ -142,6 +143,9 @@ class NgramLookup:
                 return Draft(out, [None] * len(out))
         return Draft([], [])
 
+    seconds_per_token = 0.0  # a search, not a model pass
+    catch_up_seconds = 0.0
+
     def prepare(self, tokens: Sequence[int]) -> None:
         self._sync(tokens)
 
@@ -169,6 +173,8 @@ class DraftModel:
     def __init__(self, engine: "Engine", p_min: float = DRAFT_P_MIN):
         self.engine, self.p_min = engine, p_min
         self.sampler: Sampler | None = None
+        self.seconds_per_token: float | None = None  # running average of a draft step (a model pass)
+        self.catch_up_seconds = 0.0  # the last draft's time reading tokens it had not seen (after idle steps)
 
     def start(self, params: SamplingParams, rng: np.random.Generator) -> None:
         """A reply starts: greedy drafts for a greedy target, else drawn with the reply's own settings."""
@@ -189,7 +195,13 @@ class DraftModel:
         rest = e.sync(tokens)
         if len(tokens) + n > e.capacity:
             return out  # the draft's context would shift: not worth it
+        t0 = time.perf_counter()
         logits = e.feed(rest)
+        # A step feeds the token the target drew, and the last drafted one if all were taken: one pass of
+        # 1-2 rows. More is catching up after steps without drafts (a prefill), not a draft step's cost.
+        fed = time.perf_counter() - t0
+        spent, passes = (fed, 1) if len(rest) <= 2 else (0.0, 0)
+        self.catch_up_seconds = 0.0 if len(rest) <= 2 else max(0.0, fed - (self.seconds_per_token or 0.0))
         sampler = self.sampler
         vocab = len(logits)
         for i in range(n):
@@ -206,7 +218,13 @@ class DraftModel:
             out.tokens.append(token)
             out.q.append(q)
             if i + 1 < n:
+                t0 = time.perf_counter()
                 logits = e.decode([token])[-1]
+                spent, passes = spent + time.perf_counter() - t0, passes + 1
+        if passes:
+            step = spent / passes
+            self.seconds_per_token = step if self.seconds_per_token is None else (
+                0.9 * self.seconds_per_token + 0.1 * step)
         return out
 
     def close(self) -> None:
@@ -256,14 +274,22 @@ class PassCosts:
 
 
 class Speculator:
-    """How many tokens to draft each step: the k in 0..draft_max that maximizes the expected tokens per
-    unit of time, (1 + a + ... + a^k) / (cost(k + 1) / cost(1)), where a is the measured acceptance rate
-    (a running average) and cost(n) the measured seconds of an n-token pass (a running average per n;
-    unmeasured sizes from a prior slope). `always` (an explicit --lookup or a draft model) drafts whenever
-    the drafter has something, up to draft_max, as llama.cpp does. The acceptance of a lookup draft that
-    was not checked is measured against the token actually drawn."""
+    """How many tokens to draft each step: the k that maximizes the expected tokens per second,
+    (1 + a + ... + a^k) / seconds(k), where a is the measured acceptance rate (a running average) and
+    seconds(k) the measured wall time of a decode step that drafts and checks k tokens (drafting, the
+    pass, checking: a running average per k, `steps`; k = 0 is a plain step). Sizes not yet measured are
+    interpolated or extrapolated from the measured ones, or priced by a prior slope; in a server, whose
+    passes carry other slots' rows, the prices are the measured pass costs by rows instead (PassCosts,
+    shared by the slots). Lookup may draft nothing (k = 0: it turns itself off), and while off the drafts
+    it would have made are scored against the tokens drawn, for free; a draft model, which the user chose,
+    drafts at least one token. `always` (an explicit --lookup) drafts whatever the drafter has, up to
+    draft_max."""
 
-    DECAY = 0.9  # the acceptance rate's running average: weight of the past
+    DECAY = 0.9  # running averages: weight of the past
+    LOOKUP_SLOPE = 0.35  # cost(k) / cost(0) ~ 1 + slope k before measured: a (k+1)-row pass (Q4_K_M, 2 threads)
+    DRAFT_SLOPE = 0.6  # the same with a draft model's own step per drafted token (a draft a few times smaller)
+    DRAFT_RATE = 0.8  # a draft model's acceptance before measured: the user chose it as a good guesser
+    PLAIN_EVERY = 48  # steps between plain steps, which measure what drafting is compared with
 
     def __init__(self, drafter, draft_max: int = DRAFT_MAX, draft_min: int = DRAFT_MIN, always: bool = False,
                  costs: PassCosts | None = None):
@@ -271,10 +297,70 @@ class Speculator:
         if draft_max < 1 or draft_min < 0:
             raise QcpuError(f"--draft-max must be >= 1 and --draft-min >= 0 (got {draft_max}, {draft_min})")
         self.drafter, self.draft_max, self.draft_min, self.always = drafter, draft_max, draft_min, always
-        self.rate = 0.5  # acceptance prior: one try is cheap
+        self.rate = 0.5 if self.is_lookup else self.DRAFT_RATE  # acceptance prior
         self.costs = costs if costs is not None else PassCosts()
+        self.steps: dict[int, float] = {}  # seconds of a decode step by tokens drafted (running averages)
+        self._since_plain = 0  # steps since the last plain one
         self._shadow: list[int] = []  # an unchecked lookup draft, to score against the tokens drawn
         self.stats = SpecStats()
+
+    def step_seconds(self, k: int) -> float:
+        """Seconds of a step drafting k tokens: measured, else interpolated or extrapolated linearly from
+        the measured sizes, else scaled from the one measured by the prior slope (in units of a plain step
+        when none is)."""
+        s = self.steps
+        slope = self.LOOKUP_SLOPE if self.is_lookup else self.DRAFT_SLOPE
+        if k in s:
+            return s[k]
+        if not s:
+            return 1.0 + slope * k
+        known = sorted(s)
+        if len(known) == 1:
+            j = known[0]
+            return s[j] * (1.0 + slope * k) / (1.0 + slope * j)
+        below = [j for j in known if j < k]
+        above = [j for j in known if j > k]
+        a, b = (below[-1], above[0]) if below and above else (known[-2], known[-1]) if below else (known[0], known[1])
+        return max(s[a] + (s[b] - s[a]) / (b - a) * (k - a), 0.5 * min(s.values()))
+
+    def budget(self, limit: int, base: int = 1) -> int:
+        """Tokens worth drafting now (limit: room left in the reply and the cache; base: the rows the pass
+        has without them, more than 1 when other slots' tokens share it). Lookup may choose none; a draft
+        model, which the user chose, drafts at least one."""
+        k_max = min(self.draft_max, limit)
+        if k_max <= 0:
+            return 0
+        if self.always:
+            return k_max
+        k_min = 0 if self.is_lookup else 1
+        best_k, best = 0, -1.0
+        gain, term = 1.0, 1.0
+        for k in range(0, k_max + 1):
+            if k:
+                term *= self.rate
+                gain += term
+            if k < k_min:
+                continue
+            cost = self.step_seconds(k) if base == 1 else self._batch_cost(k, base)
+            value = gain / cost
+            if best < 0 or value > best * 1.02:  # a longer step must be clearly better
+                best_k, best = k, value
+        return best_k
+
+    def _batch_cost(self, k: int, base: int) -> float:
+        """A server step: the batch pass with k more rows, plus k of the drafter's own steps, relative to
+        the pass without them."""
+        per_draft, t_base = self.drafter.seconds_per_token, self.costs.seconds.get(base)
+        own = per_draft / t_base if per_draft is not None and t_base else (0.0 if self.is_lookup else 0.5)
+        return self.costs.ratio(base + k, base) + k * own
+
+    def stepped(self, drafted: int, seconds: float) -> None:
+        """A decode step that drafted (and checked) `drafted` tokens took `seconds` of wall time (a draft
+        model's catching up after idle steps is not a step's cost: it is taken off)."""
+        if drafted:
+            seconds -= self.drafter.catch_up_seconds
+        old = self.steps.get(drafted)
+        self.steps[drafted] = seconds if old is None else self.DECAY * old + (1 - self.DECAY) * seconds
 
     @property
     def is_lookup(self) -> bool:
@@ -296,30 +382,18 @@ class Speculator:
         """The prompt is in the target's cache: let the drafter read it too."""
         self.drafter.prepare(tokens)
 
-    def budget(self, limit: int, base: int = 1) -> int:
-        """Tokens worth drafting now (limit: room left in the reply and the cache; base: the rows the pass
-        has without them, more than 1 when other slots' tokens share it)."""
-        k_max = min(self.draft_max, limit)
-        if k_max <= 0:
-            return 0
-        if self.always:
-            return k_max
-        best_k, best = 0, 1.0
-        gain, term = 1.0, 1.0
-        for k in range(1, k_max + 1):
-            term *= self.rate
-            gain += term
-            value = gain / self.costs.ratio(base + k, base)
-            if value > best * 1.02:  # a longer pass must be clearly better
-                best_k, best = k, value
-        return best_k
-
     def propose(self, tokens: Sequence[int], limit: int, base: int = 1) -> Draft:
         """The draft after `tokens` (the stream including the pending token), maybe empty (base: see
         budget)."""
         k = self.budget(limit, base)
         self._shadow = []
+        # lookup: a plain step now and then keeps the price drafting is compared with fresh
+        self._since_plain += 1
+        if base == 1 and self.is_lookup and not self.always and (0 not in self.steps or
+                                                                 self._since_plain > self.PLAIN_EVERY):
+            k = 0
         if k == 0:
+            self._since_plain = 0
             if self.is_lookup and limit > 0:  # not checked: scored later against what is drawn
                 self._shadow = self.drafter.draft(tokens, min(self.draft_max, limit, 8)).tokens
             return Draft([], [])
@@ -392,8 +466,7 @@ def attach(engine: "Engine", options: SpecOptions | None, costs: PassCosts | Non
         else:
             draft = Engine(draft_model.model, draft_model.tokenizer, draft_model.template, engine.capacity)
         check_vocabularies(engine, draft)
-        spec = Speculator(DraftModel(draft, options.p_min), options.draft_max, options.draft_min, always=True,
-                          costs=costs)
+        spec = Speculator(DraftModel(draft, options.p_min), options.draft_max, options.draft_min, costs=costs)
     else:
         spec = Speculator(NgramLookup(), options.draft_max, options.draft_min, always=bool(options.lookup),
                           costs=costs)

@@ -106,6 +106,7 @@ class QuantKernel:
     group_rows: int = 1  # weight rows per row of w: 8 in a packed layout
     pack: Callable[..., np.ndarray] | None = None  # pack(w, out=None): file rows -> this layout (packed variants)
     unpack: Callable[[np.ndarray], np.ndarray] | None = None  # this layout -> file rows
+    many_for_one: bool = True  # one token goes through matvec_many too (False: its own matvec is faster)
 
     @property
     def block_size(self) -> int:
@@ -124,11 +125,14 @@ PACKED: dict[GGMLQuantizationType, QuantKernel] = {}  # the types with a packed 
 
 def register(ggml_type: GGMLQuantizationType, dequantize, matvec=None, gemm=None, gemm_min_tokens=2,
              matvec_many=None) -> QuantKernel:
-    """Enter a type in the table; a family that has matvec_many may leave matvec to it."""
+    """Enter a type in the table; a family that has matvec_many may leave matvec to it (a family that
+    gives both keeps its matvec for one token)."""
+    many_for_one = matvec is None
     if matvec is None:
         def matvec(w, x, out, _many=matvec_many):
             _many((w,), x.reshape(1, -1), (out.reshape(1, -1),))
-    kernel = QuantKernel(ggml_type, dequantize, matvec, gemm, gemm_min_tokens, matvec_many)
+    kernel = QuantKernel(ggml_type, dequantize, matvec, gemm, gemm_min_tokens, matvec_many,
+                         many_for_one=many_for_one)
     REGISTRY[ggml_type] = kernel
     return kernel
 
@@ -199,7 +203,7 @@ def matmul(w: np.ndarray, ggml_type: int, x: np.ndarray, packed: bool = False, e
     rows = w.shape[0] * kernel.group_rows
     out = np.empty((n, rows), dtype=np.float32)
     if exact or n < kernel.gemm_min_tokens:
-        if kernel.matvec_many is not None:
+        if kernel.matvec_many is not None and (n > 1 or kernel.many_for_one):
             kernel.matvec_many((w,), np.ascontiguousarray(x, dtype=np.float32), (out,))
         else:
             for i in range(n):
@@ -263,7 +267,8 @@ def _groups(pairs, n: int, exact: bool = False) -> list[tuple[QuantKernel | None
         plan = []
         for i, (w, t, packed) in enumerate(pairs):
             kernel = kernel_for(t, packed)
-            if (exact or n < kernel.gemm_min_tokens) and kernel.matvec_many is not None:
+            if (exact or n < kernel.gemm_min_tokens) and kernel.matvec_many is not None and (
+                    n > 1 or kernel.many_for_one):
                 by_type.setdefault((int(t), packed, w.flags.c_contiguous, w.flags.writeable), []).append(i)
             else:
                 plan.append((None, [i]))

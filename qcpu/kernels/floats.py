@@ -10,6 +10,7 @@ has it). `dot_f32` is also attention's dot product.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from gguf import GGMLQuantizationType
 from llvmlite import ir
@@ -17,7 +18,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from qcpu.kernels import check_rows, register
+from qcpu.kernels import check_rows, locate_row, register, total_rows
 from qcpu.kernels.halves import bf16_to_f32, halves_to_f32, rounded
 
 
@@ -143,6 +144,38 @@ def matvec_f16(w, x, out):
             out[r] = dot_f32(buf, xh)
 
 
+def matvec_many_f16(ws, x, outs):
+    """A few tokens x float32[n, cols] through the F16 weights of the tuple ws (outs: float32[n, rows] each),
+    in one parallel region: each row is widened once and dotted with every token, so the weights are read
+    once for all of them, and each token's output is bit for bit matvec_f16's (the same widening and
+    dot_f32). Speculative checking and exact multi-row passes use it."""
+    _many_f16(ws, x, outs, numba.get_num_threads())
+
+
+@njit(cache=True, parallel=True)
+def _many_f16(ws, x, outs, threads):
+    n, cols = x.shape
+    for m in range(len(ws)):
+        if outs[m].shape[0] != n:
+            raise ValueError("matvec: outputs are not [tokens, rows]")
+        check_rows(ws[m], outs[m].shape[1], cols, 1, 2, _MV_SHAPE)
+    xh = np.empty_like(x)
+    for t in range(n):
+        xh[t] = rounded(x[t], False)
+    rows = total_rows(ws)
+    chunks = (rows + _ROWS_PER_CHUNK - 1) // _ROWS_PER_CHUNK
+    workers = min(threads, chunks)
+    scratch = np.empty((workers, cols), np.float32)  # one widened row per worker, in L1
+    for k in prange(workers):
+        buf = scratch[k]
+        for c in range(k, chunks, workers):
+            for r in range(c * _ROWS_PER_CHUNK, min(rows, (c + 1) * _ROWS_PER_CHUNK)):
+                m, i = locate_row(ws, r)
+                halves_to_f32(ws[m][i].view(np.uint16), buf)
+                for t in range(n):
+                    outs[m][t, i] = dot_f32(buf, xh[t])
+
+
 # ---- BF16 -------------------------------------------------------------------------------------------
 
 @njit(cache=True, parallel=True)
@@ -164,5 +197,5 @@ def matvec_bf16(w, x, out):
 
 
 register(GGMLQuantizationType.F32, dequantize_f32, matvec_f32)
-register(GGMLQuantizationType.F16, dequantize_f16, matvec_f16)
+register(GGMLQuantizationType.F16, dequantize_f16, matvec_f16, matvec_many=matvec_many_f16)
 register(GGMLQuantizationType.BF16, dequantize_bf16, matvec_bf16)
