@@ -36,27 +36,33 @@ def dequantize_f32(w, out):
         out[r, :] = wf[r, :]
 
 
-def _make_dot(bf16):
+def _make_dot(bf16, tokens=1):
     """Intrinsic dot(a, b) -> float32: sum(a * b) over a[n] (float32, or bfloat16 bits if bf16) and float32
     b[n], both contiguous, in one order on every CPU: ggml's AVX2 f32/f16 one (four <8 x float>
     accumulators over steps of 32 with FMA; then acc0+acc2, acc1+acc3, their sum, and the 8 lanes
     pairwise; the tail last). A fastmath loop would instead be split at the host's own vector width and
-    interleave, so an AVX-512 host would round differently from an AVX2 one."""
+    interleave, so an AVX-512 host would round differently from an AVX2 one.
+
+    tokens > 1: dot(a, b) with b[tokens, n] -> UniTuple(float32, tokens), each exactly dot(a, b[t]) (its
+    own accumulators, the same order), a's vectors loaded once for all: a few tokens against one weight
+    row (the multi-token matvec)."""
     a_dtype = types.uint16 if bf16 else types.float32
 
     @intrinsic
     def dot(typingctx, a, b):
         if not (isinstance(a, types.Array) and isinstance(b, types.Array) and a.dtype == a_dtype
-                and b.dtype == types.float32 and a.ndim == b.ndim == 1 and a.layout == b.layout == "C"):
+                and b.dtype == types.float32 and a.ndim == 1 and b.ndim == (1 if tokens == 1 else 2)
+                and a.layout == b.layout == "C"):
             return None
-        sig = types.float32(a, b)
+        sig = (types.float32 if tokens == 1 else types.UniTuple(types.float32, tokens))(a, b)
 
         def codegen(context, bld, signature, args):
             aa, bb = (context.make_array(t)(context, bld, v) for t, v in zip(signature.args, args))
             n = bld.extract_value(aa.shape, 0)
             f32, i32 = ir.FloatType(), ir.IntType(32)
             pa = bld.bitcast(aa.data, (ir.IntType(16) if bf16 else f32).as_pointer())
-            pb = bld.bitcast(bb.data, f32.as_pointer())
+            pb0 = bld.bitcast(bb.data, f32.as_pointer())
+            pbs = [bld.gep(pb0, [bld.mul(n, ir.Constant(n.type, t))]) for t in range(tokens)]
 
             def load_a(at, width):
                 if width == 1:
@@ -77,24 +83,32 @@ def _make_dot(bf16):
                 return ir.Constant(ir.VectorType(i32, len(idx)), idx)
 
             v8 = ir.VectorType(f32, 8)
-            accs = [cgutils.alloca_once_value(bld, ir.Constant(v8, [0.0] * 8)) for _ in range(4)]
+            accs = [[cgutils.alloca_once_value(bld, ir.Constant(v8, [0.0] * 8)) for _ in range(4)]
+                    for _ in range(tokens)]
             n32 = bld.lshr(n, ir.Constant(n.type, 5))
             with cgutils.for_range(bld, n32) as loop:
                 base = bld.shl(loop.index, ir.Constant(n.type, 5))
-                for j, acc in enumerate(accs):
+                for j in range(4):
                     at = bld.add(base, ir.Constant(n.type, 8 * j))
-                    y = bld.load(bld.bitcast(bld.gep(pb, [at]), v8.as_pointer()), align=4)
-                    bld.store(contract(bld.fadd(contract(bld.fmul(load_a(at, 8), y)), bld.load(acc))), acc)
-            s = [bld.load(acc) for acc in accs]
-            v = bld.fadd(bld.fadd(s[0], s[2]), bld.fadd(s[1], s[3]))
-            v = bld.fadd(bld.shuffle_vector(v, v, lanes([0, 1, 2, 3])), bld.shuffle_vector(v, v, lanes([4, 5, 6, 7])))
-            v = bld.fadd(bld.shuffle_vector(v, v, lanes([0, 2])), bld.shuffle_vector(v, v, lanes([1, 3])))
-            total = cgutils.alloca_once_value(
-                bld, bld.fadd(bld.extract_element(v, ir.Constant(i32, 0)), bld.extract_element(v, ir.Constant(i32, 1))))
-            with cgutils.for_range(bld, n, start=bld.shl(n32, ir.Constant(n.type, 5))) as loop:
-                y = bld.load(bld.gep(pb, [loop.index]))
-                bld.store(contract(bld.fadd(bld.load(total), contract(bld.fmul(load_a(loop.index, 1), y)))), total)
-            return bld.load(total)
+                    x = load_a(at, 8)
+                    for pb, acc in zip(pbs, (row[j] for row in accs)):
+                        y = bld.load(bld.bitcast(bld.gep(pb, [at]), v8.as_pointer()), align=4)
+                        bld.store(contract(bld.fadd(contract(bld.fmul(x, y)), bld.load(acc))), acc)
+            totals = []
+            for pb, row in zip(pbs, accs):
+                s = [bld.load(acc) for acc in row]
+                v = bld.fadd(bld.fadd(s[0], s[2]), bld.fadd(s[1], s[3]))
+                v = bld.fadd(bld.shuffle_vector(v, v, lanes([0, 1, 2, 3])), bld.shuffle_vector(v, v, lanes([4, 5, 6, 7])))
+                v = bld.fadd(bld.shuffle_vector(v, v, lanes([0, 2])), bld.shuffle_vector(v, v, lanes([1, 3])))
+                total = cgutils.alloca_once_value(
+                    bld, bld.fadd(bld.extract_element(v, ir.Constant(i32, 0)), bld.extract_element(v, ir.Constant(i32, 1))))
+                with cgutils.for_range(bld, n, start=bld.shl(n32, ir.Constant(n.type, 5))) as loop:
+                    y = bld.load(bld.gep(pb, [loop.index]))
+                    bld.store(contract(bld.fadd(bld.load(total), contract(bld.fmul(load_a(loop.index, 1), y)))), total)
+                totals.append(bld.load(total))
+            if tokens == 1:
+                return totals[0]
+            return context.make_tuple(bld, signature.return_type, totals)
 
         return sig, codegen
 
@@ -102,6 +116,7 @@ def _make_dot(bf16):
 
 
 dot_f32, dot_bf16 = _make_dot(False), _make_dot(True)
+dot2_f32 = _make_dot(False, tokens=2)  # two tokens against one row, each exactly dot_f32
 
 
 # No fastmath in the matvecs: their sums are _make_dot's, in its fixed order.
@@ -172,8 +187,10 @@ def _many_f16(ws, x, outs, threads):
             for r in range(c * _ROWS_PER_CHUNK, min(rows, (c + 1) * _ROWS_PER_CHUNK)):
                 m, i = locate_row(ws, r)
                 halves_to_f32(ws[m][i].view(np.uint16), buf)
-                for t in range(n):
-                    outs[m][t, i] = dot_f32(buf, xh[t])
+                for t in range(0, n - 1, 2):
+                    outs[m][t, i], outs[m][t + 1, i] = dot2_f32(buf, xh[t:t + 2])
+                if n % 2:
+                    outs[m][n - 1, i] = dot_f32(buf, xh[n - 1])
 
 
 # ---- BF16 -------------------------------------------------------------------------------------------
