@@ -115,3 +115,19 @@ def test_matmul_below_the_gemm_threshold_is_the_per_token_matvec():
             assert n < kernel_for(t, packed).gemm_min_tokens
             one = np.stack([matmul(w, t, xs[i : i + 1], packed)[0] for i in range(n)])
             assert np.array_equal(g, one) and np.array_equal(matmul(w, t, xs, packed), one), (t.name, n)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("qtype", [T.F16, T.Q8_0, T.Q4_K, T.Q6_K])
+def test_exact_products_are_one_token_matvecs_whatever_the_batch(qtype, n):
+    """matmul_many(exact=True) (speculative checking): every token's row bit for bit its own matvec, for any
+    number of tokens, several weights in one pass (the F16 one pairs tokens over each widened row)."""
+    pairs = [(weight(qtype, rows, seed), qtype) for seed, rows in enumerate((40, 24))]
+    x = np.stack([activation(COLS, seed=11 + t) for t in range(n)])
+    got = matmul_many(pairs, x, exact=True)
+    for (w, t), g in zip(pairs, got):
+        kernel = kernel_for(t)
+        for i in range(n):
+            one = np.empty(w.shape[0], np.float32)
+            kernel.matvec(w, np.ascontiguousarray(x[i]), one)
+            assert np.array_equal(g[i], one), (i, t)
