@@ -289,6 +289,7 @@ class Speculator:
     LOOKUP_SLOPE = 0.35  # cost(k) / cost(0) ~ 1 + slope k before measured: a (k+1)-row pass (Q4_K_M, 2 threads)
     DRAFT_SLOPE = 0.6  # the same with a draft model's own step per drafted token (a draft a few times smaller)
     DRAFT_RATE = 0.8  # a draft model's acceptance before measured: the user chose it as a good guesser
+    LOOKUP_RATE = 0.25  # lookup's: below what pays, so it starts off
     PLAIN_EVERY = 48  # steps between plain steps, which measure what drafting is compared with
 
     def __init__(self, drafter, draft_max: int = DRAFT_MAX, draft_min: int = DRAFT_MIN, always: bool = False,
@@ -297,7 +298,9 @@ class Speculator:
         if draft_max < 1 or draft_min < 0:
             raise QcpuError(f"--draft-max must be >= 1 and --draft-min >= 0 (got {draft_max}, {draft_min})")
         self.drafter, self.draft_max, self.draft_min, self.always = drafter, draft_max, draft_min, always
-        self.rate = 0.5 if self.is_lookup else self.DRAFT_RATE  # acceptance prior
+        # acceptance priors: lookup starts off and is turned on by the drafts it would have made (scored for
+        # free); a draft model is trusted until measured
+        self.rate = self.LOOKUP_RATE if self.is_lookup else self.DRAFT_RATE
         self.costs = costs if costs is not None else PassCosts()
         self.steps: dict[int, float] = {}  # seconds of a decode step by tokens drafted (running averages)
         self._since_plain = 0  # steps since the last plain one
