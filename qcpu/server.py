@@ -402,7 +402,8 @@ class Run:
 
     def draft(self, token: int, base: int) -> list[int]:
         """Tokens drafted after `token` (about to be fed) for the pass to check; base: rows the pass has
-        so far. Never past max_tokens, nor enough to make the slot's cache shift."""
+        so far, this run's token included. Never past max_tokens, nor enough to make the slot's cache
+        shift."""
         if self.spec is None:
             self.drafted = None
             return []

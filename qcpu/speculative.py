@@ -326,10 +326,11 @@ class Speculator:
         a, b = (below[-1], above[0]) if below and above else (known[-2], known[-1]) if below else (known[0], known[1])
         return max(s[a] + (s[b] - s[a]) / (b - a) * (k - a), 0.5 * min(s.values()))
 
-    def budget(self, limit: int, base: int = 1) -> int:
-        """Tokens worth drafting now (limit: room left in the reply and the cache; base: the rows the pass
-        has without them, more than 1 when other slots' tokens share it). Lookup may choose none; a draft
-        model, which the user chose, drafts at least one."""
+    def budget(self, limit: int, base: int | None = None) -> int:
+        """Tokens worth drafting now (limit: room left in the reply and the cache). `base`: in a server's
+        batch, the rows the pass has without them (priced by PassCosts); None: a decode step of its own
+        (priced by the measured steps). Lookup may choose none; a draft model, which the user chose, drafts
+        at least one."""
         k_max = min(self.draft_max, limit)
         if k_max <= 0:
             return 0
@@ -344,7 +345,7 @@ class Speculator:
                 gain += term
             if k < k_min:
                 continue
-            cost = self.step_seconds(k) if base == 1 else self._batch_cost(k, base)
+            cost = self.step_seconds(k) if base is None else self._batch_cost(k, base)
             value = gain / cost
             if best < 0 or value > best * 1.02:  # a longer step must be clearly better
                 best_k, best = k, value
@@ -385,15 +386,15 @@ class Speculator:
         """The prompt is in the target's cache: let the drafter read it too."""
         self.drafter.prepare(tokens)
 
-    def propose(self, tokens: Sequence[int], limit: int, base: int = 1) -> Draft:
+    def propose(self, tokens: Sequence[int], limit: int, base: int | None = None) -> Draft:
         """The draft after `tokens` (the stream including the pending token), maybe empty (base: see
         budget)."""
         k = self.budget(limit, base)
         self._shadow = []
         # lookup: a plain step now and then keeps the price drafting is compared with fresh
         self._since_plain += 1
-        if base == 1 and self.is_lookup and not self.always and (0 not in self.steps or
-                                                                 self._since_plain > self.PLAIN_EVERY):
+        if base is None and self.is_lookup and not self.always and (0 not in self.steps or
+                                                                    self._since_plain > self.PLAIN_EVERY):
             k = 0
         if k == 0:
             self._since_plain = 0

@@ -265,7 +265,8 @@ def test_lookup_takes_the_latest_longest_match():
 
 def test_policy_turns_lookup_off_and_on_by_measured_acceptance():
     spec = Speculator(NgramLookup(), draft_max=8)
-    spec.costs.seconds = {1: 1.0, 2: 1.2, 3: 1.4, 4: 1.6, 5: 1.8, 6: 2.0, 7: 2.2, 8: 2.4, 9: 2.6}
+    for k in range(10):  # measured steps: a plain one, and each drafted token 20% more
+        spec.stepped(k, 1.0 + 0.2 * k)
     spec.rate = 0.05
     assert spec.budget(8) == 0
     stream = [1, 2, 3, 4, 5, 1, 2, 3]
@@ -278,12 +279,24 @@ def test_policy_turns_lookup_off_and_on_by_measured_acceptance():
     assert spec.budget(8) > 0  # on again
     for _ in range(20):  # checked drafts, all taken: longer drafts pay
         k = spec.budget(8)
-        spec.checked(k, k, k + 1, spec.costs.seconds[k + 1])
+        spec.checked(k, k)
     assert spec.rate > 0.8 and spec.budget(8) > 3
     assert spec.budget(2) <= 2 and spec.budget(0) == 0
+    spec.steps = {0: 1.0, 1: 3.0}  # a pass that costs more than what it can win: off whatever the rate
+    assert spec.budget(8) == 0
+    assert spec.step_seconds(3) == pytest.approx(7.0)  # extrapolated from the measured sizes
     always = Speculator(NgramLookup(), draft_max=4, always=True)
     always.rate = 0.0
     assert always.budget(8) == 4
+
+
+def test_policy_in_a_server_batch_prices_by_pass_rows():
+    spec = Speculator(NgramLookup(), draft_max=8)
+    spec.costs.seconds = {4: 1.0, 5: 1.02, 6: 1.04, 7: 1.06, 8: 1.08, 12: 1.16}  # extra rows nearly free
+    spec.rate = 0.6
+    assert spec.budget(8, base=4) >= 3
+    spec.costs.seconds = {4 + k: 1.0 + 0.7 * k for k in range(9)}  # each row 70% of the batch's pass
+    assert spec.budget(8, base=4) == 0
 
 
 def test_a_draft_min_drops_short_drafts():
