@@ -20,9 +20,9 @@ Drafters:
   drawn from its own filtered distribution otherwise.
 
 `Speculator` decides how many tokens to draft each step from the measured acceptance rate and the
-measured cost of a pass by its size, so lookup turns itself off where it does not pay (plain chat) and
-on where it does (edits, code echoed back); while off, the acceptance of the drafts it would have made is
-still measured, for free, against the tokens actually drawn.
+measured wall time of a step by its drafted tokens, so lookup turns itself off where it does not pay
+(plain chat) and on where it does (edits, code echoed back); while off, the acceptance of the drafts it
+would have made is still measured, for free, against the tokens actually drawn.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from qcpu.sampling import Sampler, SamplingParams, make_sampler
 if TYPE_CHECKING:
     from qcpu.generate import Engine
 
-DRAFT_MAX = 16  # llama.cpp's --draft-max default
+DRAFT_MAX = 16  # most tokens per step (llama.cpp's --draft-max was 16, now 3): the policy picks what pays
 DRAFT_MIN = 0  # llama.cpp's --draft-min: fewer drafted tokens than this are not checked
 DRAFT_P_MIN = 0.0  # llama.cpp's --draft-p-min (its default now): a greedy draft stops below this probability
 NGRAM_MAX, NGRAM_MIN = 4, 2  # lookup: the longest n-gram tried first (llama.cpp's LLAMA_NGRAM_MAX is 4)
@@ -149,10 +149,6 @@ class NgramLookup:
     def prepare(self, tokens: Sequence[int]) -> None:
         self._sync(tokens)
 
-    def close(self) -> None:
-        pass
-
-
 def check_vocabularies(target, draft) -> None:
     """llama.cpp's rule for a draft model (common_speculative_are_compatible): vocabulary sizes within
     VOCAB_MAX_DIFFERENCE and the same token bytes over the shared ids. Raises QcpuError (one line)."""
@@ -170,8 +166,10 @@ class DraftModel:
     """A smaller model with the same vocabulary, on its own Engine (its own KV cache, kept in step with the
     target's stream by Engine.sync: only new tokens are fed)."""
 
-    def __init__(self, engine: "Engine", p_min: float = DRAFT_P_MIN):
+    def __init__(self, engine: "Engine", p_min: float = DRAFT_P_MIN, vocab_size: int | None = None):
+        """vocab_size: the target's (a draft may have up to VOCAB_MAX_DIFFERENCE more ids: never drafted)."""
         self.engine, self.p_min = engine, p_min
+        self.vocab_size = vocab_size or engine.tokenizer.vocab_size
         self.sampler: Sampler | None = None
         self.seconds_per_token: float | None = None  # running average of a draft step (a model pass)
         self.catch_up_seconds = 0.0  # the last draft's time reading tokens it had not seen (after idle steps)
@@ -203,17 +201,17 @@ class DraftModel:
         spent, passes = (fed, 1) if len(rest) <= 2 else (0.0, 0)
         self.catch_up_seconds = 0.0 if len(rest) <= 2 else max(0.0, fed - (self.seconds_per_token or 0.0))
         sampler = self.sampler
-        vocab = len(logits)
         for i in range(n):
             ids, probs = sampler.distribution(logits, e.recent_tokens(sampler.params.repeat_last_n))
             if sampler.greedy:
-                top = np.exp(logits.astype(np.float64) - logits.max())
-                if top.max() / top.sum() < self.p_min:
-                    break
+                if self.p_min > 0:
+                    top = np.exp(logits.astype(np.float64) - logits.max())
+                    if top.max() / top.sum() < self.p_min:
+                        break
                 token, q = int(ids[0]), None
             else:
                 token, q = int(ids[sampler.rng.choice(len(ids), p=probs)]), (ids, probs)
-            if token >= vocab or token in e.tokenizer.eot_ids:
+            if token >= self.vocab_size or token in e.tokenizer.eot_ids:
                 break
             out.tokens.append(token)
             out.q.append(q)
@@ -226,9 +224,6 @@ class DraftModel:
             self.seconds_per_token = step if self.seconds_per_token is None else (
                 0.9 * self.seconds_per_token + 0.1 * step)
         return out
-
-    def close(self) -> None:
-        pass
 
 
 # ---- the policy ------------------------------------------------------------------------------------
@@ -429,8 +424,6 @@ class Speculator:
         for i in range(trials):
             self.rate = self.DECAY * self.rate + (1 - self.DECAY) * (1.0 if i < hits else 0.0)
 
-    def close(self) -> None:
-        self.drafter.close()
 
 
 
@@ -470,7 +463,8 @@ def attach(engine: "Engine", options: SpecOptions | None, costs: PassCosts | Non
         else:
             draft = Engine(draft_model.model, draft_model.tokenizer, draft_model.template, engine.capacity)
         check_vocabularies(engine, draft)
-        spec = Speculator(DraftModel(draft, options.p_min), options.draft_max, options.draft_min, costs=costs)
+        spec = Speculator(DraftModel(draft, options.p_min, engine.tokenizer.vocab_size), options.draft_max,
+                          options.draft_min, costs=costs)
     else:
         spec = Speculator(NgramLookup(), options.draft_max, options.draft_min, always=bool(options.lookup),
                           costs=costs)

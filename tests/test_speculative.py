@@ -22,7 +22,7 @@ from qcpu.cli import app
 from qcpu.errors import QcpuError
 from qcpu.generate import Engine, Stats
 from qcpu.sampling import SamplingParams, make_sampler
-from qcpu.speculative import (Draft, DraftModel, NgramLookup, SpecOptions, Speculator, accept, attach,
+from qcpu.speculative import (NgramLookup, SpecOptions, Speculator, accept, attach,
                               check_vocabularies)
 from tests.tiny_model import write_tiny_qwen2
 
