@@ -193,14 +193,16 @@ def best_of_llama_cpp(path: Path, n_prompt: int, n_gen: int, repeats: int, threa
 
 
 def bench_speculative(path: Path, options, n_gen: int, sets: tuple[str, ...] = ("chat", "edit"),
-                      ctx: int = 4096, progress=None) -> dict:
+                      ctx: int | None = None, progress=None) -> dict:
     """Decode tokens/s with and without speculative decoding (`options`: speculative.SpecOptions) on the
     fixed prompts of bench_prompts (greedy, Qwen's repeat penalty, `n_gen` tokens at most per reply). For
     each prompt the modes run back to back (plain first), so the machine's drift hits them alike; the
     generated seconds exclude the prompt (and the draft model reading it). Lookup is measured as users get
     it (on by measured acceptance) and always on. Per set: tokens, seconds, tok/s per mode, the ratios to
     plain, accepted tokens per checking pass, and whether every reply equals plain decoding's (it must).
-    `progress(text)` is called before each reply. Raises QcpuError for a bad model or draft."""
+    `progress(text)` is called before each reply; ctx None: the engine's default. Prompts that do not fit
+    the context with n_gen tokens after them are skipped (counted). Raises QcpuError for a bad model or
+    draft."""
     from dataclasses import replace
 
     from qcpu.bench_prompts import SETS
@@ -227,8 +229,12 @@ def bench_speculative(path: Path, options, n_gen: int, sets: tuple[str, ...] = (
     out: dict = {"model": Path(path).name, "n_gen": n_gen, "draft": options.draft, "sets": {}}
     for set_name in sets:
         totals = {name: Stats() for name in modes}
-        same = True
+        same, skipped = True, 0
         for i, text in enumerate(SETS[set_name]):
+            engine.reset()
+            if len(engine.chat_prompt_tokens([{"role": "user", "content": text}])) + n_gen > engine.capacity:
+                skipped += 1
+                continue
             replies = {}
             for name in modes:
                 if progress:
@@ -247,7 +253,7 @@ def bench_speculative(path: Path, options, n_gen: int, sets: tuple[str, ...] = (
             same &= all(r == replies["plain"] for r in replies.values())
         plain_tps = totals["plain"].generate_tps
         out["sets"][set_name] = {
-            "prompts": len(SETS[set_name]), "identical": same,
+            "prompts": len(SETS[set_name]) - skipped, "skipped": skipped, "identical": same,
             "modes": {name: {"tokens": t.generated_tokens, "seconds": t.generate_seconds, "tok_s": t.generate_tps,
                              "ratio": t.generate_tps / plain_tps if plain_tps else float("nan"),
                              "drafted": t.drafted_tokens, "accepted": t.accepted_tokens,

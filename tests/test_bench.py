@@ -71,3 +71,25 @@ def test_thread_list_runs_each_count(tiny_path):
     bad = subprocess.run([sys.executable, "-m", "qcpu.cli", "bench", str(tiny_path), "-t", "1,x"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+def test_speculative_bench_on_the_tiny_model(tiny_path, tmp_path):
+    """`qcpu bench --lookup` / `--draft`: both modes on every prompt that fits, replies identical to plain
+    decoding's, the JSON fields; the tiny model's 256-token context skips the long code-edit prompts."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from qcpu.cli import app
+
+    runner = CliRunner()
+    for extra, modes in ((["--lookup"], {"plain", "lookup", "lookup always"}), (["--draft", str(tiny_path)], {"plain", "draft"})):
+        r = runner.invoke(app, ["bench", str(tiny_path), "-n", "6", "--json", *extra])
+        assert r.exit_code == 0, r.output
+        out = json.loads(r.stdout.strip().splitlines()[-1])
+        chat, edit = out["sets"]["chat"], out["sets"]["edit"]
+        assert chat["prompts"] == 10 and edit["skipped"] == 3 and edit["prompts"] == 0
+        assert chat["identical"] and set(chat["modes"]) == modes
+        assert all(m["tokens"] == chat["modes"]["plain"]["tokens"] > 0 for m in chat["modes"].values())
+        if "--draft" in extra:  # the model drafting for itself: every draft taken
+            assert chat["modes"]["draft"]["accepted"] == chat["modes"]["draft"]["drafted"] > 0

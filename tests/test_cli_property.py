@@ -264,6 +264,8 @@ ROPE = {"--rope-scaling": rope_scalings(), "--rope-scale": floats("2", "4"), "--
         "--rope-freq-base": floats("10000", "1000000")}
 
 FLAG = st.just(None)  # an option without a value
+SPEC = {"--draft": models(), "--draft-max": ints(1, 8), "--draft-min": ints(0, 3),
+        "--draft-p-min": floats("0", "0.5", "1"), "--lookup": FLAG, "--no-lookup": FLAG}
 NO_STDIN = st.just(())
 
 SAMPLING = {"--system": texts(), "--temp": floats("0", "0.7", "1.5"), "--top-k": ints(0, 50),
@@ -283,9 +285,11 @@ class Command:
 # Every command and its arguments. A MODEL is always given: none would fetch the 0.5B default model.
 COMMANDS = {
     "generate": Command(st.tuples(models(), texts()),
-                        {**SAMPLING, **CACHE, **ROPE, "--stats": FLAG, "--check-tensors": FLAG}, {"-n": counts()}),
+                        {**SAMPLING, **CACHE, **ROPE, **SPEC, "--stats": FLAG, "--check-tensors": FLAG},
+                        {"-n": counts()}),
     "chat": Command(st.tuples(models()),
-                    {**SAMPLING, **CACHE, **ROPE, "--markdown": FLAG, "--no-color": FLAG, "--check-tensors": FLAG},
+                    {**SAMPLING, **CACHE, **ROPE, **SPEC, "--markdown": FLAG, "--no-color": FLAG,
+                     "--check-tensors": FLAG},
                     {"-n": counts()}, stdin=st.lists(chat_lines(), max_size=5)),
     "info": Command(st.tuples(models())),
     # TOKENIZE MODEL alone would tokenize the text MODEL with the default model, so --file comes with it.
