@@ -47,8 +47,8 @@ def plain_letters(engine):
     mask[allowed] = 0.0
     forward = engine.model.forward
 
-    def wrapped(tokens, cache, all_logits=False):
-        return forward(tokens, cache, all_logits=all_logits) + mask
+    def wrapped(tokens, cache, all_logits=False, exact=False):
+        return forward(tokens, cache, all_logits=all_logits, exact=exact) + mask
 
     engine.model.forward = wrapped
 
@@ -66,9 +66,9 @@ def counting(engine):
     seen = []
     forward = engine.model.forward
 
-    def wrapped(tokens, cache, all_logits=False):
+    def wrapped(tokens, cache, all_logits=False, exact=False):
         seen.append(len(tokens))
-        return forward(tokens, cache, all_logits=all_logits)
+        return forward(tokens, cache, all_logits=all_logits, exact=exact)
 
     engine.model.forward = wrapped
     return seen
@@ -323,8 +323,8 @@ def test_an_empty_reply_is_kept_but_a_stopped_one_is_not(tiny_path):
     forward = chat.engine.model.forward
     eot = sorted(chat.engine.tokenizer.eot_ids)[0]
 
-    def only_eot(tokens, cache, all_logits=False):
-        out = forward(tokens, cache, all_logits=all_logits).copy()
+    def only_eot(tokens, cache, all_logits=False, exact=False):
+        out = forward(tokens, cache, all_logits=all_logits, exact=exact).copy()
         out[..., eot] = 1e9
         return out
 
