@@ -112,19 +112,30 @@ def halves_to_f32_one(lo, hi):
     return out[0]
 
 
-def case(type_k, n_kv, group, hd, n_slots, seed, poison=False):
-    """A cache with holes and keys newer than the query; `poison`: hidden slots hold NaN/inf rows."""
+def case(type_k, n_kv, group, hd, n_slots, seed, poison=False, hidden="everywhere"):
+    """A cache with holes and keys newer than the query; `poison`: hidden slots hold NaN/inf rows.
+    hidden: "everywhere" (random stream order, 10% holes), "last block" (slots in stream order, holes and
+    newer keys only in the last BLOCK slots: the others take the kernel's every-slot-visible path), or
+    "none" (every slot visible)."""
     rng = np.random.default_rng(seed)
     k = to_rows((rng.standard_normal((n_kv, n_slots, hd)) * 2).astype(np.float32), type_k)
     v = to_rows(rng.standard_normal((n_kv, n_slots, hd)).astype(np.float32), type_k)
     q = (rng.standard_normal((n_kv * group, hd)) * 2).astype(np.float32)
-    seq = rng.permutation(n_slots + 40)[:n_slots].astype(np.int64)
-    seq[rng.random(n_slots) < 0.1] = -1
-    query = int(np.median(seq)) if n_slots > 8 else n_slots + 40
+    if hidden == "everywhere":
+        seq = rng.permutation(n_slots + 40)[:n_slots].astype(np.int64)
+        seq[rng.random(n_slots) < 0.1] = -1
+        query = int(np.median(seq)) if n_slots > 8 else n_slots + 40
+    else:
+        seq = np.arange(n_slots, dtype=np.int64)
+        query = n_slots - 1
+        if hidden == "last block" and n_slots > BLOCK:
+            tail = np.arange((n_slots - 1) // BLOCK * BLOCK, n_slots)
+            seq[tail[::3]] = -1
+            query = n_slots - 3
     if poison:
-        hidden = (seq < 0) | (seq > query)
-        k[:, hidden] = 0xFF  # fp16 NaN bits / NaN scales
-        v[:, hidden] = 0xFF
+        unseen = (seq < 0) | (seq > query)
+        k[:, unseen] = 0xFF  # fp16 NaN bits / NaN scales
+        v[:, unseen] = 0xFF
     if type_k == T.F16:
         qf, (qq, qd, qc) = q.astype(np.float16).astype(np.float32), att._NO_QUANTS
     else:
@@ -133,9 +144,9 @@ def case(type_k, n_kv, group, hd, n_slots, seed, poison=False):
     return qf, qq, qd, qc, np.ascontiguousarray(k), np.ascontiguousarray(v), seq, query, off
 
 
-def run(kernel, type_k, n_kv, group, hd, n_slots, seed, poison=False):
+def run(kernel, type_k, n_kv, group, hd, n_slots, seed, poison=False, hidden="everywhere"):
     """The fused decode kernel (or the reference) on a case: (probabilities, refs, totals, partial)."""
-    qf, qq, qd, qc, k, v, seq, query, off = case(type_k, n_kv, group, hd, n_slots, seed, poison)
+    qf, qq, qd, qc, k, v, seq, query, off = case(type_k, n_kv, group, hd, n_slots, seed, poison, hidden)
     n_heads, n_blocks = n_kv * group, max(1, -(-n_slots // BLOCK))
     scale = np.float32(1 / np.sqrt(hd))
     scores = np.full((n_heads, n_slots), np.nan, np.float32)
@@ -155,9 +166,10 @@ def bits(a):
 
 @pytest.mark.parametrize("type_k", [T.F16, T.Q8_0, T.Q4_0], ids=lambda t: t.name)
 @pytest.mark.parametrize("n_kv,group,hd,n_slots", SHAPES)
-def test_decode_kernel_equals_the_key_at_a_time_reference_bit_for_bit(type_k, n_kv, group, hd, n_slots):
-    ours = run(att._decode_kernel(type_k, type_k, hd, group), type_k, n_kv, group, hd, n_slots, seed=n_slots)
-    ref = run(reference_kernel(type_k, type_k, group), type_k, n_kv, group, hd, n_slots, seed=n_slots)
+@pytest.mark.parametrize("hidden", ["everywhere", "last block"])
+def test_decode_kernel_equals_the_key_at_a_time_reference_bit_for_bit(type_k, n_kv, group, hd, n_slots, hidden):
+    ours = run(att._decode_kernel(type_k, type_k, hd, group), type_k, n_kv, group, hd, n_slots, n_slots, hidden=hidden)
+    ref = run(reference_kernel(type_k, type_k, group), type_k, n_kv, group, hd, n_slots, n_slots, hidden=hidden)
     for a, b in zip(ours, ref):
         assert np.array_equal(bits(a), bits(b))
 
@@ -166,11 +178,13 @@ def test_decode_kernel_equals_the_key_at_a_time_reference_bit_for_bit(type_k, n_
 def test_portable_ir_gives_the_same_numbers(type_k):
     """The IR CPUs without AVX2/F16C run (built here on every machine) against the native build."""
     n_kv, group, hd, n_slots = SHAPES[0]
-    native = run(att._decode_kernel(type_k, type_k, hd, group), type_k, n_kv, group, hd, n_slots, seed=5)
-    portable = run(att._decode_kernel(type_k, type_k, hd, group, avx2=False, f16c=False), type_k, n_kv, group,
-                   hd, n_slots, seed=5)
-    for a, b in zip(native, portable):
-        assert np.array_equal(bits(a), bits(b))
+    for hidden in ("everywhere", "last block"):
+        native = run(att._decode_kernel(type_k, type_k, hd, group), type_k, n_kv, group, hd, n_slots, 5,
+                     hidden=hidden)
+        portable = run(att._decode_kernel(type_k, type_k, hd, group, avx2=False, f16c=False), type_k, n_kv, group,
+                       hd, n_slots, 5, hidden=hidden)
+        for a, b in zip(native, portable):
+            assert np.array_equal(bits(a), bits(b))
 
 
 @pytest.mark.parametrize("type_k", [T.F16, T.Q8_0, T.Q4_0], ids=lambda t: t.name)
