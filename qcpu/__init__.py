@@ -15,7 +15,14 @@ def _default(name: str, value: str) -> None:
         _os.environ[name] = ENV_DEFAULTS[name] = value
 
 
-# Numba's parallel kernels run on OpenMP. GNU OpenMP's default is to spin-wait between parallel regions;
+# Numba's parallel kernels run on TBB where the `tbb` wheel exists (x86-64: a dependency there; Numba
+# prefers it). Its idle workers spin yielding the core, then sleep, so a decode step's ~110 regions rarely
+# wait for a wake-up, and a busy machine loses little. Default model, 2 threads, AMD EPYC VM, OpenMP (the
+# settings below) / TBB, both in turn: qcpu bench tg64 idle 41.2 / 47.0 tok/s, one core busy 17.9-19.5 /
+# 28.7-29.9, both busy 15.1-16.6 / 16.0-17.5; a 4-row batched decode step (a server's, tools/batch_decode.py)
+# idle 46-50 / 38-45 ms (32.7 / 31.5 in a faster phase of the machine), one core busy 81-87 / 63-66 ms.
+#
+# Elsewhere (ARM) they run on OpenMP. GNU OpenMP's default is to spin-wait between parallel regions;
 # a decode step has ~170 of them, and the moment anything else wants the CPU (a browser, a build) a
 # spinning thread is preempted and every region waits a scheduler tick: measured 0.6 tok/s instead of
 # 20 on the default model with a loaded 2-core machine. Sleeping waits cost microseconds instead.
