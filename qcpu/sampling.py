@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+from numba import njit
 
 from qcpu.errors import QcpuError
 from qcpu.grammar import Grammar
@@ -97,14 +98,39 @@ def apply_presence_frequency(logits: np.ndarray, recent: Sequence[int], presence
 
 def _keep_top_k(ids: np.ndarray | None, logits: np.ndarray, k: int):
     """The k largest logits (all if k is 0 or covers them) and their ids, most likely first, ties by
-    position. ids None stands for np.arange(len(logits)) (the whole vocabulary) without building it:
-    with the negated copy the old code made, that took a third of the sampler's time at 152K tokens."""
+    position (the earlier one is kept). ids None stands for np.arange(len(logits)) (the whole vocabulary)
+    without building it."""
     n = len(logits)
     if not 0 < k < n:
         return ids, logits
-    top = np.argpartition(logits, n - k)[n - k:]
-    top = top[np.lexsort((top, -logits[top]))]
+    top = _top_k(np.ascontiguousarray(logits, dtype=np.float32), k)
     return (top if ids is None else ids[top]), logits[top]
+
+
+@njit(cache=True, nogil=True)
+def _top_k(logits, k):
+    """Indices int64[k] of the k largest of logits float32[n] (0 < k < n), largest first, equal values in
+    index order. One pass keeping a sorted list of k: most values lose against its last one, a single
+    compare (0.06 ms at 152K tokens, k 20, where argpartition and a sort took 0.32). NaN never enters."""
+    vals = np.empty(k, np.float32)
+    idx = np.empty(k, np.int64)
+    size = 0
+    for i in range(logits.shape[0]):
+        x = logits[i]
+        if size == k and not x > vals[k - 1]:
+            continue
+        if size < k:
+            if not x == x:  # NaN: never kept
+                continue
+            size += 1
+        j = size - 1
+        while j > 0 and vals[j - 1] < x:  # after every value >= x: equal values stay in index order
+            vals[j] = vals[j - 1]
+            idx[j] = idx[j - 1]
+            j -= 1
+        vals[j] = x
+        idx[j] = i
+    return idx[:size]
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

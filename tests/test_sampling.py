@@ -95,6 +95,20 @@ def test_top_k_llama_cases(k, want):
     _check(_after(*_keep_top_k(np.arange(4), _logits(PROBS), k)), want)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_top_k_is_the_k_largest_in_order_ties_by_position(seed):
+    """Against a full stable sort: values drawn from a few levels (many ties, also at the k-th place),
+    -inf (a grammar's masked tokens) included, k from 1 to n - 1."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 400))
+    logits = rng.integers(-3, 4, n).astype(np.float32)
+    logits[rng.random(n) < 0.2] = -np.inf
+    for k in sorted({1, n - 1, int(rng.integers(1, n))}):
+        want = np.lexsort((np.arange(n), -logits))[:k]  # by value, largest first; equal ones by index
+        ids, kept = _keep_top_k(None, logits, k)
+        assert ids.tolist() == want.tolist() and np.array_equal(kept, logits[want])
+
+
 # -- top-p ----------------------------------------------------------------------------------------------------
 
 def test_top_p_keeps_the_token_whose_mass_reaches_p_exactly():
