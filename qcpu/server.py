@@ -400,15 +400,15 @@ class Run:
             self.spec.drawn(token)
         return self.take(token)
 
-    def draft(self, token: int, base: int) -> list[int]:
+    def draft(self, token: int, base: int, others: int = 0) -> list[int]:
         """Tokens drafted after `token` (about to be fed) for the pass to check; base: rows the pass has
-        so far, this run's token included. Never past max_tokens, nor enough to make the slot's cache
-        shift."""
+        so far, this run's token included; others: the other runs decoding in the pass. Never past
+        max_tokens, nor enough to make the slot's cache shift."""
         if self.spec is None:
             self.drafted = None
             return []
         limit = min(self.max_tokens - self.n, self.engine.capacity - self.engine.n_held - 1)
-        self.drafted = self.spec.propose(self.engine.tokens + [token], limit, base) if limit > 0 else None
+        self.drafted = self.spec.propose(self.engine.tokens + [token], limit, base, others) if limit > 0 else None
         return self.drafted.tokens if self.drafted else []
 
     def checked(self, rows: np.ndarray) -> None:
@@ -559,12 +559,13 @@ class Batcher:
                 reading.fail(_api_error(e))
         batch: list[tuple[Run, Any]] = []
         rows = len(chunk)
+        decoding = sum(1 for r in runs if r.logits is not None and not r.finished)
         for r in runs:
             if r.logits is not None and not r.finished:
                 try:
                     token = r.next_token()
                     if token is not None:
-                        seq = [token] + r.draft(token, rows + 1)
+                        seq = [token] + r.draft(token, rows + 1, decoding - 1)
                         rows += len(seq)
                         batch.append((r, seq))
                 except Exception as e:

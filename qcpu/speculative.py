@@ -321,11 +321,13 @@ class Speculator:
         a, b = (below[-1], above[0]) if below and above else (known[-2], known[-1]) if below else (known[0], known[1])
         return max(s[a] + (s[b] - s[a]) / (b - a) * (k - a), 0.5 * min(s.values()))
 
-    def budget(self, limit: int, base: int | None = None) -> int:
+    def budget(self, limit: int, base: int | None = None, others: int = 0) -> int:
         """Tokens worth drafting now (limit: room left in the reply and the cache). `base`: in a server's
         batch, the rows the pass has without them (priced by PassCosts); None: a decode step of its own
-        (priced by the measured steps). Lookup may choose none; a draft model, which the user chose, drafts
-        at least one."""
+        (priced by the measured steps). `others`: the other replies decoding in that pass, a token each.
+        The batch's tokens per second is what is maximized, (others + 1 + a + ... + a^k) / seconds: drafts
+        slow the pass for every reply in it, so they must pay for the others' time too. Lookup may choose
+        none; a draft model, which the user chose, drafts at least one."""
         k_max = min(self.draft_max, limit)
         if k_max <= 0:
             return 0
@@ -341,7 +343,7 @@ class Speculator:
             if k < k_min:
                 continue
             cost = self.step_seconds(k) if base is None else self._batch_cost(k, base)
-            value = gain / cost
+            value = (others + gain) / cost
             if best < 0 or value > best * 1.02:  # a longer step must be clearly better
                 best_k, best = k, value
         return best_k
@@ -381,10 +383,10 @@ class Speculator:
         """The prompt is in the target's cache: let the drafter read it too."""
         self.drafter.prepare(tokens)
 
-    def propose(self, tokens: Sequence[int], limit: int, base: int | None = None) -> Draft:
-        """The draft after `tokens` (the stream including the pending token), maybe empty (base: see
-        budget)."""
-        k = self.budget(limit, base)
+    def propose(self, tokens: Sequence[int], limit: int, base: int | None = None, others: int = 0) -> Draft:
+        """The draft after `tokens` (the stream including the pending token), maybe empty (base, others:
+        see budget)."""
+        k = self.budget(limit, base, others)
         self._shadow = []
         # lookup: a plain step now and then keeps the price drafting is compared with fresh
         self._since_plain += 1

@@ -299,6 +299,18 @@ def test_policy_in_a_server_batch_prices_by_pass_rows():
     assert spec.budget(8, base=4) == 0
 
 
+def test_drafts_in_a_batch_pay_for_the_other_replies_slowed_down():
+    """Each extra row 10% of the pass, acceptance 0.3: alone, a draft pays (1.3 tokens for 1.1 of the
+    time); beside three other replies (a token each), it does not ((3 + 1.3) / 1.1 < 4 / 1)."""
+    spec = Speculator(NgramLookup(), draft_max=8)
+    spec.costs.seconds = {n: 1.0 + 0.1 * (n - 4) for n in range(4, 13)}
+    spec.rate = 0.3
+    assert spec.budget(8, base=4) >= 1
+    assert spec.budget(8, base=4, others=3) == 0
+    spec.rate = 0.9  # a good guesser still drafts beside them
+    assert spec.budget(8, base=4, others=3) >= 1
+
+
 def test_a_draft_min_drops_short_drafts():
     spec = Speculator(NgramLookup(), draft_max=8, draft_min=3, always=True)
     assert spec.propose([1, 2, 3, 1, 2], 8).tokens == [3, 1, 2]
