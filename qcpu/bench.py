@@ -76,7 +76,18 @@ def bench_qcpu(path: Path, n_prompt: int, n_gen: int, repeats: int, threads: int
     return {"pp_tps": statistics.median(pp), "tg_tps": statistics.median(tg), "rss_mb": _rss_mb(),
             "weights_read_per_token_mb": weights_bytes / 2**20, "kv_cache_mb": cache.nbytes / 2**20,
             "threads": threads, "n_prompt": n_prompt, "n_gen": n_gen, "depth": depth, "repeats": repeats,
-            "cache_types": list(cache_types)}
+            "cache_types": list(cache_types), "threading_layer": _threading_layer()}
+
+
+def _threading_layer() -> str:
+    """The pool Numba's kernels ran on ('tbb', 'omp', 'workqueue'): it changes decode speed, and each
+    platform gets what its wheels allow."""
+    import numba
+
+    try:
+        return numba.threading_layer()
+    except ValueError:  # no parallel kernel has run yet
+        return "none"
 
 
 def time_to_first_token(path: Path, threads: int) -> float:

@@ -663,7 +663,8 @@ def _bench_one(path, n_threads, n_prompt, n_gen, repeats, depth, cache_types, co
     if as_json:
         return result
     at = f" @ d{depth}" if depth else ""
-    table = Table(title=f"{path.name}, {n_threads} threads, KV {cache_types[0]}/{cache_types[1]}{at} (median of {repeats})")
+    table = Table(title=f"{path.name}, {n_threads} threads ({ours['threading_layer']}), KV {cache_types[0]}/"
+                        f"{cache_types[1]}{at} (median of {repeats})")
     table.add_column("")
     table.add_column(f"pp{n_prompt}{at} tok/s", justify="right")
     table.add_column(f"tg{n_gen}{at} tok/s", justify="right")

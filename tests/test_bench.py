@@ -57,6 +57,7 @@ def test_llama_cpp_runs_without_qcpus_thread_pool_settings(monkeypatch):
 def test_thread_list_runs_each_count(tiny_path):
     """`-t 1,2` (llama-bench's form) measures once per thread count, in order."""
     import json
+    import platform
     import subprocess
     import sys
 
@@ -68,6 +69,9 @@ def test_thread_list_runs_each_count(tiny_path):
     assert proc.returncode == 0, proc.stderr
     assert [r["threads"] for r in json.loads(proc.stdout)] == counts
     assert all(r["n_gen"] == 2 for r in json.loads(proc.stdout))  # -n: llama-bench's name for it
+    # the pool the kernels ran on, as Numba reports it: TBB on x86-64, where pyproject.toml installs it
+    want = {"tbb"} if platform.machine() in ("x86_64", "AMD64") else {"omp", "workqueue"}
+    assert {r["threading_layer"] for r in json.loads(proc.stdout)} <= want
     bad = subprocess.run([sys.executable, "-m", "qcpu.cli", "bench", str(tiny_path), "-t", "1,x"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
