@@ -594,7 +594,8 @@ def _weigh_values(typingctx, vrows, probs, out, slot_seq, query_seq, h0, lo, hi,
                         ys = {c: chunk(b, row, c) for c in chunks}
                         for g in heads:
                             if v_f16:
-                                pv = {c: _splat_value(b, b.load(b.gep(prows[g], [s])), 8) for c in chunks}
+                                p = _splat_value(b, b.load(b.gep(prows[g], [s])), 8)
+                                pv = {c: p for c in chunks}
                             else:
                                 blocks = {c // 4 for c in chunks}
                                 pb = {i: _splat_value(b, b.load(b.gep(pwp, [b.add(_i64((g * nb + i) * BLOCK),
