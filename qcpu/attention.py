@@ -574,22 +574,20 @@ def _weigh_values(typingctx, vrows, probs, out, slot_seq, query_seq, h0, lo, hi,
                     for i in range(nb):
                         dst = b.gep(pwp, [b.add(_i64((g * nb + i) * BLOCK), at)])
                         b.store(b.fmul(p, ds[i]), b.bitcast(dst, _V8F.as_pointer()), align=4)
+        def visible(s):  # 0 <= slot_seq[s] <= query_seq
+            seq = b.load(b.gep(seqp, [s]))
+            return b.and_(b.icmp_signed(">=", seq, _i64(0)), b.icmp_signed("<=", seq, query))
+
         everyone = cgutils.alloca_once_value(b, ir.Constant(ir.IntType(1), 1))
         with cgutils.for_range(b, b.sub(hi_, lo_)) as loop:
-            seq = b.load(b.gep(seqp, [b.add(lo_, loop.index)]))
-            visible = b.and_(b.icmp_signed(">=", seq, _i64(0)), b.icmp_signed("<=", seq, query))
-            b.store(b.and_(b.load(everyone), visible), everyone)
+            b.store(b.and_(b.load(everyone), visible(b.add(lo_, loop.index))), everyone)
 
         def passes(checked):
             for heads, chunks in _value_tiles(group, n_chunks):
                 accs = {(g, c): cgutils.alloca_once_value(b, zero8) for g in heads for c in chunks}
                 with cgutils.for_range(b, b.sub(hi_, lo_)) as loop:
                     s = b.add(lo_, loop.index)
-                    visible = ir.Constant(ir.IntType(1), 1)
-                    if checked:
-                        seq = b.load(b.gep(seqp, [s]))
-                        visible = b.and_(b.icmp_signed(">=", seq, _i64(0)), b.icmp_signed("<=", seq, query))
-                    with b.if_then(visible, likely=True):
+                    with b.if_then(visible(s) if checked else ir.Constant(ir.IntType(1), 1), likely=True):
                         row = b.gep(vp, [b.mul(s, _i64(row_bytes))])
                         ys = {c: chunk(b, row, c) for c in chunks}
                         for g in heads:
