@@ -246,20 +246,38 @@ assert BLOCK % CENTER_BLOCK == 0 and CENTER_BLOCK % STEP == 0  # a step's keys s
 _V8F = _vec(8, _F32)
 
 
-def _lane_sums(b, vs, adjacent, add=None):
+def _lane_sums(b, vs):
     """IR: eight <8 x float> -> one whose lane j is the sum of vs[j]'s lanes, with t_i = l_i + l_(i+4):
-    (t0+t1) + (t2+t3) if `adjacent` (floats.dot_f32's tree), else (t0+t2) + (t1+t3) (legacy._row_dot's);
-    the shuffles serve all 8 sums at once. add: b.add for <8 x i32> (exact: any order)."""
-    add = add or b.fadd
-    second = ([0, 2, 8, 10, 4, 6, 12, 14], [1, 3, 9, 11, 5, 7, 13, 15]) if adjacent else \
-        ([0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15])
-    s = [add(b.shuffle_vector(vs[i], vs[i + 1], _lanes([0, 1, 2, 3, 8, 9, 10, 11])),
-             b.shuffle_vector(vs[i], vs[i + 1], _lanes([4, 5, 6, 7, 12, 13, 14, 15]))) for i in (0, 2, 4, 6)]
-    u = [add(b.shuffle_vector(s[i], s[i + 1], _lanes(second[0])),
-             b.shuffle_vector(s[i], s[i + 1], _lanes(second[1]))) for i in (0, 2)]
-    w = add(b.shuffle_vector(u[0], u[1], _lanes([0, 2, 8, 10, 4, 6, 12, 14])),
-            b.shuffle_vector(u[0], u[1], _lanes([1, 3, 9, 11, 5, 7, 13, 15])))
+    (t0+t1) + (t2+t3), floats.dot_f32's tree; the shuffles serve all 8 sums at once."""
+    s = [b.fadd(b.shuffle_vector(vs[i], vs[i + 1], _lanes([0, 1, 2, 3, 8, 9, 10, 11])),
+                b.shuffle_vector(vs[i], vs[i + 1], _lanes([4, 5, 6, 7, 12, 13, 14, 15]))) for i in (0, 2, 4, 6)]
+    u = [b.fadd(b.shuffle_vector(s[i], s[i + 1], _lanes([0, 2, 8, 10, 4, 6, 12, 14])),
+                b.shuffle_vector(s[i], s[i + 1], _lanes([1, 3, 9, 11, 5, 7, 13, 15]))) for i in (0, 2)]
+    w = b.fadd(b.shuffle_vector(u[0], u[1], _lanes([0, 2, 8, 10, 4, 6, 12, 14])),
+               b.shuffle_vector(u[0], u[1], _lanes([1, 3, 9, 11, 5, 7, 13, 15])))
     return b.shuffle_vector(w, w, _lanes([0, 4, 1, 5, 2, 6, 3, 7]))
+
+
+def _dword_columns(b, rows):
+    """IR: eight <32 x i8> rows (one block of 8 keys) -> eight <32 x i8> columns, dword j of column t
+    = dword t of row j (quants 4t..4t+3 of key j): the 8 x 8 dword transpose, in the three stages of
+    unpack 32, unpack 64, 128-bit halves (one shuffle instruction each on AVX2)."""
+    def shuf(x, y, idx):
+        return b.shuffle_vector(x, y, _lanes(idx))
+
+    r = [b.bitcast(x, _vec(8, _I32)) for x in rows]
+    lo32, hi32 = [0, 8, 1, 9, 4, 12, 5, 13], [2, 10, 3, 11, 6, 14, 7, 15]
+    lo64, hi64 = [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]
+    s = [shuf(r[i], r[i + 1], m) for i in (0, 2, 4, 6) for m in (lo32, hi32)]  # s0 s1 | s2 s3 | ...
+    u = []
+    for base in (0, 4):  # keys 0-3, 4-7: dwords (0,4) (1,5) (2,6) (3,7) of 4 keys
+        for a, m in ((0, lo64), (0, hi64), (1, lo64), (1, hi64)):
+            u.append(shuf(s[base + a], s[base + a + 2], m))
+    cols = [None] * 8
+    for t in range(4):
+        cols[t] = shuf(u[t], u[t + 4], [0, 1, 2, 3, 8, 9, 10, 11])
+        cols[t + 4] = shuf(u[t], u[t + 4], [4, 5, 6, 7, 12, 13, 14, 15])
+    return [b.bitcast(c, _vec(32, _I8)) for c in cols]
 
 
 def _i64(v):
@@ -375,7 +393,7 @@ def _score_keys(typingctx, krows, qf, slot_seq, query_seq, scale, scores, h0, gr
                 h = b.add(h0_, heads.index)
                 base = b.mul(heads.index, _i64(STEP))
                 vs = [b.load(b.gep(vbuf, [b.add(base, _i64(j))]), align=4) for j in range(STEP)]
-                x = b.fmul(_lane_sums(b, vs, True), _splat_value(b, scl, 8))
+                x = b.fmul(_lane_sums(b, vs), _splat_value(b, scl, 8))
                 x = b.select(hidden, neg_inf, x)
                 _store_step(b, x, b.gep(best, [heads.index]), b.gep(scp, [b.add(b.mul(h, n_slots), s0)]), n)
         with cgutils.for_range(b, grp) as heads:
@@ -397,11 +415,14 @@ def _score_quantized_keys(typingctx, krows, qq, qd, qc, slot_seq, query_seq, sca
 
     Each block's dot is an exact integer, and the score is llama.cpp's scalar vec_dot_q8_0_q8_0 order:
     sum over blocks i of float(dot_i) * (d_k,i * d_q,i), then times scale. STEP keys at a time: a key is
-    unpacked once for the whole group; per head and block the 8 keys' integer dots are reduced together
-    (one shuffle tree for all 8), so the float work is a few vector operations per 8 keys. On AVX2 the
-    dots are pmaddubsw/pmaddwd, with q's magnitudes (loop-invariant) as the unsigned operand and the keys
-    given q's signs (psignb, ggml's mul_sum_i8_pairs the other way round), and Q4_0's nibbles as they are
-    with the offset subtracted from the block sums."""
+    unpacked once for the whole group, and each block of the 8 keys is transposed once (_dword_columns:
+    column t holds every key's quants 4t..4t+3), so a head's 8 dots accumulate lane by lane against q's
+    dword t broadcast, with no horizontal reduction (it was a shuffle tree per head, as costly as the
+    dots; the transpose is shared by the group). The float work is then a few vector operations per 8 keys.
+    On AVX2 the dots are pmaddubsw/pmaddwd, with q's magnitudes (loop-invariant) as the unsigned operand
+    and the keys given q's signs (psignb, ggml's mul_sum_i8_pairs the other way round), and Q4_0's nibbles
+    as they are, their 8 columns summed in int16 (15 x 127 x 16 < 2**15) and the offset subtracted from
+    the block sums."""
     layout = literal_values(spec)
     if layout is None:
         return None
@@ -446,16 +467,38 @@ def _score_quantized_keys(typingctx, krows, qq, qd, qc, slot_seq, query_seq, sca
                         total = b.add(total, b.extract_element(lanes, ir.Constant(_I32, j)))
                     corr[g, i] = _splat_value(b, total, 8)
 
-        def dot(wq, x):
-            if not avx2:
-                return _dot8_portable(b, wq, x, True)
+        def broadcast(x, t):  # <32 x i8> x's dword t (4 quants) in every dword
+            return b.bitcast(b.shuffle_vector(b.bitcast(x, _vec(8, _I32)), ir.Constant(_vec(8, _I32), None),
+                                              _lanes([t] * 8)), _vec(32, _I8))
+
+        qcols = {(g, i): [tuple(broadcast(y, t) for y in x) if isinstance(x, tuple) else broadcast(x, t)
+                          for t in range(8)] for (g, i), x in xs.items()}
+
+        def pairs(wq, x):  # pmaddubsw: <16 x i16>
             if raw_nibbles:
-                pairs = _call(b, "llvm.x86.avx2.pmadd.ub.sw", _vec(16, _I16), wq, x)
-            else:
-                x, ax = x
-                pairs = _call(b, "llvm.x86.avx2.pmadd.ub.sw", _vec(16, _I16), ax,
-                              _call(b, "llvm.x86.avx2.psign.b", _vec(32, _I8), wq, x))
-            return _call(b, "llvm.x86.avx2.pmadd.wd", _vec(8, _I32), pairs, _splat(_I16, 16, 1))
+                return _call(b, "llvm.x86.avx2.pmadd.ub.sw", _vec(16, _I16), wq, x)
+            x, ax = x
+            return _call(b, "llvm.x86.avx2.pmadd.ub.sw", _vec(16, _I16), ax,
+                         _call(b, "llvm.x86.avx2.psign.b", _vec(32, _I8), wq, x))
+
+        def widen(p):  # pmaddwd by ones: <8 x i32>
+            return _call(b, "llvm.x86.avx2.pmadd.wd", _vec(8, _I32), p, _splat(_I16, 16, 1))
+
+        def block_dots(cols, qcols):
+            """<8 x i32>: the 8 keys' exact integer dots with one q block (columns: _dword_columns)."""
+            if not avx2:
+                terms = [_dot8_portable(b, c, x, True) for c, x in zip(cols, qcols)]
+            elif raw_nibbles:  # nibbles x |q| <= 15 * 127: 8 pair sums stay within int16, widen once
+                p = pairs(cols[0], qcols[0])
+                for c, x in zip(cols[1:], qcols[1:]):
+                    p = b.add(p, pairs(c, x))
+                return widen(p)
+            else:  # 2 * 127 * 127 fills int16: widen each
+                terms = [widen(pairs(c, x)) for c, x in zip(cols, qcols)]
+            total = terms[0]
+            for t in terms[1:]:
+                total = b.add(total, t)
+            return total
 
         last = b.sub(hi_, _i64(1))
         n_steps = b.lshr(b.add(b.sub(hi_, lo_), _i64(STEP - 1)), _i64(3))
@@ -471,10 +514,11 @@ def _score_quantized_keys(typingctx, krows, qq, qd, qc, slot_seq, query_seq, sca
                     wq[j, i] = _emit_weights(b, blk, False, has_qh, nibbles, 0 if raw_nibbles else offset)
                     dk[i] = b.insert_element(dk[i], ir_half_at(b, blk, 0, f16c), ir.Constant(_I32, j))
             hidden = _hidden_lanes(b, seqp, s0, last, n, query)
+            cols = [_dword_columns(b, [wq[j, i] for j in range(STEP)]) for i in range(nb)]
             for g in range(group):
                 acc = zero8
                 for i in range(nb):
-                    sums = _lane_sums(b, [dot(wq[j, i], xs[g, i]) for j in range(STEP)], False, b.add)
+                    sums = block_dots(cols[i], qcols[g, i])
                     if (g, i) in corr:
                         sums = b.sub(sums, corr[g, i])
                     term = _contract(b.fmul(b.sitofp(sums, _V8F), b.fmul(dk[i], ds[g, i])))
