@@ -98,8 +98,9 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, slot_seq: np.ndarray,
         return np.concatenate([attention(q[i:i + 1], k, v, slot_seq, query_seq[i:i + 1], type_k, type_v, centers)
                                for i in range(q.shape[0])])
     hd = q.shape[-1]
-    scale = np.float32(1.0 / math.sqrt(hd))
-    type_k, type_v = T(type_k), T(type_v)
+    scale = _scale(hd)
+    type_k = type_k if type(type_k) is T else T(type_k)  # T(member) alone costs ~2 us a call
+    type_v = type_v if type(type_v) is T else T(type_v)
     n_cb = -(-len(slot_seq) // CENTER_BLOCK)
     # quantized rows are stored Hadamard-rotated (cache.py): q.(Hk) needs Hq, and sum p (Hv) = H (sum p v)
     rot_k, rot_v = rotation(type_k, hd, keys=True), rotation(type_v, hd, keys=False)
@@ -114,6 +115,11 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, slot_seq: np.ndarray,
         q = ACTIVATION_ROUNDING[type_k](q.reshape(-1, hd)).reshape(q.shape)
         out = _prefill(q, k, v, slot_seq, query_seq, scale, type_k, type_v, off)
     return rotate(out, rot_v)
+
+
+@functools.cache
+def _scale(head_dim: int) -> np.float32:
+    return np.float32(1.0 / math.sqrt(head_dim))
 
 
 # ---- shared scalar pieces (inlined, so the loops around them vectorize) --------------------------
@@ -667,17 +673,20 @@ def _decode_kernel(type_k: T, type_v: T, head_dim: int, group: int, avx2: bool =
     f16c: the instructions the IR may use (default: this CPU's; the tests also build the portable IR, which
     gives the same numbers).
 
-    kernel(q, qq, qd, qc, k, v, slot_seq, query_seq, scale, off, scores, refs, totals, partial): one task
-    per (kv head, block of BLOCK slots), all in one parallel region (flash-decoding):
-    - scores[h, s] = q.k * scale, -inf where hidden (_score_keys). F16 keys are dotted with the
-      fp16-rounded q; quantized keys as integers with q quantized to Q8_0 (qq, qd; qc: Q4_0's offset
-      sums), llama.cpp's vec_dot_q8_0_q8_0 / vec_dot_q4_0_q8_0, then off[h, s // CENTER_BLOCK] is added
-      (the key centers' q.c * scale, cache.KeyCenters; unread for F16 keys);
+    kernel(q, k, v, slot_seq, query_seq, scale, off, scores, refs, totals, partial) -> out float32[n_heads,
+    head_dim]: one task per (kv head, block of BLOCK slots), all in one parallel region (flash-decoding),
+    between q's conversion and the blocks' merge on the calling thread (one call from Python: a decode
+    step makes one per layer and slot, and each call's Python and dispatch cost ~1 us per array):
+    - q float32[n_heads, head_dim] goes to K's vec_dot type first, as llama.cpp converts it: fp16-rounded
+      for F16 keys; Q8_0 for quantized keys (_quantize_heads: the quants, scales and Q4_0's offset sums);
+    - scores[h, s] = q.k * scale, -inf where hidden (_score_keys). F16 keys are dotted in float32;
+      quantized keys as integers, llama.cpp's vec_dot_q8_0_q8_0 / vec_dot_q4_0_q8_0, then off[h, s //
+      CENTER_BLOCK] is added (the key centers' q.c * scale, cache.KeyCenters; unread for F16 keys);
     - the block's softmax against its own reference point: refs int64[n_heads, n_blocks] = the block
       maximum in steps of ln 2 rounded up (_NONE: nothing seen), scores -> fp16-rounded exp(s - ref),
       totals float64[n_heads, n_blocks] their unrounded sum;
-    - partial[b, h] float32[hd] = sum over the block's slots of p * v (_weigh_values).
-    _merge_blocks then rescales each block by the exact power of two 2**(ref_b - max ref).
+    - partial[b, h] float32[hd] = sum over the block's slots of p * v (_weigh_values);
+    - _merge_blocks rescales each block by the exact power of two 2**(ref_b - max ref) and divides.
     """
     k_f16, v_f16 = type_k == T.F16, type_v == T.F16
     # captured constants (the layouts the quantized paths read; unused but typed for F16)
@@ -686,8 +695,9 @@ def _decode_kernel(type_k: T, type_v: T, head_dim: int, group: int, avx2: bool =
     spec_v = (head_dim, v_f16, *LAYOUTS[T.Q8_0 if v_f16 else type_v], avx2, f16c, group)
     k_bytes = head_dim * 2 if k_f16 else head_dim // QK * spec_k[2]
     v_bytes = head_dim * 2 if v_f16 else head_dim // QK * spec_v[2]
+    k_offset = spec_k[6]  # Q4_0's 8: q's offset sums
 
-    def kernel(q, qq, qd, qc, k, v, slot_seq, query_seq, scale, off, scores, refs, totals, partial):
+    def kernel(q, k, v, slot_seq, query_seq, scale, off, scores, refs, totals, partial):
         n_heads = q.shape[0]
         n_slots, n_kv = scores.shape[1], k.shape[0]
         n_blocks = refs.shape[1]
@@ -695,8 +705,17 @@ def _decode_kernel(type_k: T, type_v: T, head_dim: int, group: int, avx2: bool =
                 or v.shape[1] < n_slots or slot_seq.shape[0] < n_slots or scores.shape[0] != n_heads
                 or refs.shape[0] != n_heads or totals.shape != refs.shape or n_blocks * BLOCK < n_slots
                 or partial.shape[0] != n_blocks or partial.shape[1] != n_heads or partial.shape[2] != head_dim
-                or n_heads != n_kv * group):
+                or n_heads != n_kv * group or (not k_f16 and (off.shape[0] != n_heads
+                                                              or off.shape[1] * CENTER_BLOCK < n_slots))):
             raise ValueError("decode attention: shapes do not match")
+        if k_f16:
+            qf = np.empty_like(q)
+            for h in range(n_heads):
+                qf[h] = rounded(q[h], False)
+            qq, qd, qc = np.zeros((1, 32), np.int8), np.zeros((1, 1), np.float32), np.zeros((1, 8), np.int32)
+        else:
+            qf = q
+            qq, qd, qc = _quantize_heads(q, k_offset)
         for task in prange(n_kv * n_blocks):
             kvh, b = task // n_blocks, task % n_blocks
             lo, hi = b * BLOCK, min(n_slots, (b + 1) * BLOCK)
@@ -704,7 +723,7 @@ def _decode_kernel(type_k: T, type_v: T, head_dim: int, group: int, avx2: bool =
             lanes = np.empty(4, dtype=np.float64)
             pw = np.empty(0 if v_f16 else group * (head_dim // QK) * BLOCK, dtype=np.float32)
             if k_f16:
-                _score_keys(k[kvh], q, slot_seq, query_seq, scale, scores, kvh * group, group, lo, hi, work,
+                _score_keys(k[kvh], qf, slot_seq, query_seq, scale, scores, kvh * group, group, lo, hi, work,
                             spec_k)
             else:
                 _score_quantized_keys(k[kvh], qq, qd, qc, slot_seq, query_seq, scale, off, scores, kvh * group,
@@ -722,6 +741,7 @@ def _decode_kernel(type_k: T, type_v: T, head_dim: int, group: int, avx2: bool =
                     refs[h, b] = ref
                     totals[h, b] = _softmax_block(scores, h, lo, hi, np.float32(ref) * _LN2, lanes)
             _weigh_values(v[kvh], scores, partial[b], slot_seq, query_seq, kvh * group, lo, hi, pw, spec_v)
+        return _merge_blocks(partial, refs, totals)
 
     name = f"{type_k.name.lower()}_{type_v.name.lower()}_{head_dim}_g{group}"
     if (avx2, f16c) != (X86_AVX2, F16C):
@@ -782,19 +802,19 @@ def _exp_round_sum(row, ref):
     return total
 
 
-_NO_QUANTS = (np.zeros((1, 32), np.int8), np.zeros((1, 1), np.float32), np.zeros((1, 8), np.int32))
+_NO_OFFSETS = np.zeros((1, 1), np.float32)  # F16 keys: no centers to add back (never read)
 
 
 def _decode(q, k, v, slot_seq, query_seq, scale, type_k, type_v, off=None):
-    n_heads, hd = q.shape
     n_slots = len(slot_seq)
-    threads = numba.get_num_threads()
-    if threads > 1 and BLOCK < n_slots and n_slots * n_heads * hd < SERIAL_MACS:
-        numba.set_num_threads(1)  # the kernels give the same bits on any number of threads
-        try:
-            return _decode_run(q, k, v, slot_seq, query_seq, scale, type_k, type_v, off)
-        finally:
-            numba.set_num_threads(threads)
+    if BLOCK < n_slots and n_slots * q.size < SERIAL_MACS:
+        threads = numba.get_num_threads()
+        if threads > 1:
+            numba.set_num_threads(1)  # the kernels give the same bits on any number of threads
+            try:
+                return _decode_run(q, k, v, slot_seq, query_seq, scale, type_k, type_v, off)
+            finally:
+                numba.set_num_threads(threads)
     return _decode_run(q, k, v, slot_seq, query_seq, scale, type_k, type_v, off)
 
 
@@ -803,24 +823,14 @@ def _decode_run(q, k, v, slot_seq, query_seq, scale, type_k, type_v, off):
     n_slots = len(slot_seq)
     n_blocks = max(1, -(-n_slots // BLOCK))
     kernel = _decode_kernel(type_k, type_v, hd, n_heads // k.shape[0])
+    if off is None:
+        off = _NO_OFFSETS if type_k == T.F16 else np.zeros((n_heads, -(-n_slots // CENTER_BLOCK)), np.float32)
     # the kernels address rows by pointer arithmetic: C-contiguous arrays (no copy for the cache's own)
-    k, v = np.ascontiguousarray(k), np.ascontiguousarray(v)
-    slot_seq = np.ascontiguousarray(slot_seq, dtype=np.int64)
-    q = np.ascontiguousarray(q, dtype=np.float32)
-    if type_k == T.F16:
-        q = rounded(q.reshape(-1), False).reshape(q.shape)  # llama.cpp converts q to K's type for K.Q
-        qq, qd, qc = _NO_QUANTS
-    else:
-        qq, qd, qc = _quantize_heads(q, LAYOUTS[type_k][4])
-    if off is None:  # no centers: nothing to add back (F16 keys never read it)
-        off = np.zeros((n_heads, -(-n_slots // CENTER_BLOCK)), dtype=np.float32)
-    off = np.ascontiguousarray(off, dtype=np.float32)
-    scores = np.empty((n_heads, n_slots), dtype=np.float32)
-    refs = np.empty((n_heads, n_blocks), dtype=np.int64)
-    totals = np.empty((n_heads, n_blocks), dtype=np.float64)
-    partial = np.empty((n_blocks, n_heads, hd), dtype=np.float32)
-    kernel(q, qq, qd, qc, k, v, slot_seq, query_seq, scale, off, scores, refs, totals, partial)
-    return _merge_blocks(partial, refs, totals)
+    return kernel(np.ascontiguousarray(q, dtype=np.float32), np.ascontiguousarray(k), np.ascontiguousarray(v),
+                  np.ascontiguousarray(slot_seq, dtype=np.int64), query_seq, scale,
+                  np.ascontiguousarray(off, dtype=np.float32), np.empty((n_heads, n_slots), np.float32),
+                  np.empty((n_heads, n_blocks), np.int64), np.empty((n_heads, n_blocks), np.float64),
+                  np.empty((n_blocks, n_heads, hd), np.float32))
 
 
 @njit(cache=True)

@@ -67,6 +67,7 @@ def hadamard(n: int) -> np.ndarray:
     return h
 
 
+@functools.cache
 def rotation(ggml_type: T, head_dim: int, keys: bool) -> int:
     """The size n of the Hadamard blocks a cache row of this type is rotated by, 0 for none: for quantized
     keys 64 doubled while it divides head_dim, for Q4_0 values 64 (llama_kv_cache's n_rot_k / n_rot_v);

@@ -137,24 +137,32 @@ def case(type_k, n_kv, group, hd, n_slots, seed, poison=False, hidden="everywher
         k[:, unseen] = 0xFF  # fp16 NaN bits / NaN scales
         v[:, unseen] = 0xFF
     if type_k == T.F16:
-        qf, (qq, qd, qc) = q.astype(np.float16).astype(np.float32), att._NO_QUANTS
+        qf, (qq, qd, qc) = q.astype(np.float16).astype(np.float32), (np.zeros((1, 32), np.int8),
+                                                                      np.zeros((1, 1), np.float32),
+                                                                      np.zeros((1, 8), np.int32))
     else:
         qf, (qq, qd, qc) = q, att._quantize_heads(q, LAYOUTS[type_k][4])
     off = rng.standard_normal((n_kv * group, max(1, -(-n_slots // att.CENTER_BLOCK)))).astype(np.float32)
-    return qf, qq, qd, qc, np.ascontiguousarray(k), np.ascontiguousarray(v), seq, query, off
+    return q, qf, qq, qd, qc, np.ascontiguousarray(k), np.ascontiguousarray(v), seq, query, off
 
 
-def run(kernel, type_k, n_kv, group, hd, n_slots, seed, poison=False, hidden="everywhere"):
-    """The fused decode kernel (or the reference) on a case: (probabilities, refs, totals, partial)."""
-    qf, qq, qd, qc, k, v, seq, query, off = case(type_k, n_kv, group, hd, n_slots, seed, poison, hidden)
+def run(kernel, type_k, n_kv, group, hd, n_slots, seed, poison=False, hidden="everywhere", reference=False):
+    """The fused decode kernel (or, with `reference`, the reference) on a case: (probabilities, refs,
+    totals, partial, output). The kernel converts q itself; the reference is given q as case() converts it,
+    and its blocks are merged by _merge_blocks."""
+    q, qf, qq, qd, qc, k, v, seq, query, off = case(type_k, n_kv, group, hd, n_slots, seed, poison, hidden)
     n_heads, n_blocks = n_kv * group, max(1, -(-n_slots // BLOCK))
     scale = np.float32(1 / np.sqrt(hd))
     scores = np.full((n_heads, n_slots), np.nan, np.float32)
     refs = np.full((n_heads, n_blocks), -7, np.int64)
     totals = np.full((n_heads, n_blocks), np.nan)
     partial = np.full((n_blocks, n_heads, hd), np.nan, np.float32)
-    kernel(qf, qq, qd, qc, k, v, seq, query, scale, off, scores, refs, totals, partial)
-    return scores, refs, totals, partial
+    if reference:
+        kernel(qf, qq, qd, qc, k, v, seq, query, scale, off, scores, refs, totals, partial)
+        out = att._merge_blocks(partial, refs, totals)
+    else:
+        out = kernel(q, k, v, seq, query, scale, off, scores, refs, totals, partial)
+    return scores, refs, totals, partial, out
 
 
 SHAPES = [(2, 7, 64, 3 * BLOCK + 17), (3, 1, 128, BLOCK + 5), (1, 3, 32, 13), (2, 2, 64, 5), (1, 1, 64, 0)]
@@ -169,7 +177,8 @@ def bits(a):
 @pytest.mark.parametrize("hidden", ["everywhere", "last block"])
 def test_decode_kernel_equals_the_key_at_a_time_reference_bit_for_bit(type_k, n_kv, group, hd, n_slots, hidden):
     ours = run(att._decode_kernel(type_k, type_k, hd, group), type_k, n_kv, group, hd, n_slots, n_slots, hidden=hidden)
-    ref = run(reference_kernel(type_k, type_k, group), type_k, n_kv, group, hd, n_slots, n_slots, hidden=hidden)
+    ref = run(reference_kernel(type_k, type_k, group), type_k, n_kv, group, hd, n_slots, n_slots, hidden=hidden,
+              reference=True)
     for a, b in zip(ours, ref):
         assert np.array_equal(bits(a), bits(b))
 
