@@ -7,10 +7,12 @@ vectorized expf in SiLU), so that our logits track the reference closely.
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
-from qcpu.kernels.llvm_ir import _F32, _call
+from qcpu.kernels.llvm_ir import _F32, _I32, _I64, _call, _splat, _vec
 
 
 @njit(cache=True, inline="always")
@@ -93,9 +95,74 @@ def _expf(x):
     return _fma(s2, j, s2) * s1
 
 
+def _ir_expf(b, x):
+    """IR: _expf on <8 x float>, ggml_v_expf's AVX2 code: both range ends computed and blended by
+    selects, the same operations (llvm.fma: one rounding, as _fma) as the scalar version, lane by lane."""
+    f8, i8 = _vec(8, _F32), _vec(8, _I32)
+
+    def fma(a, b_, c):
+        return _call(b, "llvm.fma.v8f32", f8, a, b_, c)
+
+    def c(v):
+        return _splat(_F32, 8, float(v))
+
+    def bits(v):
+        return b.bitcast(v, i8)
+
+    def flt(v):
+        return b.bitcast(v, f8)
+
+    def ci(v):
+        return ir.Constant(i8, [v] * 8)
+
+    z = fma(x, c(_LOG2E), c(_R))
+    n = b.fsub(z, c(_R))
+    bb = fma(b.fneg(n), c(_LN2_LO), fma(b.fneg(n), c(_LN2_HI), x))
+    e = b.shl(bits(z), ci(23))
+    k = flt(b.add(e, ci(0x3F800000)))
+    u = b.fmul(bb, bb)
+    j = fma(fma(fma(c(_P0), bb, c(_P1)), u, fma(c(_P2), bb, c(_P3))), u, b.fmul(c(_P4), bb))
+    an = _call(b, "llvm.fabs.v8f32", f8, n)
+    g = b.select(b.fcmp_ordered("<=", n, c(0.0)), ci(0x82000000 - (1 << 32)), ci(0))
+    s1 = flt(b.add(g, ci(0x7F000000)))
+    s2 = flt(b.sub(e, g))
+    mid = b.select(b.fcmp_ordered(">", an, c(126.0)), b.fmul(fma(s2, j, s2), s1), fma(j, k, k))
+    return b.select(b.fcmp_ordered(">", an, c(192.0)), b.fmul(s1, s1), mid)
+
+
+@intrinsic
+def _swiglu_vectors(typingctx, gate, up, out, start, count):
+    """out.flat[start:start + 8 * count] = silu(gate) * up, 8 values at a time in vector IR (gate, up, out
+    float32 C-contiguous arrays of one shape): x / (1 + expf(-x)) * up with _ir_expf, the scalar loop's
+    operations, so its bits. The scalar loop does not vectorize (expf's range-end branches)."""
+    arrays = (gate, up, out)
+    if not all(isinstance(a, types.Array) and a.dtype == types.float32 and a.layout == "C" for a in arrays):
+        return None
+    sig = types.void(gate, up, out, start, count)
+
+    def codegen(context, b, signature, args):
+        ta = signature.args
+        ptrs = [b.bitcast(context.make_array(ta[i])(context, b, args[i]).data, _F32.as_pointer()) for i in range(3)]
+        at0 = context.cast(b, args[3], ta[3], types.int64)
+        n = context.cast(b, args[4], ta[4], types.int64)
+        f8 = _vec(8, _F32)
+        with cgutils.for_range(b, n) as loop:
+            at = b.add(at0, b.shl(loop.index, ir.Constant(_I64, 3)))
+            gp, up_, op = (b.bitcast(b.gep(p_, [at]), f8.as_pointer()) for p_ in ptrs)
+            x = b.load(gp, align=4)
+            silu = b.fdiv(x, b.fadd(_splat(_F32, 8, 1.0), _ir_expf(b, b.fneg(x))))
+            b.store(b.fmul(silu, b.load(up_, align=4)), op, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @njit(cache=True, inline="always")
 def _swiglu_row(gate, up, out, r):
-    for i in range(gate.shape[1]):
+    cols = gate.shape[1]
+    whole = cols // 8
+    _swiglu_vectors(gate, up, out, r * cols, whole)
+    for i in range(whole * 8, cols):
         x = gate[r, i]
         out[r, i] = x / (np.float32(1.0) + _expf(-x)) * up[r, i]
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
-from qcpu.ops import rms_norm, swiglu
+from qcpu.ops import _expf, rms_norm, swiglu
 
 
 def _ref_swiglu(g, u):
@@ -21,10 +22,11 @@ def test_swiglu_matches_float64_over_the_whole_range():
     absolute floor 1e-35 allows that (numpy's float32 does the same)."""
     rng = np.random.default_rng(0)
     g = np.concatenate([
+        np.array([0.0, -0.0, 1e-30, -1e-30, 87.3, 88.7, -87.3, -88.7, -103.9, -150, -200, 89, 100]),
         rng.standard_normal(200_000) * 6,
         rng.uniform(-110, 100, 200_000),
-        np.array([0.0, -0.0, 1e-30, -1e-30, 87.3, 88.7, -87.3, -88.7, -103.9, -150, -200, 89, 100]),
-    ]).astype(np.float32).reshape(-1, 1)
+    ]).astype(np.float32)
+    g = g[:len(g) // 13 * 13].reshape(-1, 13)  # rows of one 8-value vector and a scalar tail of 5
     u = rng.standard_normal(g.shape).astype(np.float32)
     got = swiglu(g, u)
     ref = _ref_swiglu(g, u)
@@ -34,7 +36,7 @@ def test_swiglu_matches_float64_over_the_whole_range():
 
 
 def test_swiglu_shapes_and_rows():
-    """[n, ffn] in, [n, ffn] out, rows independent (prange), odd lengths (no SIMD tail handling to miss)."""
+    """[n, ffn] in, [n, ffn] out, rows independent (prange), odd lengths (4 vectors and a tail of 5)."""
     rng = np.random.default_rng(1)
     g = rng.standard_normal((5, 37)).astype(np.float32)
     u = rng.standard_normal((5, 37)).astype(np.float32)
@@ -43,6 +45,31 @@ def test_swiglu_shapes_and_rows():
     for r in range(5):
         assert np.array_equal(swiglu(g[r:r + 1], u[r:r + 1])[0], whole[r])
     assert np.allclose(whole, _ref_swiglu(g, u), rtol=1e-6, atol=0)
+
+
+@njit(cache=True)
+def _scalar_swiglu(g, u):
+    out = np.empty_like(g)
+    for r in range(g.shape[0]):
+        for i in range(g.shape[1]):
+            x = g[r, i]
+            out[r, i] = x / (np.float32(1.0) + _expf(-x)) * u[r, i]
+    return out
+
+
+def test_swiglu_vectors_are_the_scalar_expf_bit_for_bit():
+    """The vector IR (ggml_v_expf's AVX2 blend of both range ends) against ops._expf one value at a time,
+    on the serial and the parallel path: the same bits everywhere, infinities, NaN, zeros, subnormals and
+    both range ends included."""
+    rng = np.random.default_rng(5)
+    special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-40, -1e-40, 87.0, -87.0, 88.7, -88.7, 89.0,
+                        -89.0, 103.9, -103.9, 130.0, -130.0, 200.0, -200.0, 1e30, -1e30], np.float32)
+    g = np.concatenate([special, rng.standard_normal(40_000) * 8, rng.uniform(-220, 220, 40_000)]).astype(np.float32)
+    for cols, rows in ((8 * 61 + 3, 60), (8 * 4096, 2)):  # within SERIAL_VALUES, then past it (the prange)
+        gg = g[:rows * cols].reshape(rows, cols)
+        u = rng.standard_normal(gg.shape).astype(np.float32)
+        got, want = swiglu(gg, u), _scalar_swiglu(gg, u)
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
 def test_rms_norm_matches_float64():
