@@ -299,9 +299,12 @@ class KVCache:
     def write(self, layer: int, slots: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
         """Store k, v float32[n, n_kv_heads, head_dim] (k already RoPE-rotated) for one layer, converted to
         the cache types (quantized keys centered, `_centered`, and quantized rows Hadamard-rotated,
-        `rotation`, first)."""
-        self.k[layer, :, slots] = to_rows(rotate(self._centered(layer, slots, k), self.rot_k), self.type_k)
-        self.v[layer, :, slots] = to_rows(rotate(v, self.rot_v), self.type_v)
+        `rotation`, first). `slots` are contiguous (reserve's): a basic slice stores them, ~2x faster than
+        an index array for a decode step's one row."""
+        at = slice(int(slots[0]), int(slots[-1]) + 1)
+        k = rotate(self._centered(layer, slots, k), self.rot_k)
+        self.k[layer, :, at] = to_rows(k, self.type_k).transpose(1, 0, 2)
+        self.v[layer, :, at] = to_rows(rotate(v, self.rot_v), self.type_v).transpose(1, 0, 2)
 
     def _centered(self, layer: int, slots: np.ndarray, k: np.ndarray) -> np.ndarray:
         """Keys k float32[n, n_kv_heads, head_dim] at the contiguous slots `slots` (reserve's) minus their
