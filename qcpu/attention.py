@@ -542,6 +542,7 @@ def _score_quantized_keys(typingctx, krows, qq, qd, qc, slot_seq, query_seq, sca
     return sig, codegen
 
 
+VALUE_ROWS = 32  # quantized V rows converted to float32 at a time: 8-16 KB of buf, in L1
 VEC_REGS = 16  # vector registers a values pass may fill (AVX2 has 16, NEON 32)
 
 
@@ -560,103 +561,98 @@ def _value_tiles(group, n_chunks):
 
 
 @intrinsic
-def _weigh_values(typingctx, vrows, probs, out, slot_seq, query_seq, h0, lo, hi, pw, spec):
+def _weigh_values(typingctx, vrows, probs, out, slot_seq, query_seq, h0, lo, hi, buf, spec):
     """out[h0 + g, :] = sum over the visible slots s in [lo, hi) (0 <= slot_seq[s] <= query_seq) of
     probs[h0 + g, s] * v_s, g < group (spec's last item; vrows uint8[slots, row_bytes]: one kv head), each
-    element summed in slot order with FMA contraction (as `acc += p * v` would); hidden slots are never
-    read. pw: float32 scratch of group * (head_dim / 32) * BLOCK values (quantized V only).
+    element summed in slot order with FMA contraction (as `acc += p * v` would); hidden slots never enter
+    the sums. buf: float32 scratch of VALUE_ROWS * head_dim values (quantized V only).
 
     Register-blocked (_value_tiles): a pass keeps the accumulators of several (head, 8-value chunk) pairs in
-    registers over all the slots, so each slot's chunk is widened (F16C) or converted once for those heads
-    and each product is one FMA. Quantized rows: the block scale d is folded into the probabilities first,
-    pw = p * d for 8 slots at a time, so a pass converts the quants and multiplies, nothing more. p * d is
-    exact (p is fp16-rounded, d is fp16: 22 significant bits), so p * (q * d) and (p * d) * q are the same
-    exact product before the FMA's one rounding: the bits of legacy._row_dequantize then p * v. Whether
-    every slot is visible is decided once per block: then the passes test nothing per slot."""
+    registers over the slots, so each product is one FMA against one broadcast p. F16 rows: each pass
+    widens its chunks (F16C). Quantized rows: VALUE_ROWS rows at a time are converted once, for every
+    head, to float32 q * d in buf (exact: an 8-bit quant times an fp16 scale has at most 19 significant
+    bits), and the passes read them from L1. p * (q * d) is then the exact product p * q * d before the
+    FMA's one rounding: the bits of legacy._row_dequantize then p * v. Whether every slot is visible is
+    decided once per block: then the passes test nothing per slot."""
     layout = literal_values(spec)
     if layout is None:
         return None
     hd, v_f16, type_size, has_m, has_qh, nibbles, offset, _, f16c, group = layout
-    if has_m or not _check_arrays((vrows, probs, out, slot_seq, pw), [
+    if has_m or not _check_arrays((vrows, probs, out, slot_seq, buf), [
             (types.uint8, 2), (types.float32, 2), (types.float32, 2), (types.int64, 1), (types.float32, 1)]):
         return None
     n_chunks, nb = hd // 8, hd // QK
     row_bytes = hd * 2 if v_f16 else nb * type_size
     signed = offset != 0 or not nibbles
-    sig = types.void(vrows, probs, out, slot_seq, query_seq, h0, lo, hi, pw, spec)
-
-    def chunk(b, row, c):
-        """Values 8c..8c+7 of a row as <8 x float> (quantized: the quants, d not applied)."""
-        if v_f16:
-            return ir_half_to_f32(b, _load(b, row, 16 * c, _vec(8, _I16)), f16c)
-        q = _emit_weights(b, b.gep(row, [_i64(c // 4 * type_size)]), has_m, has_qh, nibbles, offset)
-        q = b.shuffle_vector(q, q, _lanes(range(c % 4 * 8, c % 4 * 8 + 8)))
-        return (b.sitofp if signed else b.uitofp)(q, _V8F)
+    sig = types.void(vrows, probs, out, slot_seq, query_seq, h0, lo, hi, buf, spec)
+    tiles = _value_tiles(group, n_chunks)
 
     def codegen(context, b, signature, args):
         ta = signature.args
-        vr, pr, o_, sq, pw_ = (context.make_array(ta[i])(context, b, args[i]) for i in (0, 1, 2, 3, 8))
+        vr, pr, o_, sq, bf = (context.make_array(ta[i])(context, b, args[i]) for i in (0, 1, 2, 3, 8))
         query = context.cast(b, args[4], ta[4], types.int64)
         h0_, lo_, hi_ = (context.cast(b, args[i], ta[i], types.int64) for i in (5, 6, 7))
         vp, pp, op, seqp = _ptr(b, vr, _I8), _ptr(b, pr, _F32), _ptr(b, o_, _V8F), _ptr(b, sq, _I64)
-        pwp = _ptr(b, pw_, _F32)
+        bufp = _ptr(b, bf, _V8F)
         n_slots = b.extract_value(pr.shape, 1)
         zero8 = ir.Constant(_V8F, [0.0] * 8)
         prows = {g: b.gep(pp, [b.mul(b.add(h0_, _i64(g)), n_slots)]) for g in range(group)}
-        if not v_f16:  # pw[(g * nb + i) * BLOCK + s - lo] = p[h0 + g, s] * d_i(s)
-            last = b.sub(hi_, _i64(1))
-            with cgutils.for_range(b, b.lshr(b.add(b.sub(hi_, lo_), _i64(STEP - 1)), _i64(3))) as step:
-                at = b.shl(step.index, _i64(3))
-                s0 = b.add(lo_, at)
-                n = b.sub(hi_, s0)
-                mask = b.icmp_signed(">", _splat_value(b, n, 8), ir.Constant(_vec(8, _I64), list(range(8))))
-                ds = []
-                for i in range(nb):
-                    bits = ir.Constant(_vec(8, _I16), None)
-                    for j in range(STEP):
-                        s = _min(b, b.add(s0, _i64(j)), last)
-                        at_d = b.add(b.mul(s, _i64(row_bytes)), _i64(i * type_size))
-                        bits = b.insert_element(bits, _load(b, vp, at_d, _I16), ir.Constant(_I32, j))
-                    ds.append(ir_half_to_f32(b, bits, f16c))
-                for g in range(group):
-                    p = _call(b, "llvm.masked.load.v8f32.p0v8f32", _V8F,
-                              b.bitcast(b.gep(prows[g], [s0]), _V8F.as_pointer()), ir.Constant(_I32, 4), mask, zero8)
-                    for i in range(nb):
-                        dst = b.gep(pwp, [b.add(_i64((g * nb + i) * BLOCK), at)])
-                        b.store(b.fmul(p, ds[i]), b.bitcast(dst, _V8F.as_pointer()), align=4)
+
         def visible(s):  # 0 <= slot_seq[s] <= query_seq
             seq = b.load(b.gep(seqp, [s]))
             return b.and_(b.icmp_signed(">=", seq, _i64(0)), b.icmp_signed("<=", seq, query))
 
+        def convert(s_lo, n):  # buf[j * n_chunks + c] = float32 q * d of slot s_lo + j, j < n
+            with cgutils.for_range(b, n) as loop:
+                row = b.gep(vp, [b.mul(b.add(s_lo, loop.index), _i64(row_bytes))])
+                for i in range(nb):
+                    blk = b.gep(row, [_i64(i * type_size)])
+                    d = _splat_value(b, ir_half_at(b, blk, 0, f16c), 8)
+                    q = _emit_weights(b, blk, has_m, has_qh, nibbles, offset)
+                    for part in range(4):
+                        x = b.shuffle_vector(q, q, _lanes(range(8 * part, 8 * part + 8)))
+                        x = b.fmul((b.sitofp if signed else b.uitofp)(x, _V8F), d)
+                        at = b.add(b.mul(loop.index, _i64(n_chunks)), _i64(4 * i + part))
+                        b.store(x, b.gep(bufp, [at]), align=4)
+
+        def passes(checked):
+            accs = [{(g, c): cgutils.alloca_once_value(b, zero8) for g in heads for c in chunks}
+                    for heads, chunks in tiles]
+
+            def run(s_lo, n, chunk):  # every tile over slots s_lo .. s_lo + n - 1
+                for (heads, chunks), acc in zip(tiles, accs):
+                    with cgutils.for_range(b, n) as loop:
+                        s = b.add(s_lo, loop.index)
+                        with b.if_then(visible(s) if checked else ir.Constant(ir.IntType(1), 1), likely=True):
+                            ys = {c: chunk(s, loop.index, c) for c in chunks}
+                            for g in heads:
+                                p = _splat_value(b, b.load(b.gep(prows[g], [s])), 8)
+                                for c in chunks:
+                                    a = acc[g, c]
+                                    b.store(_contract(b.fadd(b.load(a), _contract(b.fmul(p, ys[c])))), a)
+
+            if v_f16:
+                def chunk(s, j, c):
+                    return ir_half_to_f32(b, _load(b, vp, b.add(b.mul(s, _i64(row_bytes)), _i64(16 * c)),
+                                                   _vec(8, _I16)), f16c)
+                run(lo_, b.sub(hi_, lo_), chunk)
+            else:
+                def chunk(s, j, c):
+                    return b.load(b.gep(bufp, [b.add(b.mul(j, _i64(n_chunks)), _i64(c))]), align=4)
+                n_sub = b.udiv(b.add(b.sub(hi_, lo_), _i64(VALUE_ROWS - 1)), _i64(VALUE_ROWS))
+                with cgutils.for_range(b, n_sub) as sub:
+                    s_lo = b.add(lo_, b.mul(sub.index, _i64(VALUE_ROWS)))
+                    n = _min(b, _i64(VALUE_ROWS), b.sub(hi_, s_lo))
+                    convert(s_lo, n)
+                    run(s_lo, n, chunk)
+            for acc in accs:
+                for (g, c), a in acc.items():
+                    dst = b.gep(op, [b.add(b.mul(b.add(h0_, _i64(g)), _i64(n_chunks)), _i64(c))])
+                    b.store(b.load(a), dst, align=4)
+
         everyone = cgutils.alloca_once_value(b, ir.Constant(ir.IntType(1), 1))
         with cgutils.for_range(b, b.sub(hi_, lo_)) as loop:
             b.store(b.and_(b.load(everyone), visible(b.add(lo_, loop.index))), everyone)
-
-        def passes(checked):
-            for heads, chunks in _value_tiles(group, n_chunks):
-                accs = {(g, c): cgutils.alloca_once_value(b, zero8) for g in heads for c in chunks}
-                with cgutils.for_range(b, b.sub(hi_, lo_)) as loop:
-                    s = b.add(lo_, loop.index)
-                    with b.if_then(visible(s) if checked else ir.Constant(ir.IntType(1), 1), likely=True):
-                        row = b.gep(vp, [b.mul(s, _i64(row_bytes))])
-                        ys = {c: chunk(b, row, c) for c in chunks}
-                        for g in heads:
-                            if v_f16:
-                                p = _splat_value(b, b.load(b.gep(prows[g], [s])), 8)
-                                pv = {c: p for c in chunks}
-                            else:
-                                blocks = {c // 4 for c in chunks}
-                                pb = {i: _splat_value(b, b.load(b.gep(pwp, [b.add(_i64((g * nb + i) * BLOCK),
-                                                                                   loop.index)])), 8)
-                                      for i in blocks}
-                                pv = {c: pb[c // 4] for c in chunks}
-                            for c in chunks:
-                                acc = accs[g, c]
-                                b.store(_contract(b.fadd(b.load(acc), _contract(b.fmul(pv[c], ys[c])))), acc)
-                for (g, c), acc in accs.items():
-                    dst = b.gep(op, [b.add(b.mul(b.add(h0_, _i64(g)), _i64(n_chunks)), _i64(c))])
-                    b.store(b.load(acc), dst, align=4)
-
         with b.if_else(b.load(everyone), likely=True) as (fast, slow):
             with fast:
                 passes(False)
@@ -721,7 +717,7 @@ def _decode_kernel(type_k: T, type_v: T, head_dim: int, group: int, avx2: bool =
             lo, hi = b * BLOCK, min(n_slots, (b + 1) * BLOCK)
             work = np.empty(group * (STEP * 9 + 1), dtype=np.float32)
             lanes = np.empty(4, dtype=np.float64)
-            pw = np.empty(0 if v_f16 else group * (head_dim // QK) * BLOCK, dtype=np.float32)
+            buf = np.empty(0 if v_f16 else VALUE_ROWS * head_dim, dtype=np.float32)
             if k_f16:
                 _score_keys(k[kvh], qf, slot_seq, query_seq, scale, scores, kvh * group, group, lo, hi, work,
                             spec_k)
@@ -740,7 +736,7 @@ def _decode_kernel(type_k: T, type_v: T, head_dim: int, group: int, avx2: bool =
                     ref = _ln2_steps_above(top)
                     refs[h, b] = ref
                     totals[h, b] = _softmax_block(scores, h, lo, hi, np.float32(ref) * _LN2, lanes)
-            _weigh_values(v[kvh], scores, partial[b], slot_seq, query_seq, kvh * group, lo, hi, pw, spec_v)
+            _weigh_values(v[kvh], scores, partial[b], slot_seq, query_seq, kvh * group, lo, hi, buf, spec_v)
         return _merge_blocks(partial, refs, totals)
 
     name = f"{type_k.name.lower()}_{type_v.name.lower()}_{head_dim}_g{group}"
