@@ -78,6 +78,14 @@ from qcpu.kernels.llvm_ir import (
 # BLOCK keys the one-region kernel runs on all threads: at 64 tokens, token 31.6-35.0 ms against 32.5-42.1
 # serial (its attention is slower, 3.0-3.8 / 2.0-2.5 ms, but the next product finds the threads awake).
 SERIAL_MACS = 1 << 20
+# Several queries (a prompt chunk, drafted tokens, a server's prompt beside its decode rows) run the
+# flash-decoding kernel too, one task per (query, kv head, block), while its scores array float32[queries,
+# heads, slots] stays within this many bytes; beyond, the tiled prefill, whose scratch does not grow with
+# the queries. Measured on the default model, 2 threads: a 3-row decode step with an 18-token prompt 288
+# -> 158 ms (the tiled prefill's BLAS calls left OpenBLAS's threads spinning against the next products);
+# pp512 at depth 0 131-136 -> 157-166 tok/s; at depth 1024 a tie (126-132 / 127-136); at depth 4096 the
+# tiled prefill wins (74 / 68: its K tiles serve every query of the chunk).
+DECODE_SCORES_BYTES = 16 << 20
 BLOCK = 256  # keys per decode task: enough tasks for 2..16 threads at 4K+ tokens, little merging
 TILE = 512  # keys per prefill tile: a [256 * group, 512] float32 score tile is a few MB
 assert TILE % CENTER_BLOCK == 0  # a tile adds back whole blocks of key centers
@@ -94,9 +102,6 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, slot_seq: np.ndarray,
     (quantized keys only), minus those centers, which are added back. `exact`: each query as a decode
     step of its own (the flash-decoding kernel, keys newer than it hidden), so each row is bit for bit
     what that query alone would get (speculative verification; the tiled prefill rounds differently)."""
-    if exact and q.shape[0] > 1:
-        return np.concatenate([attention(q[i:i + 1], k, v, slot_seq, query_seq[i:i + 1], type_k, type_v, centers)
-                               for i in range(q.shape[0])])
     hd = q.shape[-1]
     scale = _scale(hd)
     type_k = type_k if type(type_k) is T else T(type_k)  # T(member) alone costs ~2 us a call
@@ -107,9 +112,8 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, slot_seq: np.ndarray,
     # q.c_b * scale from the unrounded q: the keys' large shared part loses nothing to q's rounding
     off = None if centers is None else centers.offsets(q, n_cb) * scale  # [n, n_heads, n_cb]
     q = rotate(q, rot_k)
-    if q.shape[0] == 1:
-        out = _decode(q[0], k, v, slot_seq, int(query_seq[0]), scale, type_k, type_v,
-                      None if off is None else off[0])[None]
+    if exact or q.shape[0] == 1 or q.size // hd * len(slot_seq) * 4 <= DECODE_SCORES_BYTES:
+        out = _decode(q, k, v, slot_seq, query_seq, scale, type_k, type_v, off)
     else:
         # llama.cpp converts q to K's vec_dot_type first: F16, or Q8_0 for the quantized caches
         q = ACTIVATION_ROUNDING[type_k](q.reshape(-1, hd)).reshape(q.shape)
@@ -694,55 +698,86 @@ def _decode_kernel(type_k: T, type_v: T, head_dim: int, group: int, avx2: bool =
     k_offset = spec_k[6]  # Q4_0's 8: q's offset sums
 
     def kernel(q, k, v, slot_seq, query_seq, scale, off, scores, refs, totals, partial):
-        n_heads = q.shape[0]
-        n_slots, n_kv = scores.shape[1], k.shape[0]
-        n_blocks = refs.shape[1]
-        if (q.shape[1] != head_dim or k.shape[2] != k_bytes or v.shape[2] != v_bytes or k.shape[1] < n_slots
-                or v.shape[1] < n_slots or slot_seq.shape[0] < n_slots or scores.shape[0] != n_heads
-                or refs.shape[0] != n_heads or totals.shape != refs.shape or n_blocks * BLOCK < n_slots
-                or partial.shape[0] != n_blocks or partial.shape[1] != n_heads or partial.shape[2] != head_dim
-                or n_heads != n_kv * group or (not k_f16 and (off.shape[0] != n_heads
-                                                              or off.shape[1] * CENTER_BLOCK < n_slots))):
+        nq, n_heads = q.shape[0], q.shape[1]
+        n_slots, n_kv = scores.shape[2], k.shape[0]
+        n_blocks = refs.shape[2]
+        if (q.shape[2] != head_dim or k.shape[2] != k_bytes or v.shape[2] != v_bytes or k.shape[1] < n_slots
+                or v.shape[1] < n_slots or slot_seq.shape[0] < n_slots or query_seq.shape[0] != nq
+                or scores.shape[0] != nq or scores.shape[1] != n_heads or refs.shape[0] != nq
+                or refs.shape[1] != n_heads or totals.shape != refs.shape or n_blocks * BLOCK < n_slots
+                or partial.shape[0] != nq or partial.shape[1] != n_blocks or partial.shape[2] != n_heads
+                or partial.shape[3] != head_dim or n_heads != n_kv * group
+                or (not k_f16 and (off.shape[0] != nq or off.shape[1] != n_heads
+                                   or off.shape[2] * CENTER_BLOCK < n_slots))):
             raise ValueError("decode attention: shapes do not match")
         if k_f16:
             qf = np.empty_like(q)
-            for h in range(n_heads):
-                qf[h] = rounded(q[h], False)
-            qq, qd, qc = np.zeros((1, 32), np.int8), np.zeros((1, 1), np.float32), np.zeros((1, 8), np.int32)
+            for i in range(nq):
+                for h in range(n_heads):
+                    qf[i, h] = rounded(q[i, h], False)
+            qq = np.zeros((nq, 1, 32), np.int8)
+            qd = np.zeros((nq, 1, 1), np.float32)
+            qc = np.zeros((nq, 1, 8), np.int32)
         else:
             qf = q
-            qq, qd, qc = _quantize_heads(q, k_offset)
-        for task in prange(n_kv * n_blocks):
-            kvh, b = task // n_blocks, task % n_blocks
+            qq = np.empty((nq, n_heads, head_dim), np.int8)
+            qd = np.empty((nq, n_heads, head_dim // QK), np.float32)
+            qc = np.empty((nq, n_heads, head_dim // 4), np.int32)
+            for i in range(nq):
+                qq[i], qd[i], qc[i] = _quantize_heads(q[i], k_offset)
+        for task in prange(nq * n_kv * n_blocks):
+            i, rest = task // (n_kv * n_blocks), task % (n_kv * n_blocks)
+            kvh, b = rest // n_blocks, rest % n_blocks
             lo, hi = b * BLOCK, min(n_slots, (b + 1) * BLOCK)
+            seen = query_seq[i]
+            sc = scores[i]
+            if not _any_visible(slot_seq, lo, hi, seen):  # e.g. a prompt's later blocks for its first queries
+                for g in range(group):
+                    h = kvh * group + g
+                    sc[h, lo:hi] = 0.0
+                    refs[i, h, b] = _NONE
+                    totals[i, h, b] = 0.0
+                    partial[i, b, h] = 0.0
+                continue
             work = np.empty(group * (STEP * 9 + 1), dtype=np.float32)
             lanes = np.empty(4, dtype=np.float64)
             buf = np.empty(0 if v_f16 else VALUE_ROWS * head_dim, dtype=np.float32)
             if k_f16:
-                _score_keys(k[kvh], qf, slot_seq, query_seq, scale, scores, kvh * group, group, lo, hi, work,
-                            spec_k)
+                _score_keys(k[kvh], qf[i], slot_seq, seen, scale, sc, kvh * group, group, lo, hi, work, spec_k)
             else:
-                _score_quantized_keys(k[kvh], qq, qd, qc, slot_seq, query_seq, scale, off, scores, kvh * group,
+                _score_quantized_keys(k[kvh], qq[i], qd[i], qc[i], slot_seq, seen, scale, off[i], sc, kvh * group,
                                       lo, hi, work, spec_kq)
             for g in range(group):
                 h = kvh * group + g
                 top = work[group * STEP * 9 + g]
-                row = scores[h, lo:hi]
+                row = sc[h, lo:hi]
                 if top == -np.inf:
                     row[:] = 0.0
-                    refs[h, b] = _NONE
-                    totals[h, b] = 0.0
+                    refs[i, h, b] = _NONE
+                    totals[i, h, b] = 0.0
                 else:
                     ref = _ln2_steps_above(top)
-                    refs[h, b] = ref
-                    totals[h, b] = _softmax_block(scores, h, lo, hi, np.float32(ref) * _LN2, lanes)
-            _weigh_values(v[kvh], scores, partial[b], slot_seq, query_seq, kvh * group, lo, hi, buf, spec_v)
-        return _merge_blocks(partial, refs, totals)
+                    refs[i, h, b] = ref
+                    totals[i, h, b] = _softmax_block(sc, h, lo, hi, np.float32(ref) * _LN2, lanes)
+            _weigh_values(v[kvh], sc, partial[i, b], slot_seq, seen, kvh * group, lo, hi, buf, spec_v)
+        out = np.empty((nq, n_heads, head_dim), np.float32)
+        for i in range(nq):
+            out[i] = _merge_blocks(partial[i], refs[i], totals[i])
+        return out
 
     name = f"{type_k.name.lower()}_{type_v.name.lower()}_{head_dim}_g{group}"
     if (avx2, f16c) != (X86_AVX2, F16C):
         name += f"_avx2{avx2:d}_f16c{f16c:d}"
     return specialise(kernel, f"decode_attention_{name}", parallel=True, fastmath={"contract"})
+
+
+@njit(cache=True, inline="always")
+def _any_visible(slot_seq, lo, hi, seen):
+    """Whether some slot in [lo, hi) holds a token the query at stream index `seen` sees (0 <= seq <= seen)."""
+    for s in range(lo, hi):
+        if 0 <= slot_seq[s] <= seen:
+            return True
+    return False
 
 
 @njit(cache=True)
@@ -798,10 +833,13 @@ def _exp_round_sum(row, ref):
     return total
 
 
-_NO_OFFSETS = np.zeros((1, 1), np.float32)  # F16 keys: no centers to add back (never read)
+_NO_OFFSETS = np.zeros((1, 1, 1), np.float32)  # F16 keys: no centers to add back (never read)
 
 
 def _decode(q, k, v, slot_seq, query_seq, scale, type_k, type_v, off=None):
+    """The flash-decoding kernel for queries q float32[nq, n_heads, hd] at stream indices query_seq
+    int64[nq] (off: float32[nq, n_heads, n_center_blocks] or None) -> float32[nq, n_heads, hd]; each
+    query's bits are those it gets alone."""
     n_slots = len(slot_seq)
     if BLOCK < n_slots and n_slots * q.size < SERIAL_MACS:
         threads = numba.get_num_threads()
@@ -815,18 +853,18 @@ def _decode(q, k, v, slot_seq, query_seq, scale, type_k, type_v, off=None):
 
 
 def _decode_run(q, k, v, slot_seq, query_seq, scale, type_k, type_v, off):
-    n_heads, hd = q.shape
+    nq, n_heads, hd = q.shape
     n_slots = len(slot_seq)
     n_blocks = max(1, -(-n_slots // BLOCK))
     kernel = _decode_kernel(type_k, type_v, hd, n_heads // k.shape[0])
     if off is None:
-        off = _NO_OFFSETS if type_k == T.F16 else np.zeros((n_heads, -(-n_slots // CENTER_BLOCK)), np.float32)
+        off = _NO_OFFSETS if type_k == T.F16 else np.zeros((nq, n_heads, -(-n_slots // CENTER_BLOCK)), np.float32)
     # the kernels address rows by pointer arithmetic: C-contiguous arrays (no copy for the cache's own)
     return kernel(np.ascontiguousarray(q, dtype=np.float32), np.ascontiguousarray(k), np.ascontiguousarray(v),
-                  np.ascontiguousarray(slot_seq, dtype=np.int64), query_seq, scale,
-                  np.ascontiguousarray(off, dtype=np.float32), np.empty((n_heads, n_slots), np.float32),
-                  np.empty((n_heads, n_blocks), np.int64), np.empty((n_heads, n_blocks), np.float64),
-                  np.empty((n_blocks, n_heads, hd), np.float32))
+                  np.ascontiguousarray(slot_seq, dtype=np.int64), np.ascontiguousarray(query_seq, dtype=np.int64),
+                  scale, np.ascontiguousarray(off, dtype=np.float32), np.empty((nq, n_heads, n_slots), np.float32),
+                  np.empty((nq, n_heads, n_blocks), np.int64), np.empty((nq, n_heads, n_blocks), np.float64),
+                  np.empty((nq, n_blocks, n_heads, hd), np.float32))
 
 
 @njit(cache=True)

@@ -1,5 +1,5 @@
-"""Attention kernels (decode: flash-decoding; prefill: tiled online softmax) against float64 NumPy, over a
-cache with holes, slots in any order and queries that see nothing."""
+"""Attention kernels (flash-decoding, for one query or several; tiled online-softmax prefill) against
+float64 NumPy, over a cache with holes, slots in any order and queries that see nothing."""
 
 import numpy as np
 import pytest
@@ -7,6 +7,14 @@ from gguf import GGMLQuantizationType as T
 
 from qcpu import attention as att
 from qcpu.cache import rotate, rotation, to_rows
+
+
+@pytest.fixture(autouse=True, params=["decode kernel", "tiled prefill"])
+def several_queries_by(request, monkeypatch):
+    """Every test twice: several queries through the flash-decoding kernel (scores within
+    DECODE_SCORES_BYTES), and through the tiled prefill (the bound at 0). One query always decodes."""
+    monkeypatch.setattr(att, "DECODE_SCORES_BYTES", 1 << 40 if request.param == "decode kernel" else 0)
+    return request.param
 
 
 def as_cache(x, ggml_type=T.F16, keys=True):

@@ -160,8 +160,9 @@ def run(kernel, type_k, n_kv, group, hd, n_slots, seed, poison=False, hidden="ev
     if reference:
         kernel(qf, qq, qd, qc, k, v, seq, query, scale, off, scores, refs, totals, partial)
         out = att._merge_blocks(partial, refs, totals)
-    else:
-        out = kernel(q, k, v, seq, query, scale, off, scores, refs, totals, partial)
+    else:  # one query: the kernel's leading query axis of length 1
+        out = kernel(q[None], k, v, seq, np.array([query], np.int64), scale, off[None], scores[None], refs[None],
+                     totals[None], partial[None])[0]
     return scores, refs, totals, partial, out
 
 
@@ -223,3 +224,24 @@ def test_small_attention_on_one_thread_gives_the_same_bits(type_k, monkeypatch):
         runs.append(att.attention(q, k, v, seq, query, type_k, type_k))
     assert np.array_equal(bits(runs[0]), bits(runs[1]))
     assert numba.get_num_threads() == before  # restored
+
+
+@pytest.mark.parametrize("type_k", [T.F16, T.Q8_0, T.Q4_0], ids=lambda t: t.name)
+def test_several_queries_in_one_call_are_each_query_alone(type_k):
+    """Several queries (a prompt chunk, drafted tokens) run as one call of the decode
+    kernel: each row bit for bit what that query alone gets, holes and causal visibility included, with
+    the key centers' offsets (quantized keys) per query."""
+    n_kv, group, hd, n_slots = SHAPES[0]
+    q1, _, _, _, _, k, v, seq, _, off1 = case(type_k, n_kv, group, hd, n_slots, seed=11)
+    rng = np.random.default_rng(12)
+    nq = 6
+    q = (rng.standard_normal((nq, n_kv * group, hd)) * 2).astype(np.float32)
+    off = rng.standard_normal((nq, *off1.shape)).astype(np.float32)
+    queries = np.sort(rng.choice(np.arange(-1, n_slots + 40), nq, replace=False)).astype(np.int64)
+    scale = np.float32(1 / np.sqrt(hd))
+    together = att._decode(q, k, v, seq, queries, scale, type_k, type_k, None if type_k == T.F16 else off)
+    for i in range(nq):
+        alone = att._decode(q[i:i + 1], k, v, seq, queries[i:i + 1], scale, type_k, type_k,
+                            None if type_k == T.F16 else off[i:i + 1])
+        assert np.array_equal(bits(together[i]), bits(alone[0]))
+    assert np.array_equal(together[queries < 0], np.zeros_like(together[queries < 0]))  # sees nothing: zeros
