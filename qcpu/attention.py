@@ -673,19 +673,22 @@ def _decode_kernel(type_k: T, type_v: T, head_dim: int, group: int, avx2: bool =
     f16c: the instructions the IR may use (default: this CPU's; the tests also build the portable IR, which
     gives the same numbers).
 
-    kernel(q, k, v, slot_seq, query_seq, scale, off, scores, refs, totals, partial) -> out float32[n_heads,
-    head_dim]: one task per (kv head, block of BLOCK slots), all in one parallel region (flash-decoding),
-    between q's conversion and the blocks' merge on the calling thread (one call from Python: a decode
-    step makes one per layer and slot, and each call's Python and dispatch cost ~1 us per array):
-    - q float32[n_heads, head_dim] goes to K's vec_dot type first, as llama.cpp converts it: fp16-rounded
-      for F16 keys; Q8_0 for quantized keys (_quantize_heads: the quants, scales and Q4_0's offset sums);
-    - scores[h, s] = q.k * scale, -inf where hidden (_score_keys). F16 keys are dotted in float32;
-      quantized keys as integers, llama.cpp's vec_dot_q8_0_q8_0 / vec_dot_q4_0_q8_0, then off[h, s //
+    kernel(q, k, v, slot_seq, query_seq, scale, off, scores, refs, totals, partial) -> out float32[nq,
+    n_heads, head_dim], for queries q float32[nq, n_heads, head_dim] at stream indices query_seq
+    int64[nq]: one task per (query, kv head, block of BLOCK slots), all in one parallel region
+    (flash-decoding), between q's conversion and the blocks' merge on the calling thread (one call from
+    Python: a decode step makes one per layer and slot, and each call's Python and dispatch cost ~1 us per
+    array). Each query's arithmetic is that of nq = 1, so its bits too. Per query i:
+    - q[i] goes to K's vec_dot type first, as llama.cpp converts it: fp16-rounded for F16 keys; Q8_0 for
+      quantized keys (_quantize_heads: the quants, scales and Q4_0's offset sums);
+    - scores[i, h, s] = q.k * scale, -inf where hidden (_score_keys). F16 keys are dotted in float32;
+      quantized keys as integers, llama.cpp's vec_dot_q8_0_q8_0 / vec_dot_q4_0_q8_0, then off[i, h, s //
       CENTER_BLOCK] is added (the key centers' q.c * scale, cache.KeyCenters; unread for F16 keys);
-    - the block's softmax against its own reference point: refs int64[n_heads, n_blocks] = the block
+      a block the query sees no slot of is not scored at all;
+    - the block's softmax against its own reference point: refs int64[nq, n_heads, n_blocks] = the block
       maximum in steps of ln 2 rounded up (_NONE: nothing seen), scores -> fp16-rounded exp(s - ref),
-      totals float64[n_heads, n_blocks] their unrounded sum;
-    - partial[b, h] float32[hd] = sum over the block's slots of p * v (_weigh_values);
+      totals float64[nq, n_heads, n_blocks] their unrounded sum;
+    - partial[i, b, h] float32[hd] = sum over the block's slots of p * v (_weigh_values);
     - _merge_blocks rescales each block by the exact power of two 2**(ref_b - max ref) and divides.
     """
     k_f16, v_f16 = type_k == T.F16, type_v == T.F16
@@ -731,25 +734,19 @@ def _decode_kernel(type_k: T, type_v: T, head_dim: int, group: int, avx2: bool =
             lo, hi = b * BLOCK, min(n_slots, (b + 1) * BLOCK)
             seen = query_seq[i]
             sc = scores[i]
-            if not _any_visible(slot_seq, lo, hi, seen):  # e.g. a prompt's later blocks for its first queries
-                for g in range(group):
-                    h = kvh * group + g
-                    sc[h, lo:hi] = 0.0
-                    refs[i, h, b] = _NONE
-                    totals[i, h, b] = 0.0
-                    partial[i, b, h] = 0.0
-                continue
+            visible = _any_visible(slot_seq, lo, hi, seen)  # not: e.g. a prompt's later blocks for its first queries
             work = np.empty(group * (STEP * 9 + 1), dtype=np.float32)
             lanes = np.empty(4, dtype=np.float64)
             buf = np.empty(0 if v_f16 else VALUE_ROWS * head_dim, dtype=np.float32)
-            if k_f16:
-                _score_keys(k[kvh], qf[i], slot_seq, seen, scale, sc, kvh * group, group, lo, hi, work, spec_k)
-            else:
-                _score_quantized_keys(k[kvh], qq[i], qd[i], qc[i], slot_seq, seen, scale, off[i], sc, kvh * group,
-                                      lo, hi, work, spec_kq)
+            if visible:  # k_f16 alone decides which intrinsic is typed (a constant: Numba prunes the other)
+                if k_f16:
+                    _score_keys(k[kvh], qf[i], slot_seq, seen, scale, sc, kvh * group, group, lo, hi, work, spec_k)
+                else:
+                    _score_quantized_keys(k[kvh], qq[i], qd[i], qc[i], slot_seq, seen, scale, off[i], sc,
+                                          kvh * group, lo, hi, work, spec_kq)
             for g in range(group):
                 h = kvh * group + g
-                top = work[group * STEP * 9 + g]
+                top = work[group * STEP * 9 + g] if visible else np.float32(-np.inf)
                 row = sc[h, lo:hi]
                 if top == -np.inf:
                     row[:] = 0.0
@@ -759,7 +756,10 @@ def _decode_kernel(type_k: T, type_v: T, head_dim: int, group: int, avx2: bool =
                     ref = _ln2_steps_above(top)
                     refs[i, h, b] = ref
                     totals[i, h, b] = _softmax_block(sc, h, lo, hi, np.float32(ref) * _LN2, lanes)
-            _weigh_values(v[kvh], sc, partial[i, b], slot_seq, seen, kvh * group, lo, hi, buf, spec_v)
+            if visible:
+                _weigh_values(v[kvh], sc, partial[i, b], slot_seq, seen, kvh * group, lo, hi, buf, spec_v)
+            else:
+                partial[i, b, kvh * group:(kvh + 1) * group] = 0.0
         out = np.empty((nq, n_heads, head_dim), np.float32)
         for i in range(nq):
             out[i] = _merge_blocks(partial[i], refs[i], totals[i])
