@@ -18,6 +18,7 @@ import numpy as np
 from numba import njit
 
 from qcpu.errors import QcpuError
+from qcpu.kernels import jit_cache  # noqa: F401  (before any cached kernel)
 from qcpu.grammar import Grammar
 
 

@@ -5,8 +5,10 @@ process."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -38,6 +40,37 @@ def test_second_start_compiles_nothing():
     log = runs[1].stdout + runs[1].stderr
     assert "data loaded" in log
     assert "data saved" not in log, [line for line in log.splitlines() if "saved" in line]
+
+
+# A kernel in gemm.py that inlines a function of kernels/__init__.py (check_rows).
+_CALL_CHECK_SHAPES = """
+import numpy as np
+from qcpu.kernels import gemm
+gemm.check_shapes(np.zeros((2, 144), np.uint8), np.zeros((1, 256), np.float32), np.zeros((1, 2), np.float32), 256, 144)
+"""
+
+
+def test_editing_a_module_recompiles_the_kernels_that_inline_it(tmp_path):
+    # Numba alone stamps a cached function with its own file: this edit would leave gemm.check_shapes
+    # running the old check_rows (qcpu.kernels.jit_cache).
+    root = Path(__file__).resolve().parents[1]
+    for package in ("qcpu", "quant"):
+        shutil.copytree(root / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    env = {**os.environ, "NUMBA_DEBUG_CACHE": "1", "PYTHONPATH": str(tmp_path)}
+    env.pop("NUMBA_CACHE_DIR", None)
+
+    def saved():
+        run = subprocess.run([sys.executable, "-c", _CALL_CHECK_SHAPES], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, check=True)
+        log = run.stdout + run.stderr
+        assert str(tmp_path / "qcpu") in log, log  # the copy ran, not the installed package
+        return [line for line in log.splitlines() if "data saved" in line and "gemm.check_shapes" in line]
+
+    assert saved()  # compiled
+    assert not saved()  # loaded
+    with open(tmp_path / "qcpu" / "kernels" / "__init__.py", "a") as f:
+        f.write("\n# edited\n")
+    assert saved()  # compiled again
 
 
 def test_specialise_rejects_captured_jitted_functions():
