@@ -184,22 +184,32 @@ def _emit_k(b, arr, g0, t0, spec):
         gb = [b.add(b.mul(g, nbk), blk) for g in groups]  # (group, super-block)
         wbase = [b.gep(qp, [b.add(b.mul(g, gstride), b.mul(blk, _c64(8 * GROUP_BLOCK_BYTES)))]) for g in groups]
         xoff = b.mul(blk, _c64(256))
-        isum = [[None] * rn for _ in range(rg)]
-        for s in range(0, 16, group_steps // 4):  # groups of values sharing a scale: 4 or 8 steps of 4 weights
-            scv = [_load(b, scp, b.mul(b.add(b.mul(gb[i], _c64(16)), _c64(s)), _c64(32)), _vec(16, _I16)) for i in range(rg)]
+        # The groups of values sharing a scale (4 or 8 steps of 4 weights) as an IR loop, not unrolled: over
+        # a whole unrolled super-block LLVM ran one token's 64 steps after another, spilling every weight
+        # vector to the stack for the next token (1298 instructions per super-block, 86 of them spills).
+        isum_at = [[cgutils.alloca_once_value(b, ir.Constant(_vec(8, _I32), [0] * 8)) for _ in range(rn)] for _ in range(rg)]
+        with cgutils.for_range(b, _c64(16 * 4 // group_steps)) as sloop:
+            step0 = b.mul(sloop.index, _c64(group_steps))  # first step of this scale group
+            s16 = b.mul(sloop.index, _c64(group_steps // 4))  # its scale's index among the 16
+            scv = [_load(b, scp, b.mul(b.add(b.mul(gb[i], _c64(16)), s16), _c64(32)), _vec(16, _I16)) for i in range(rg)]
+            wsub = [b.gep(wbase[i], [b.mul(step0, _c64(32))]) for i in range(rg)]
+            xsub = b.add(xoff, b.mul(step0, _c64(4)))
             part = [[None] * rn for _ in range(rg)]
+            isum = [[b.load(isum_at[i][j]) for j in range(rn)] for i in range(rg)]
             for k in range(group_steps):
-                step = 4 * s + k
-                wv = [_load(b, wbase[i], 32 * step, _vec(32, _I8)) for i in range(rg)]
+                wv = [_load(b, wsub[i], 32 * k, _vec(32, _I8)) for i in range(rg)]
                 for j in range(rn):
-                    xv = _broadcast4(b, xrows[j], b.add(xoff, _c64(4 * step)))
+                    xv = _broadcast4(b, xrows[j], b.add(xsub, _c64(4 * k)))
                     for i in range(rg):
                         pairs = _maddubs(b, wv[i], xv, avx2)
                         part[i][j] = pairs if part[i][j] is None else b.add(part[i][j], pairs)
                         if (k + 1) % per_i16 == 0 or k == group_steps - 1:
-                            wide = _madd(b, part[i][j], scv[i], avx2)
-                            isum[i][j] = wide if isum[i][j] is None else b.add(isum[i][j], wide)
+                            isum[i][j] = b.add(isum[i][j], _madd(b, part[i][j], scv[i], avx2))
                             part[i][j] = None
+            for i in range(rg):
+                for j in range(rn):
+                    b.store(isum[i][j], isum_at[i][j])
+        isum = [[b.load(isum_at[i][j]) for j in range(rn)] for i in range(rg)]
         msum = [[None] * rn for _ in range(rg)]
         for p in range(8):  # pairs of 16-value groups
             mcv = [_load(b, mcp, b.mul(b.add(b.mul(gb[i], _c64(8)), _c64(p)), _c64(32)), _vec(16, _I16)) for i in range(rg)]
