@@ -650,9 +650,10 @@ def make_matvec(qtype, avx2=X86_AVX2, f16c=F16C):
 
 
 # Below this many tokens the multi-token matvec beats the packed GEMM, whose tile packing is paid per call
-# (measured on AVX2, 2 threads, 9000 x 6912 weights, time / one token's matvec: Q4_K 16 tokens 12.7 vs
-# 17.8, 32 tokens 27.3 vs 29.2; Q6_K 16: 9.5 vs 13.9, 32: 18.5 vs 23.5).
-GEMM_MIN_TOKENS = 32
+# (AVX2, 2 threads, p25 of 15, GEMM time / multi-token matvec time: 4B ffn_gate Q4_K 6912 x 2560 at 8 / 12 /
+# 16 / 24 tokens 1.02 / 0.85 / 0.71 / 0.59, 4B ffn_down Q6_K 1.12 / 0.89 / 0.78 / 0.63; the default model's
+# ffn_down Q6_K 896 x 4864, fewer rows to share the packing: 1.39-1.60 / 1.10-1.23 / 1.05-1.07 / 0.88).
+GEMM_MIN_TOKENS = 16
 
 _T = GGMLQuantizationType
 for _t, _dequantize in ((_T.Q2_K, dequantize_q2_K), (_T.Q3_K, dequantize_q3_K), (_T.Q4_K, dequantize_q4_K),
