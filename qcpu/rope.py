@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
+from qcpu import jit_cache  # noqa: F401  (before any cached kernel)
 from qcpu.errors import QcpuError
-from qcpu.kernels import jit_cache  # noqa: F401  (before any cached kernel)
 
 ROPE_SCALING_TYPES = ("none", "linear", "yarn")  # llama.cpp's names (it also knows longrope: not for qwen2)
 YARN_BETA_FAST = 32.0  # llama_hparams defaults; llama.cpp reads no yarn_beta_* keys for qwen2

@@ -17,8 +17,8 @@ from typing import Sequence
 import numpy as np
 from numba import njit
 
+from qcpu import jit_cache  # noqa: F401  (before any cached kernel)
 from qcpu.errors import QcpuError
-from qcpu.kernels import jit_cache  # noqa: F401  (before any cached kernel)
 from qcpu.grammar import Grammar
 
 

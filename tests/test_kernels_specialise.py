@@ -52,7 +52,7 @@ gemm.check_shapes(np.zeros((2, 144), np.uint8), np.zeros((1, 256), np.float32), 
 
 def test_editing_a_module_recompiles_the_kernels_that_inline_it(tmp_path):
     # Numba alone stamps a cached function with its own file: this edit would leave gemm.check_shapes
-    # running the old check_rows (qcpu.kernels.jit_cache).
+    # running the old check_rows (qcpu.jit_cache).
     root = Path(__file__).resolve().parents[1]
     for package in ("qcpu", "quant"):
         shutil.copytree(root / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))

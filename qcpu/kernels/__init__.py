@@ -34,8 +34,8 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from numba import njit, types
 
+from qcpu import jit_cache  # noqa: F401  (first: stamps every cached kernel with the package's sources)
 from qcpu.errors import QcpuError
-from qcpu.kernels import jit_cache  # noqa: F401  (first: stamps every cached kernel with the package's sources)
 
 
 def _plain(v) -> bool:

@@ -9,8 +9,11 @@ editing a checkout was not.
 
 Importing this module puts a locator in front of Numba's own for the files of the `qcpu` and `quant`
 packages: the same cache files in the same place, stamped with (path, mtime, size) of every module of
-those packages that uses Numba or llvmlite, so any edit to kernel code recompiles what may have inlined it.
-Other code (and everything, on a Numba without this internal hook) keeps Numba's behaviour.
+those packages that imports Numba or llvmlite, so any edit to kernel code recompiles what may have inlined
+it. Other code (and everything, on a Numba without this internal hook) keeps Numba's behaviour.
+
+A module of its own, outside kernels/: everything that defines cached kernels imports it first (the
+kernel registry, rope.py, sampling.py; quant/ through the registry), and it imports nothing of ours.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 from numba.core import caching
 
 _IMPORTS_JIT = re.compile(rb"^(from|import) (numba|llvmlite)\b", re.MULTILINE)
-_ROOTS = tuple(str(p) for p in (Path(__file__).resolve().parents[1], Path(__file__).resolve().parents[2] / "quant"))
+_ROOTS = tuple(str(p) for p in (Path(__file__).resolve().parent, Path(__file__).resolve().parents[1] / "quant"))
 
 
 def _ours(py_file: str) -> bool:
@@ -34,7 +37,7 @@ def _ours(py_file: str) -> bool:
 @functools.cache
 def package_stamp() -> tuple[tuple[str, int, int], ...]:
     """(relative path, mtime in ns, size in bytes) of every .py file of qcpu/ and quant/ that imports numba
-    or llvmlite, sorted (~20 of ~45 files; read once per process, ~2 ms)."""
+    or llvmlite, sorted (17 of ~50 files here; read once per process, ~5 ms)."""
     stamp = []
     for root in _ROOTS:
         for path in sorted(Path(root).rglob("*.py")):
