@@ -43,6 +43,7 @@ from qcpu.kernels.llvm_ir import (
     _I64,
     _contract,
     _load,
+    _loop_kept,
     _madd,
     _maddubs,
     _prefetch,
@@ -364,64 +365,76 @@ def _word_bytes(b, w0, w1):
 
 
 # Per type: how to get its quants (eight <32 x i8> of unsigned u, values 32g..32g+31 in order), its
-# per-16-values scales and mins as <16 x i16>, its offset (q = u - offset) and fp16 fields.
+# per-16-values scales and mins as <16 x i16>, its offset (q = u - offset) and fp16 fields. A type's quants
+# come in parts (the runs of bytes its layout repeats), so that a kernel may loop over the parts in IR: p is
+# an IR i64 (a constant when the caller unrolls), and a part gives its 8 / parts groups in order.
 
 
-def _quants_q2_K(b, blk):
-    # as dequantize_q2_K: value 128n + 32j + l in bits 2j+1..2j of qs byte 32n + l
-    out = []
-    for n in range(2):
-        qs = _load(b, blk, 16 + 32 * n, _vec(32, _I8))
-        out += [b.and_(b.lshr(qs, _splat(_I8, 32, 2 * j)), _splat(_I8, 32, 3)) for j in range(4)]
-    return out
+def _at(b, base, stride, p):
+    """IR i64: base + stride * p."""
+    return b.add(ir.Constant(_I64, base), b.mul(p, ir.Constant(_I64, stride)))
 
 
-def _quants_q3_K(b, blk):
-    # as dequantize_q3_K, with u = low2 + 4 * hbit (0..7) and q = u - 4
+def _bit_run(b, v, shift, mask):
+    """(v >> shift) & mask per byte of <32 x i8> v, shift an IR i64 (mask < 2**(8 - shift)). Shifted in
+    16-bit lanes, one instruction for a shift known only at run time; the mask drops the neighbour's bits."""
+    w = b.lshr(b.bitcast(v, _vec(16, _I16)), _splat_value(b, b.trunc(shift, _I16), 16))
+    return b.and_(b.bitcast(w, _vec(32, _I8)), _splat(_I8, 32, mask))
+
+
+def _quants_q2_K(b, blk, p):
+    # as dequantize_q2_K: value 128n + 32j + l in bits 2j+1..2j of qs byte 32n + l (part n)
+    qs = _load(b, blk, _at(b, 16, 32, p), _vec(32, _I8))
+    return [b.and_(b.lshr(qs, _splat(_I8, 32, 2 * j)), _splat(_I8, 32, 3)) for j in range(4)]
+
+
+def _quants_q3_K(b, blk, p):
+    # as dequantize_q3_K (part n), with u = low2 + 4 * hbit (0..7) and q = u - 4
     hm = _load(b, blk, 0, _vec(32, _I8))
-    out = []
-    for n in range(2):
-        qs = _load(b, blk, 32 + 32 * n, _vec(32, _I8))
-        for j in range(4):
-            low = b.and_(b.lshr(qs, _splat(_I8, 32, 2 * j)), _splat(_I8, 32, 3))
-            hb = b.and_(b.lshr(hm, _splat(_I8, 32, 4 * n + j)), _splat(_I8, 32, 1))
-            out.append(b.or_(low, b.shl(hb, _splat(_I8, 32, 2))))
-    return out
-
-
-def _quants_q4_K(b, blk):
-    # as dequantize_q4_K: group j's 32 bytes hold values 64j.. (low nibbles) and 64j+32.. (high)
+    qs = _load(b, blk, _at(b, 32, 32, p), _vec(32, _I8))
     out = []
     for j in range(4):
-        qs = _load(b, blk, 16 + 32 * j, _vec(32, _I8))
-        out += [b.and_(qs, _splat(_I8, 32, 0xF)), b.lshr(qs, _splat(_I8, 32, 4))]
+        low = b.and_(b.lshr(qs, _splat(_I8, 32, 2 * j)), _splat(_I8, 32, 3))
+        hb = _bit_run(b, hm, _at(b, j, 4, p), 1)
+        out.append(b.or_(low, b.shl(hb, _splat(_I8, 32, 2))))
     return out
 
 
-def _quants_q5_K(b, blk):
-    # as dequantize_q5_K: Q4_K's nibbles (@48) plus bit g of qh byte l (@16) as +16, g = v // 32
+def _quants_q4_K(b, blk, p):
+    # as dequantize_q4_K: group j's 32 bytes hold values 64j.. (low nibbles) and 64j+32.. (high) (part j)
+    qs = _load(b, blk, _at(b, 16, 32, p), _vec(32, _I8))
+    return [b.and_(qs, _splat(_I8, 32, 0xF)), b.lshr(qs, _splat(_I8, 32, 4))]
+
+
+def _quants_q5_K(b, blk, p):
+    # as dequantize_q5_K: Q4_K's nibbles (@48) plus bit g of qh byte l (@16) as +16, g = v // 32 (part j:
+    # g = 2j, 2j + 1)
     qh = _load(b, blk, 16, _vec(32, _I8))
+    qs = _load(b, blk, _at(b, 48, 32, p), _vec(32, _I8))
     out = []
-    for j in range(4):
-        qs = _load(b, blk, 48 + 32 * j, _vec(32, _I8))
-        for g, nib in ((2 * j, b.and_(qs, _splat(_I8, 32, 0xF))), (2 * j + 1, b.lshr(qs, _splat(_I8, 32, 4)))):
-            hb = b.and_(b.lshr(qh, _splat(_I8, 32, g)), _splat(_I8, 32, 1))
-            out.append(b.or_(nib, b.shl(hb, _splat(_I8, 32, 4))))
+    for e, nib in enumerate((b.and_(qs, _splat(_I8, 32, 0xF)), b.lshr(qs, _splat(_I8, 32, 4)))):
+        hb = _bit_run(b, qh, _at(b, e, 2, p), 1)
+        out.append(b.or_(nib, b.shl(hb, _splat(_I8, 32, 4))))
     return out
 
 
-def _quants_q6_K(b, blk):
-    # as dequantize_q6_K: u = nibble (k >> 1) of ql[32(k & 1) + l] | bits 2k+1..2k of qh[l] << 4
+def _quants_q6_K(b, blk, p):
+    # as dequantize_q6_K (part n): u = nibble (k >> 1) of ql[32(k & 1) + l] | bits 2k+1..2k of qh[l] << 4
+    ql = [_load(b, blk, _at(b, 32 * i, 64, p), _vec(32, _I8)) for i in range(2)]
+    qh = _load(b, blk, _at(b, 128, 32, p), _vec(32, _I8))
     out = []
-    for n in range(2):
-        ql = [_load(b, blk, 64 * n + 32 * i, _vec(32, _I8)) for i in range(2)]
-        qh = _load(b, blk, 128 + 32 * n, _vec(32, _I8))
-        for k in range(4):
-            lo = ql[k & 1]
-            lo = b.lshr(lo, _splat(_I8, 32, 4)) if k >> 1 else b.and_(lo, _splat(_I8, 32, 0xF))
-            hi = b.and_(b.lshr(qh, _splat(_I8, 32, 2 * k)), _splat(_I8, 32, 3))
-            out.append(b.or_(lo, b.shl(hi, _splat(_I8, 32, 4))))
+    for k in range(4):
+        lo = ql[k & 1]
+        lo = b.lshr(lo, _splat(_I8, 32, 4)) if k >> 1 else b.and_(lo, _splat(_I8, 32, 0xF))
+        hi = b.and_(b.lshr(qh, _splat(_I8, 32, 2 * k)), _splat(_I8, 32, 3))
+        out.append(b.or_(lo, b.shl(hi, _splat(_I8, 32, 4))))
     return out
+
+
+def _all_quants(b, blk, kind):
+    """The eight <32 x i8> of a super-block, every part unrolled."""
+    quants, parts = _TYPES[kind][0], _PARTS[kind]
+    return [u for p in range(parts) for u in quants(b, blk, ir.Constant(_I64, p))]
 
 
 def _scales_16(b, blk, kind):
@@ -447,6 +460,7 @@ _TYPES = {  # kind: (quant emitter, offset, d field, dmin field or None)
     "q5_K": (_quants_q5_K, 0, 0, 2),
     "q6_K": (_quants_q6_K, 32, 208, None),
 }
+_PARTS = {"q2_K": 2, "q3_K": 2, "q4_K": 4, "q5_K": 4, "q6_K": 2}  # parts per super-block (8 groups in all)
 
 
 @intrinsic
@@ -483,6 +497,9 @@ def _row_dot(typingctx, row, qx, dx, bsums, t0, out, i, spec):
         zero8 = ir.Constant(_vec(8, _F32), [0.0] * 8)
         accs = [cgutils.alloca_once_value(b, zero8) for _ in range(nt)]
         accs_m = [cgutils.alloca_once_value(b, zero8) for _ in range(nt)]
+        parts = _PARTS[kind]
+        scg_tab = cgutils.alloca_once(b, ir.ArrayType(_vec(16, _I16), 8))  # the groups' scale vectors
+        sumi_at = [cgutils.alloca_once(b, _vec(8, _I32)) for _ in range(nt)]
         with cgutils.for_range(b, nb) as loop:
             blk = loop.index
             at = b.mul(blk, ir.Constant(_I64, size))
@@ -491,13 +508,29 @@ def _row_dot(typingctx, row, qx, dx, bsums, t0, out, i, spec):
             xbs = [b.gep(xqp, [b.mul(blk, ir.Constant(_I64, QK_K))]) for xqp in xqps]
             bss = [_load(b, bsp, b.mul(blk, ir.Constant(_I64, 32)), _vec(16, _I16)) for bsp in bsps]
             sc, mn = _scales_16(b, wb, kind)
-            sumi = [ir.Constant(_vec(8, _I32), [0] * 8)] * nt
-            for g, u in enumerate(quants(b, wb)):
-                # pair sums k < 8 lie in sixteen 2g, k >= 8 in sixteen 2g + 1
-                scg = _shuffle(b, sc, [2 * g] * 8 + [2 * g + 1] * 8)
+            # pair sums k < 8 of group g lie in sixteen 2g, k >= 8 in sixteen 2g + 1
+            scgs = [_shuffle(b, sc, [2 * g] * 8 + [2 * g + 1] * 8) for g in range(8)]
+            zero = ir.Constant(_vec(8, _I32), [0] * 8)
+            if nt == 1:  # unrolled whole: one token keeps few vectors live
+                sumi = [zero]
+                for g, u in enumerate(_all_quants(b, wb, kind)):
+                    sumi[0] = b.add(sumi[0], _madd(b, _maddubs(b, u, _load(b, xbs[0], 32 * g, _vec(32, _I8)), avx2), scgs[g], avx2))
+            else:  # the parts as an IR loop: unrolled whole, LLVM spilled the weight vectors between tokens
+                for g in range(8):
+                    b.store(scgs[g], b.gep(scg_tab, [ir.Constant(_I32, 0), ir.Constant(_I32, g)]))
                 for t in range(nt):
-                    y = _load(b, xbs[t], 32 * g, _vec(32, _I8))
-                    sumi[t] = b.add(sumi[t], _madd(b, _maddubs(b, u, y, avx2), scg, avx2))
+                    b.store(zero, sumi_at[t])
+                with _loop_kept(b, parts) as p:
+                    sumi = [b.load(sumi_at[t]) for t in range(nt)]
+                    for e, u in enumerate(quants(b, wb, p)):
+                        g = _at(b, e, 8 // parts, p)
+                        scg = b.load(b.gep(scg_tab, [ir.Constant(_I32, 0), g]))
+                        for t in range(nt):
+                            y = _load(b, xbs[t], b.mul(g, ir.Constant(_I64, 32)), _vec(32, _I8))
+                            sumi[t] = b.add(sumi[t], _madd(b, _maddubs(b, u, y, avx2), scg, avx2))
+                    for t in range(nt):
+                        b.store(sumi[t], sumi_at[t])
+                sumi = [b.load(sumi_at[t]) for t in range(nt)]
             d = ir_half_at(b, wb, d_at, f16c)
             dmin = ir_half_at(b, wb, dmin_at, f16c) if dmin_at is not None else None
             for t in range(nt):
@@ -548,7 +581,7 @@ def _pack_block(typingctx, row, o, q, sc, mc, d, dm, r, blk, spec):
             b.store(value, b.bitcast(b.gep(ptr, [at]), value.type.as_pointer()), align=1)
 
         qbase = b.add(b.mul(blk_, ir.Constant(_I64, 2048)), b.mul(r_, ir.Constant(_I64, 4)))
-        for j, u in enumerate(quants(b, wb)):
+        for j, u in enumerate(_all_quants(b, wb, kind)):
             u4 = b.bitcast(u, _vec(8, _I32))
             for g in range(8):
                 store(qp, b.add(qbase, ir.Constant(_I64, 256 * j + 32 * g)), b.extract_element(u4, ir.Constant(_I32, g)))

@@ -1,5 +1,7 @@
 """The LLVM IR vocabulary the hand-written block kernels share (legacy.py, k_quants.py, halves.py)."""
 
+from contextlib import contextmanager
+
 from llvmlite import ir
 from numba.core import cgutils
 
@@ -95,3 +97,27 @@ def _madd(b, p, s, avx2):
     e = b.mul(b.sext(_shuffle(b, p, range(0, 16, 2)), _vec(8, _I32)), b.sext(_shuffle(b, s, range(0, 16, 2)), _vec(8, _I32)))
     o = b.mul(b.sext(_shuffle(b, p, range(1, 16, 2)), _vec(8, _I32)), b.sext(_shuffle(b, s, range(1, 16, 2)), _vec(8, _I32)))
     return b.add(e, o)
+
+
+@contextmanager
+def _loop_kept(b, count):
+    """`for i in range(count)` in IR (count an i64 constant or value), yielding i, and never unrolled: the
+    back edge carries llvm.loop.unroll.disable. For bodies whose registers only fit one iteration at a time:
+    cgutils.for_range's loop of 2 trip counts LLVM unrolled whole and rescheduled into spills."""
+    count = count if isinstance(count, ir.Value) else ir.Constant(_I64, count)
+    pre = b.basic_block
+    cond, body, end = (b.append_basic_block(name) for name in ("kept.cond", "kept.body", "kept.end"))
+    b.branch(cond)
+    b.position_at_end(cond)
+    i = b.phi(_I64)
+    i.add_incoming(ir.Constant(_I64, 0), pre)
+    b.cbranch(b.icmp_signed("<", i, count), body, end)
+    b.position_at_end(body)
+    yield i
+    i.add_incoming(b.add(i, ir.Constant(_I64, 1)), b.basic_block)
+    latch = b.branch(cond)
+    disable = b.module.add_metadata([ir.MetaDataString(b.module, "llvm.loop.unroll.disable")])
+    loop_id = b.module.add_metadata([disable, disable])
+    loop_id.operands = (loop_id, disable)  # a loop id refers to itself (LLVM LangRef, "llvm.loop")
+    latch.set_metadata("llvm.loop", loop_id)
+    b.position_at_end(end)
