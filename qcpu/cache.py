@@ -34,6 +34,7 @@ from gguf import GGMLQuantizationType as T
 from numba import njit
 
 from qcpu.errors import QcpuError
+from qcpu.kernels.halves import f32_to_f16
 from qcpu.rope import Rope, apply_rope
 
 CACHE_TYPES = {"f16": T.F16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}  # -ctk / -ctv values (llama.cpp's names)
@@ -189,6 +190,22 @@ def _center_offsets(q, m, cos_t, sin_t, n_blocks):
     return out
 
 
+# Rows up to which F16 keys/values are stored by _store_f16 (a decode step, a server's batch): for a row or
+# two, astype + transpose + slice assignment cost ~10x the conversion; a prompt chunk keeps NumPy's
+# vectorized astype (the same bits: both round to nearest even).
+STORE_F16_ROWS = 16
+
+
+@njit(cache=True)
+def _store_f16(x, dst, s0):
+    """dst[h, s0 + t, :] = fp16 bits of x[t, h, :], x float32[n, n_kv_heads, head_dim], dst uint16[n_kv_heads,
+    capacity, head_dim] (a layer of an F16 cache)."""
+    for t in range(x.shape[0]):
+        for h in range(x.shape[1]):
+            for d in range(x.shape[2]):
+                dst[h, s0 + t, d] = f32_to_f16(x[t, h, d])
+
+
 class KVCache:
     def __init__(self, n_layers: int, capacity: int, n_kv_heads: int, head_dim: int, rope: Rope, keep: int = 0,
                  type_k: T = T.F16, type_v: T = T.F16):
@@ -299,9 +316,16 @@ class KVCache:
         if not len(slots):
             return
         at = slice(int(slots[0]), int(slots[-1]) + 1)
-        k = rotate(self._centered(layer, slots, k), self.rot_k)
-        self.k[layer, :, at] = to_rows(k, self.type_k).transpose(1, 0, 2)
-        self.v[layer, :, at] = to_rows(rotate(v, self.rot_v), self.type_v).transpose(1, 0, 2)
+        few = len(slots) <= STORE_F16_ROWS
+        if self.type_k == T.F16 and few:
+            _store_f16(np.ascontiguousarray(k, dtype=np.float32), self.k[layer].view(np.uint16), at.start)
+        else:
+            k = rotate(self._centered(layer, slots, k), self.rot_k)
+            self.k[layer, :, at] = to_rows(k, self.type_k).transpose(1, 0, 2)
+        if self.type_v == T.F16 and few:
+            _store_f16(np.ascontiguousarray(v, dtype=np.float32), self.v[layer].view(np.uint16), at.start)
+        else:
+            self.v[layer, :, at] = to_rows(rotate(v, self.rot_v), self.type_v).transpose(1, 0, 2)
 
     def _centered(self, layer: int, slots: np.ndarray, k: np.ndarray) -> np.ndarray:
         """Keys k float32[n, n_kv_heads, head_dim] at the contiguous slots `slots` (reserve's) minus their

@@ -22,7 +22,7 @@ from qcpu.cache import KVCache
 from qcpu.config import ModelConfig
 from qcpu.gguf_file import GGUFFile
 from qcpu.ops import rms_norm, swiglu
-from qcpu.rope import Rope, apply_rope
+from qcpu.rope import Rope, rope_qkv
 from qcpu.weights import ModelWeights, matmul_many
 
 
@@ -102,10 +102,7 @@ class Qwen2Model:
         for layer, lw in enumerate(w.layers):
             h = rms_norm(x, lw.attn_norm, c.rms_eps)
             q, k, v = matmul_many((lw.wq, lw.wk, lw.wv), h, exact)
-            q = (q + lw.bq).reshape(n, c.n_heads, c.head_dim)
-            k = (k + lw.bk).reshape(n, c.n_kv_heads, c.head_dim)
-            v = (v + lw.bv).reshape(n, c.n_kv_heads, c.head_dim)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k, v = rope_qkv(q, k, v, lw.bq, lw.bk, lw.bv, c.head_dim, cos, sin)  # + biases, q and k rotated
             outs = []
             for cache, rows, slots, seqs in segments:  # rows in order: segment i holds the rows after i - 1's
                 cache.write(layer, slots, k[rows], v[rows])

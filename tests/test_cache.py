@@ -6,11 +6,17 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from qcpu.cache import CENTER_BLOCK, KVCache, hadamard, rotate, rotation
+from qcpu.cache import CENTER_BLOCK, STORE_F16_ROWS, KVCache, hadamard, rotate, rotation
+from qcpu.config import ModelConfig
 from qcpu.model import Qwen2Model
 from qcpu.rope import Rope, apply_rope
 from tests.reference import reference_logits
 from tests.tiny_model import write_tiny_qwen2
+
+
+# A head_dim-64 shape for caches built without a file.
+QWEN_SHAPE = ModelConfig(n_layers=1, dim=128, ffn_dim=256, n_heads=2, n_kv_heads=2, vocab_size=32,
+                         context_length=4096, rope_theta=1e6, rms_eps=1e-6)
 
 
 def rel_err(a, b):
@@ -260,3 +266,20 @@ def test_centered_quantized_keys_give_attention_closer_to_exact(ggml_type, n_que
     monkeypatch.setattr(KVCache, "centers", lambda self, layer: None)
     err_plain = np.abs(stored_attention() - exact).max()
     assert err_centered < 0.5 * err_plain, (err_centered, err_plain)
+
+
+def test_f16_rows_stored_a_few_at_a_time_are_numpys_halves():
+    """A decode step's F16 keys and values go through _store_f16, a prompt chunk through NumPy's astype:
+    the same bytes, for values across the fp16 range (subnormals, rounding ties, overflow to inf)."""
+    rng = np.random.default_rng(3)
+    n = STORE_F16_ROWS + 4
+    k = (rng.standard_normal((n, 2, 64)) * np.float32(10.0) ** rng.integers(-9, 6, (n, 2, 64))).astype(np.float32)
+    k[0, 0, :8] = [np.inf, -np.inf, 65519.0, 65520.0, 2.0 ** -25, 3 * 2.0 ** -25, -0.0, 1 + 2.0 ** -11]
+    v = rng.standard_normal((n, 2, 64)).astype(np.float32)
+    rope = Rope.from_config(QWEN_SHAPE)
+    few, many = KVCache(1, 64, 2, 64, rope), KVCache(1, 64, 2, 64, rope)
+    for t in range(0, n, 2):  # a step of two rows at a time
+        few.write(0, np.arange(t, t + 2), k[t:t + 2], v[t:t + 2])
+    many.write(0, np.arange(n), k, v)  # above STORE_F16_ROWS: astype
+    assert np.array_equal(few.k, many.k) and np.array_equal(few.v, many.v)
+    assert np.array_equal(many.k[0, :, :n].view(np.float16), k.astype(np.float16).transpose(1, 0, 2))

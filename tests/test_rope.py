@@ -15,7 +15,7 @@ import pytest
 from qcpu.config import ModelConfig, RopeOverrides
 from qcpu.errors import QcpuError
 from qcpu.gguf_file import GGUFFile
-from qcpu.rope import Rope, apply_rope
+from qcpu.rope import Rope, apply_rope, rope_qkv
 from tests.rope_support import YARN_4X, write_with_metadata
 from tests.tiny_model import write_tiny_qwen2
 
@@ -319,3 +319,18 @@ def test_cli_options_and_info(capsys, tmp_path, tiny_yarn):
                 ["--yarn-orig-ctx", "-5"], ["--rope-freq-base", "-1"]):
         code, out, err = _qcpu(capsys, "generate", tmp_path / "plain.gguf", "hi", "-n", "1", *bad)
         assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, (bad, err)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_rope_qkv_is_the_bias_add_then_apply_rope_bit_for_bit(n):
+    """The model's one-call epilogue of the Q/K/V projections gives the bits of NumPy's adds and apply_rope."""
+    rng = np.random.default_rng(n)
+    hd = 64
+    q, k, v = (rng.standard_normal((n, rows)).astype(np.float32) * 30 for rows in (4 * hd, 2 * hd, 2 * hd))
+    bq, bk, bv = (rng.standard_normal(x.shape[1]).astype(np.float32) * 30 for x in (q, k, v))
+    cos, sin = Rope.from_config(QWEN05).cos_sin(np.arange(100, 100 + n) * 37)
+    got = rope_qkv(q, k, v, bq, bk, bv, hd, cos, sin)
+    want = (apply_rope((q + bq).reshape(n, 4, hd), cos, sin), apply_rope((k + bk).reshape(n, 2, hd), cos, sin),
+            (v + bv).reshape(n, 2, hd))
+    for g, w in zip(got, want):
+        assert g.dtype == np.float32 and np.array_equal(g, w)
