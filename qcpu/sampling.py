@@ -108,30 +108,42 @@ def _keep_top_k(ids: np.ndarray | None, logits: np.ndarray, k: int):
     return (top if ids is None else ids[top]), logits[top]
 
 
+_TOP_K_CHUNK = 64
+
+
 @njit(cache=True, nogil=True)
 def _top_k(logits, k):
     """Indices int64[k] of the k largest of logits float32[n] (0 < k < n), largest first, equal values in
     index order. One pass keeping a sorted list of k: most values lose against its last one, a single
-    compare (0.12 ms at 152K tokens, k 20, where argpartition and a sort took 0.32, same process). NaN
-    never enters."""
+    compare, and in chunks of 64 a chunk with no value above the k-th costs one vectorized count (152K
+    tokens, k 20: 0.038 ms; 0.124 without the chunks; argpartition and a sort 0.32). NaN never enters."""
     vals = np.empty(k, np.float32)
     idx = np.empty(k, np.int64)
     size = 0
-    for i in range(logits.shape[0]):
-        x = logits[i]
-        if size == k and not x > vals[k - 1]:
-            continue
-        if size < k:
-            if not x == x:  # NaN: never kept
+    n = logits.shape[0]
+    for c0 in range(0, n, _TOP_K_CHUNK):
+        c1 = min(n, c0 + _TOP_K_CHUNK)
+        if size == k:  # a chunk with nothing above the k-th is skipped after one vectorized count
+            above, kth = 0, vals[k - 1]
+            for i in range(c0, c1):
+                above += logits[i] > kth
+            if above == 0:
                 continue
-            size += 1
-        j = size - 1
-        while j > 0 and vals[j - 1] < x:  # after every value >= x: equal values stay in index order
-            vals[j] = vals[j - 1]
-            idx[j] = idx[j - 1]
-            j -= 1
-        vals[j] = x
-        idx[j] = i
+        for i in range(c0, c1):
+            x = logits[i]
+            if size == k and not x > vals[k - 1]:
+                continue
+            if size < k:
+                if not x == x:  # NaN: never kept
+                    continue
+                size += 1
+            j = size - 1
+            while j > 0 and vals[j - 1] < x:  # after every value >= x: equal values stay in index order
+                vals[j] = vals[j - 1]
+                idx[j] = idx[j - 1]
+                j -= 1
+            vals[j] = x
+            idx[j] = i
     return idx[:size]
 
 
