@@ -142,9 +142,7 @@ def _bias_rope(x, bias, cos, sin, out, rotate):
                 continue
             for i in range(half):
                 x0, x1 = x[t, o + i] + bias[o + i], x[t, o + i + half] + bias[o + i + half]
-                c, s = cos[t, i], sin[t, i]
-                out[t, h, i] = x0 * c - x1 * s
-                out[t, h, i + half] = x0 * s + x1 * c
+                out[t, h, i], out[t, h, i + half] = _turn(x0, x1, cos[t, i], sin[t, i])
 
 
 @njit(cache=True)
@@ -153,9 +151,13 @@ def _rope(x, cos, sin, out):
     for t in range(x.shape[0]):
         for h in range(x.shape[1]):
             for i in range(half):
-                x0, x1, c, s = x[t, h, i], x[t, h, i + half], cos[t, i], sin[t, i]
-                out[t, h, i] = x0 * c - x1 * s
-                out[t, h, i + half] = x0 * s + x1 * c
+                out[t, h, i], out[t, h, i + half] = _turn(x[t, h, i], x[t, h, i + half], cos[t, i], sin[t, i])
+
+
+@njit(cache=True, inline="always")
+def _turn(x0, x1, c, s):
+    """The NEOX pair (x0, x1) turned by the angle of (c, s): ggml's rope_f32, x0*c - x1*s, x0*s + x1*c."""
+    return x0 * c - x1 * s, x0 * s + x1 * c
 
 
 @dataclass(frozen=True)

@@ -511,10 +511,14 @@ def _row_dot(typingctx, row, qx, dx, bsums, t0, out, i, spec):
             # pair sums k < 8 of group g lie in sixteen 2g, k >= 8 in sixteen 2g + 1
             scgs = [_shuffle(b, sc, [2 * g] * 8 + [2 * g + 1] * 8) for g in range(8)]
             zero = ir.Constant(_vec(8, _I32), [0] * 8)
+
+            def group_dot(u, t, at, scg):  # int32 lanes: group u of the weights times token t's values at `at`
+                return _madd(b, _maddubs(b, u, _load(b, xbs[t], at, _vec(32, _I8)), avx2), scg, avx2)
+
             if nt == 1:  # unrolled whole: one token keeps few vectors live
                 sumi = [zero]
                 for g, u in enumerate(_all_quants(b, wb, kind)):
-                    sumi[0] = b.add(sumi[0], _madd(b, _maddubs(b, u, _load(b, xbs[0], 32 * g, _vec(32, _I8)), avx2), scgs[g], avx2))
+                    sumi[0] = b.add(sumi[0], group_dot(u, 0, 32 * g, scgs[g]))
             else:  # the parts as an IR loop: unrolled whole, LLVM spilled the weight vectors between tokens
                 for g in range(8):
                     b.store(scgs[g], b.gep(scg_tab, [ir.Constant(_I32, 0), ir.Constant(_I32, g)]))
@@ -526,8 +530,7 @@ def _row_dot(typingctx, row, qx, dx, bsums, t0, out, i, spec):
                         g = _at(b, e, 8 // parts, p)
                         scg = b.load(b.gep(scg_tab, [ir.Constant(_I32, 0), g]))
                         for t in range(nt):
-                            y = _load(b, xbs[t], b.mul(g, ir.Constant(_I64, 32)), _vec(32, _I8))
-                            sumi[t] = b.add(sumi[t], _madd(b, _maddubs(b, u, y, avx2), scg, avx2))
+                            sumi[t] = b.add(sumi[t], group_dot(u, t, b.mul(g, ir.Constant(_I64, 32)), scg))
                     for t in range(nt):
                         b.store(sumi[t], sumi_at[t])
                 sumi = [b.load(sumi_at[t]) for t in range(nt)]
