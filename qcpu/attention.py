@@ -319,6 +319,17 @@ def _hidden_lanes(b, seqp, s0, last, n, query):
     return hidden
 
 
+def _all_visible(b, seqp, lo, hi, query):
+    """IR: i1, true when every slot in [lo, hi) is visible to the query (0 <= slot_seq <= query) and hi - lo
+    is a whole number of steps: then a scoring pass needs no masks and no clamped indices."""
+    ok = cgutils.alloca_once_value(b, b.icmp_signed("==", b.and_(b.sub(hi, lo), _i64(STEP - 1)), _i64(0)))
+    with cgutils.for_range(b, b.sub(hi, lo)) as loop:
+        seq = b.load(b.gep(seqp, [b.add(lo, loop.index)]))
+        fine = b.and_(b.icmp_signed(">=", seq, _i64(0)), b.icmp_signed("<=", seq, query))
+        b.store(b.and_(b.load(ok), fine), ok)
+    return b.load(ok)
+
+
 def _store_step(b, x, best, out, n):
     """IR: a step's 8 scores x into the running maxima vector at `best` and to `out` (float*), only the
     first n of them when the step is the range's last, partial one."""
@@ -511,34 +522,57 @@ def _score_quantized_keys(typingctx, krows, qq, qd, qc, slot_seq, query_seq, sca
             return total
 
         last = b.sub(hi_, _i64(1))
-        n_steps = b.lshr(b.add(b.sub(hi_, lo_), _i64(STEP - 1)), _i64(3))
-        with cgutils.for_range(b, n_steps) as step:
-            s0 = b.add(lo_, b.shl(step.index, _i64(3)))
-            n = b.sub(hi_, s0)
-            wq, dk = {}, [ir.Constant(_V8F, None)] * nb
-            for j in range(STEP):
-                s = _min(b, b.add(s0, _i64(j)), last)  # past hi: the last key again, masked below
-                row = b.gep(kp, [b.mul(s, _i64(row_bytes))])
+
+        def steps(checked):
+            """The keys 8 at a time. checked: some key is hidden or the range ends in a partial step, so
+            indices are clamped and lanes masked; else (a decode block of held keys) neither is done."""
+            n_steps = b.lshr(b.add(b.sub(hi_, lo_), _i64(STEP - 1)), _i64(3))
+            with cgutils.for_range(b, n_steps) as step:
+                s0 = b.add(lo_, b.shl(step.index, _i64(3)))
+                n = b.sub(hi_, s0)
+                wq, blks = {}, {}
+                for j in range(STEP):
+                    s = b.add(s0, _i64(j))
+                    if checked:
+                        s = _min(b, s, last)  # past hi: the last key again, masked below
+                    row = b.gep(kp, [b.mul(s, _i64(row_bytes))])
+                    for i in range(nb):
+                        blks[j, i] = b.gep(row, [_i64(i * type_size)])
+                        wq[j, i] = _emit_weights(b, blks[j, i], False, has_qh, nibbles, 0 if raw_nibbles else offset)
+                # the 8 keys' scales of a block gathered as halves, then converted at once (exact either way)
+                dk = []
                 for i in range(nb):
-                    blk = b.gep(row, [_i64(i * type_size)])
-                    wq[j, i] = _emit_weights(b, blk, False, has_qh, nibbles, 0 if raw_nibbles else offset)
-                    dk[i] = b.insert_element(dk[i], ir_half_at(b, blk, 0, f16c), ir.Constant(_I32, j))
-            hidden = _hidden_lanes(b, seqp, s0, last, n, query)
-            cols = [_dword_columns(b, [wq[j, i] for j in range(STEP)]) for i in range(nb)]
-            for g in range(group):
-                acc = zero8
-                for i in range(nb):
-                    sums = block_dots(cols[i], qcols[g, i])
-                    if (g, i) in corr:
-                        sums = b.sub(sums, corr[g, i])
-                    term = _contract(b.fmul(b.sitofp(sums, _V8F), b.fmul(dk[i], ds[g, i])))
-                    acc = _contract(b.fadd(acc, term))
-                h = b.add(h0_, _i64(g))
-                # a step's 8 keys share a center block: acc * scale + its offset, one FMA where the CPU has it
-                o = b.load(b.gep(ofp, [b.add(b.mul(h, n_cb), b.udiv(s0, _i64(CENTER_BLOCK)))]))
-                x = _contract(b.fadd(_contract(b.fmul(acc, scl)), _splat_value(b, o, 8)))
-                x = b.select(hidden, neg_inf, x)
-                _store_step(b, x, best[g], b.gep(scp, [b.add(b.mul(h, n_slots), s0)]), n)
+                    h16 = ir.Constant(_vec(8, _I16), [0] * 8)
+                    for j in range(STEP):
+                        h16 = b.insert_element(h16, _load(b, blks[j, i], 0, _I16), ir.Constant(_I32, j))
+                    dk.append(ir_half_to_f32(b, h16, f16c))
+                hidden = _hidden_lanes(b, seqp, s0, last, n, query) if checked else None
+                cols = [_dword_columns(b, [wq[j, i] for j in range(STEP)]) for i in range(nb)]
+                for g in range(group):
+                    acc = zero8
+                    for i in range(nb):
+                        sums = block_dots(cols[i], qcols[g, i])
+                        if (g, i) in corr:
+                            sums = b.sub(sums, corr[g, i])
+                        term = _contract(b.fmul(b.sitofp(sums, _V8F), b.fmul(dk[i], ds[g, i])))
+                        acc = _contract(b.fadd(acc, term))
+                    h = b.add(h0_, _i64(g))
+                    # a step's 8 keys share a center block: acc * scale + its offset, one FMA where the CPU has it
+                    o = b.load(b.gep(ofp, [b.add(b.mul(h, n_cb), b.udiv(s0, _i64(CENTER_BLOCK)))]))
+                    x = _contract(b.fadd(_contract(b.fmul(acc, scl)), _splat_value(b, o, 8)))
+                    out = b.gep(scp, [b.add(b.mul(h, n_slots), s0)])
+                    if checked:
+                        _store_step(b, b.select(hidden, neg_inf, x), best[g], out, n)
+                    else:
+                        old = b.load(best[g])
+                        b.store(b.select(b.fcmp_ordered(">", x, old), x, old), best[g])
+                        b.store(x, b.bitcast(out, _V8F.as_pointer()), align=4)
+
+        with b.if_else(_all_visible(b, seqp, lo_, hi_, query), likely=True) as (fast, slow):
+            with fast:
+                steps(False)
+            with slow:
+                steps(True)
         for g in range(group):
             b.store(_lane_max(b, b.load(best[g])), b.gep(maxima, [_i64(g)]))
         return context.get_dummy_value()
