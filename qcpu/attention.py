@@ -390,33 +390,47 @@ def _score_keys(typingctx, krows, qf, slot_seq, query_seq, scale, scores, h0, gr
         with cgutils.for_range(b, grp) as loop:
             b.store(neg_inf, b.gep(best, [loop.index]), align=4)
         zero8 = ir.Constant(_V8F, [0.0] * 8)
-        one = _i64(1)
-        last = b.sub(hi_, one)
-        n_steps = b.lshr(b.add(b.sub(hi_, lo_), _i64(STEP - 1)), _i64(3))
-        with cgutils.for_range(b, n_steps) as step:
-            s0 = b.add(lo_, b.shl(step.index, _i64(3)))
-            for j in range(STEP):
-                s = _min(b, b.add(s0, _i64(j)), last)  # past hi: the last key again, masked below
-                row = b.gep(kp, [b.mul(s, _i64(row_bytes))])
-                kc = [ir_half_to_f32(b, _load(b, row, 16 * c, _vec(8, _I16)), f16c) for c in range(hd // 8)]
+        last = b.sub(hi_, _i64(1))
+
+        def steps(checked):  # as _score_quantized_keys' steps
+            n_steps = b.lshr(b.add(b.sub(hi_, lo_), _i64(STEP - 1)), _i64(3))
+            with cgutils.for_range(b, n_steps) as step:
+                s0 = b.add(lo_, b.shl(step.index, _i64(3)))
+                for j in range(STEP):
+                    s = b.add(s0, _i64(j))
+                    if checked:
+                        s = _min(b, s, last)  # past hi: the last key again, masked below
+                    row = b.gep(kp, [b.mul(s, _i64(row_bytes))])
+                    kc = [ir_half_to_f32(b, _load(b, row, 16 * c, _vec(8, _I16)), f16c) for c in range(hd // 8)]
+                    with cgutils.for_range(b, grp) as heads:
+                        h = b.add(h0_, heads.index)
+                        qrow = b.gep(qfp, [b.mul(h, _i64(hd))])
+                        accs = [zero8] * 4
+                        for c in range(hd // 8):
+                            y = b.load(b.bitcast(b.gep(qrow, [_i64(8 * c)]), _V8F.as_pointer()), align=4)
+                            accs[c % 4] = _contract(b.fadd(_contract(b.fmul(kc[c], y)), accs[c % 4]))
+                        v = b.fadd(b.fadd(accs[0], accs[2]), b.fadd(accs[1], accs[3]))
+                        b.store(v, b.gep(vbuf, [b.add(b.mul(heads.index, _i64(STEP)), _i64(j))]), align=4)
+                n = b.sub(hi_, s0)
+                hidden = _hidden_lanes(b, seqp, s0, last, n, query) if checked else None
                 with cgutils.for_range(b, grp) as heads:
                     h = b.add(h0_, heads.index)
-                    qrow = b.gep(qfp, [b.mul(h, _i64(hd))])
-                    accs = [zero8] * 4
-                    for c in range(hd // 8):
-                        y = b.load(b.bitcast(b.gep(qrow, [_i64(8 * c)]), _V8F.as_pointer()), align=4)
-                        accs[c % 4] = _contract(b.fadd(_contract(b.fmul(kc[c], y)), accs[c % 4]))
-                    v = b.fadd(b.fadd(accs[0], accs[2]), b.fadd(accs[1], accs[3]))
-                    b.store(v, b.gep(vbuf, [b.add(b.mul(heads.index, _i64(STEP)), _i64(j))]), align=4)
-            n = b.sub(hi_, s0)
-            hidden = _hidden_lanes(b, seqp, s0, last, n, query)
-            with cgutils.for_range(b, grp) as heads:
-                h = b.add(h0_, heads.index)
-                base = b.mul(heads.index, _i64(STEP))
-                vs = [b.load(b.gep(vbuf, [b.add(base, _i64(j))]), align=4) for j in range(STEP)]
-                x = b.fmul(_lane_sums(b, vs), _splat_value(b, scl, 8))
-                x = b.select(hidden, neg_inf, x)
-                _store_step(b, x, b.gep(best, [heads.index]), b.gep(scp, [b.add(b.mul(h, n_slots), s0)]), n)
+                    base = b.mul(heads.index, _i64(STEP))
+                    vs = [b.load(b.gep(vbuf, [b.add(base, _i64(j))]), align=4) for j in range(STEP)]
+                    x = b.fmul(_lane_sums(b, vs), _splat_value(b, scl, 8))
+                    best_h, out = b.gep(best, [heads.index]), b.gep(scp, [b.add(b.mul(h, n_slots), s0)])
+                    if checked:
+                        _store_step(b, b.select(hidden, neg_inf, x), best_h, out, n)
+                    else:
+                        old = b.load(best_h, align=4)
+                        b.store(b.select(b.fcmp_ordered(">", x, old), x, old), best_h, align=4)
+                        b.store(x, b.bitcast(out, _V8F.as_pointer()), align=4)
+
+        with b.if_else(_all_visible(b, seqp, lo_, hi_, query), likely=True) as (fast, slow):
+            with fast:
+                steps(False)
+            with slow:
+                steps(True)
         with cgutils.for_range(b, grp) as heads:
             m = b.load(b.gep(best, [heads.index]), align=4)
             b.store(_lane_max(b, m), b.gep(maxima, [heads.index]))
