@@ -113,12 +113,49 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, slot_seq: np.ndarray,
     off = None if centers is None else centers.offsets(q, n_cb) * scale  # [n, n_heads, n_cb]
     q = rotate(q, rot_k)
     if exact or q.shape[0] == 1 or q.size // hd * len(slot_seq) * 4 <= DECODE_SCORES_BYTES:
-        out = _decode(q, k, v, slot_seq, query_seq, scale, type_k, type_v, off)
+        nq = q.shape[0]
+        out = _decode(q, k[None], v[None], np.asarray(slot_seq)[None], np.zeros(nq, np.int64),
+                      np.full(nq, len(slot_seq), np.int64), query_seq, scale, type_k, type_v, off)
     else:
         # llama.cpp converts q to K's vec_dot_type first: F16, or Q8_0 for the quantized caches
         q = ACTIVATION_ROUNDING[type_k](q.reshape(-1, hd)).reshape(q.shape)
         out = _prefill(q, k, v, slot_seq, query_seq, scale, type_k, type_v, off)
     return rotate(out, rot_v)
+
+
+def attention_pooled(q: np.ndarray, k: np.ndarray, v: np.ndarray, slot_seq: np.ndarray, parts: list,
+                     type_k: T = T.F16, type_v: T = T.F16, exact: bool = False) -> np.ndarray:
+    """`attention` for the rows of several caches of one KVPool layer at once (a server's slots in one
+    step): q float32[n, n_heads, head_dim]; k, v uint8[n_caches, n_kv_heads, capacity, row_bytes] and
+    slot_seq int64[n_caches, capacity], the pool's layer; parts: one (cache index, rows, n_held,
+    query_seq int64[rows], centers or None) per cache read, `rows` slices of q in order and covering it.
+    Returns float32[n, n_heads, head_dim], each row bit for bit what `attention` gives it over its own
+    cache (the decode kernel is per query). Where the decode kernel serves every part (exact, or the scores
+    array small), one call and one parallel region for all of them; else one `attention` call per part."""
+    hd = q.shape[-1]
+    n = q.shape[0]
+    type_k = type_k if type(type_k) is T else T(type_k)
+    type_v = type_v if type(type_v) is T else T(type_v)
+    longest = max(held for _, _, held, _, _ in parts)
+    if not exact and n > 1 and n * q.shape[1] * longest * 4 > DECODE_SCORES_BYTES:
+        return np.concatenate([attention(q[rows], k[c], v[c], slot_seq[c, :held], seqs, type_k, type_v, centers)
+                               for c, rows, held, seqs, centers in parts])
+    scale = _scale(hd)
+    rot_k, rot_v = rotation(type_k, hd, keys=True), rotation(type_v, hd, keys=False)
+    which, lens = np.empty(n, np.int64), np.empty(n, np.int64)
+    query_seq = np.empty(n, np.int64)
+    off = None
+    if type_k != T.F16:  # each part's key centers, its rows' q.c * scale from the unrounded q
+        off = np.zeros((n, q.shape[1], max(1, -(-longest // CENTER_BLOCK))), np.float32)
+    for c, rows, held, seqs, centers in parts:
+        which[rows], lens[rows], query_seq[rows] = c, held, seqs
+        if off is not None and centers is not None:
+            n_cb = -(-held // CENTER_BLOCK)
+            off[rows, :, :n_cb] = centers.offsets(q[rows], n_cb) * scale
+    # rotated per part, as `attention` rotates them: BLAS may sum a taller matrix in another order
+    qr = np.concatenate([rotate(q[rows], rot_k) for _, rows, _, _, _ in parts]) if rot_k else q
+    out = _decode(qr, k, v, slot_seq, which, lens, query_seq, scale, type_k, type_v, off)
+    return np.concatenate([rotate(out[rows], rot_v) for _, rows, _, _, _ in parts]) if rot_v else out
 
 
 @functools.cache
@@ -721,12 +758,14 @@ def _decode_kernel(type_k: T, type_v: T, head_dim: int, group: int, avx2: bool =
     f16c: the instructions the IR may use (default: this CPU's; the tests also build the portable IR, which
     gives the same numbers).
 
-    kernel(q, k, v, slot_seq, query_seq, scale, off, scores, refs, totals, partial) -> out float32[nq,
-    n_heads, head_dim], for queries q float32[nq, n_heads, head_dim] at stream indices query_seq
-    int64[nq]: one task per (query, kv head, block of BLOCK slots), all in one parallel region
+    kernel(q, k, v, slot_seq, which, lens, query_seq, scale, off, scores, refs, totals, partial) -> out
+    float32[nq, n_heads, head_dim], for queries q float32[nq, n_heads, head_dim] at stream indices query_seq
+    int64[nq] over the caches k, v uint8[n_caches, n_kv_heads, capacity, row_bytes], slot_seq
+    int64[n_caches, capacity] (one cache, or a KVPool's layer): query i reads cache which[i]'s slots [0,
+    lens[i]). One task per (query, kv head, block of BLOCK slots), all in one parallel region
     (flash-decoding), between q's conversion and the blocks' merge on the calling thread (one call from
-    Python: a decode step makes one per layer and slot, and each call's Python and dispatch cost ~1 us per
-    array). Each query's arithmetic is that of nq = 1, so its bits too. Per query i:
+    Python: a decode step makes one per layer, for all the slots of a KVPool, and each call's Python and
+    dispatch cost ~1 us per array). Each query's arithmetic is that of nq = 1, so its bits too. Per query i:
     - q[i] goes to K's vec_dot type first, as llama.cpp converts it: fp16-rounded for F16 keys; Q8_0 for
       quantized keys (_quantize_heads: the quants, scales and Q4_0's offset sums);
     - scores[i, h, s] = q.k * scale, -inf where hidden (_score_keys). F16 keys are dotted in float32;
@@ -748,12 +787,13 @@ def _decode_kernel(type_k: T, type_v: T, head_dim: int, group: int, avx2: bool =
     v_bytes = head_dim * 2 if v_f16 else head_dim // QK * spec_v[2]
     k_offset = spec_k[6]  # Q4_0's 8: q's offset sums
 
-    def kernel(q, k, v, slot_seq, query_seq, scale, off, scores, refs, totals, partial):
+    def kernel(q, k, v, slot_seq, which, lens, query_seq, scale, off, scores, refs, totals, partial):
         nq, n_heads = q.shape[0], q.shape[1]
-        n_slots, n_kv = scores.shape[2], k.shape[0]
+        n_slots, n_kv = scores.shape[2], k.shape[1]
         n_blocks = refs.shape[2]
-        if (q.shape[2] != head_dim or k.shape[2] != k_bytes or v.shape[2] != v_bytes or k.shape[1] < n_slots
-                or v.shape[1] < n_slots or slot_seq.shape[0] < n_slots or query_seq.shape[0] != nq
+        if (q.shape[2] != head_dim or k.shape[3] != k_bytes or v.shape[3] != v_bytes or v.shape[:3] != k.shape[:3]
+                or slot_seq.shape[0] != k.shape[0] or which.shape[0] != nq or lens.shape[0] != nq
+                or query_seq.shape[0] != nq
                 or scores.shape[0] != nq or scores.shape[1] != n_heads or refs.shape[0] != nq
                 or refs.shape[1] != n_heads or totals.shape != refs.shape or n_blocks * BLOCK < n_slots
                 or partial.shape[0] != nq or partial.shape[1] != n_blocks or partial.shape[2] != n_heads
@@ -761,6 +801,10 @@ def _decode_kernel(type_k: T, type_v: T, head_dim: int, group: int, avx2: bool =
                 or (not k_f16 and (off.shape[0] != nq or off.shape[1] != n_heads
                                    or off.shape[2] * CENTER_BLOCK < n_slots))):
             raise ValueError("decode attention: shapes do not match")
+        for i in range(nq):
+            if (not 0 <= which[i] < k.shape[0] or not 0 <= lens[i] <= n_slots or lens[i] > k.shape[2]
+                    or lens[i] > slot_seq.shape[1]):
+                raise ValueError("decode attention: a query's cache or slot count is out of range")
         if k_f16:
             qf = np.empty_like(q)
             for i in range(nq):
@@ -779,18 +823,21 @@ def _decode_kernel(type_k: T, type_v: T, head_dim: int, group: int, avx2: bool =
         for task in prange(nq * n_kv * n_blocks):
             i, rest = task // (n_kv * n_blocks), task % (n_kv * n_blocks)
             kvh, b = rest // n_blocks, rest % n_blocks
-            lo, hi = b * BLOCK, min(n_slots, (b + 1) * BLOCK)
+            lo = b * BLOCK
+            hi = max(lo, min(lens[i], lo + BLOCK))  # a query of a shorter cache than the longest: empty
             seen = query_seq[i]
             sc = scores[i]
-            visible = _any_visible(slot_seq, lo, hi, seen)  # not: e.g. a prompt's later blocks for its first queries
+            c = which[i]  # the query's cache: its rows and slots
+            keys, values, seq = k[c, kvh], v[c, kvh], slot_seq[c]
+            visible = _any_visible(seq, lo, hi, seen)  # not: e.g. a prompt's later blocks for its first queries
             work = np.empty(group * (STEP * 9 + 1), dtype=np.float32)
             lanes = np.empty(4, dtype=np.float64)
             buf = np.empty(0 if v_f16 else VALUE_ROWS * head_dim, dtype=np.float32)
             if visible:  # k_f16 alone decides which intrinsic is typed (a constant: Numba prunes the other)
                 if k_f16:
-                    _score_keys(k[kvh], qf[i], slot_seq, seen, scale, sc, kvh * group, group, lo, hi, work, spec_k)
+                    _score_keys(keys, qf[i], seq, seen, scale, sc, kvh * group, group, lo, hi, work, spec_k)
                 else:
-                    _score_quantized_keys(k[kvh], qq[i], qd[i], qc[i], slot_seq, seen, scale, off[i], sc,
+                    _score_quantized_keys(keys, qq[i], qd[i], qc[i], seq, seen, scale, off[i], sc,
                                           kvh * group, lo, hi, work, spec_kq)
             for g in range(group):
                 h = kvh * group + g
@@ -805,7 +852,7 @@ def _decode_kernel(type_k: T, type_v: T, head_dim: int, group: int, avx2: bool =
                     refs[i, h, b] = ref
                     totals[i, h, b] = _softmax_block(sc, h, lo, hi, np.float32(ref) * _LN2, lanes)
             if visible:
-                _weigh_values(v[kvh], sc, partial[i, b], slot_seq, seen, kvh * group, lo, hi, buf, spec_v)
+                _weigh_values(values, sc, partial[i, b], seq, seen, kvh * group, lo, hi, buf, spec_v)
             else:
                 partial[i, b, kvh * group:(kvh + 1) * group] = 0.0
         out = np.empty((nq, n_heads, head_dim), np.float32)
@@ -884,32 +931,33 @@ def _exp_round_sum(row, ref):
 _NO_OFFSETS = np.zeros((1, 1, 1), np.float32)  # F16 keys: no centers to add back (never read)
 
 
-def _decode(q, k, v, slot_seq, query_seq, scale, type_k, type_v, off=None):
+def _decode(q, k, v, slot_seq, which, lens, query_seq, scale, type_k, type_v, off=None):
     """The flash-decoding kernel for queries q float32[nq, n_heads, hd] at stream indices query_seq
-    int64[nq] (off: float32[nq, n_heads, n_center_blocks] or None) -> float32[nq, n_heads, hd]; each
-    query's bits are those it gets alone."""
-    n_slots = len(slot_seq)
-    if BLOCK < n_slots and n_slots * q.size < SERIAL_MACS:
+    int64[nq], query i over cache which[i]'s first lens[i] slots of k, v uint8[n_caches, n_kv_heads,
+    capacity, row_bytes], slot_seq int64[n_caches, capacity] (off: float32[nq, n_heads, n_center_blocks]
+    or None) -> float32[nq, n_heads, hd]; each query's bits are those it gets alone."""
+    longest = int(lens.max())
+    if BLOCK < longest and int(lens.sum()) * q[0].size < SERIAL_MACS:
         threads = numba.get_num_threads()
         if threads > 1:
             numba.set_num_threads(1)  # the kernels give the same bits on any number of threads
             try:
-                return _decode_run(q, k, v, slot_seq, query_seq, scale, type_k, type_v, off)
+                return _decode_run(q, k, v, slot_seq, which, lens, query_seq, scale, type_k, type_v, off, longest)
             finally:
                 numba.set_num_threads(threads)
-    return _decode_run(q, k, v, slot_seq, query_seq, scale, type_k, type_v, off)
+    return _decode_run(q, k, v, slot_seq, which, lens, query_seq, scale, type_k, type_v, off, longest)
 
 
-def _decode_run(q, k, v, slot_seq, query_seq, scale, type_k, type_v, off):
+def _decode_run(q, k, v, slot_seq, which, lens, query_seq, scale, type_k, type_v, off, n_slots):
     nq, n_heads, hd = q.shape
-    n_slots = len(slot_seq)
     n_blocks = max(1, -(-n_slots // BLOCK))
-    kernel = _decode_kernel(type_k, type_v, hd, n_heads // k.shape[0])
+    kernel = _decode_kernel(type_k, type_v, hd, n_heads // k.shape[1])
     if off is None:
         off = _NO_OFFSETS if type_k == T.F16 else np.zeros((nq, n_heads, -(-n_slots // CENTER_BLOCK)), np.float32)
-    # the kernels address rows by pointer arithmetic: C-contiguous arrays (no copy for the cache's own)
+    # the kernels address rows by pointer arithmetic: C-contiguous arrays (no copy for the caches' own)
     return kernel(np.ascontiguousarray(q, dtype=np.float32), np.ascontiguousarray(k), np.ascontiguousarray(v),
-                  np.ascontiguousarray(slot_seq, dtype=np.int64), np.ascontiguousarray(query_seq, dtype=np.int64),
+                  np.ascontiguousarray(slot_seq, dtype=np.int64), which, lens,
+                  np.ascontiguousarray(query_seq, dtype=np.int64),
                   scale, np.ascontiguousarray(off, dtype=np.float32), np.empty((nq, n_heads, n_slots), np.float32),
                   np.empty((nq, n_heads, n_blocks), np.int64), np.empty((nq, n_heads, n_blocks), np.float64),
                   np.empty((nq, n_blocks, n_heads, hd), np.float32))

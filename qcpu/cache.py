@@ -206,26 +206,53 @@ def _store_f16(x, dst, s0):
                 dst[h, s0 + t, d] = f32_to_f16(x[t, h, d])
 
 
+class KVPool:
+    """The storage of several caches of one shape and types, side by side (a server's slots): k, v
+    uint8[n_layers, n_caches, n_kv_heads, capacity, row_bytes] and slot_seq int64[n_caches, capacity]. Cache
+    i's arrays are views of index i, each layer of them C-contiguous as a cache's own, so a cache works the
+    same in a pool or alone; and one attention call can read the queries of several caches in one pass over
+    the threads (`attention.attention_pooled`), as llama-server's slots share one unified KV buffer."""
+
+    def __init__(self, n_caches: int, n_layers: int, capacity: int, n_kv_heads: int, head_dim: int,
+                 type_k: T = T.F16, type_v: T = T.F16):
+        if n_caches < 1:
+            raise ValueError("KVPool: at least one cache")
+        self.n_caches, self.capacity = n_caches, capacity
+        self.type_k, self.type_v = T(type_k), T(type_v)
+        self.k = np.zeros((n_layers, n_caches, n_kv_heads, capacity, row_bytes(self.type_k, head_dim)), dtype=np.uint8)
+        self.v = np.zeros((n_layers, n_caches, n_kv_heads, capacity, row_bytes(self.type_v, head_dim)), dtype=np.uint8)
+        self.slot_seq = np.full((n_caches, capacity), -1, dtype=np.int64)
+
+
 class KVCache:
     def __init__(self, n_layers: int, capacity: int, n_kv_heads: int, head_dim: int, rope: Rope, keep: int = 0,
-                 type_k: T = T.F16, type_v: T = T.F16):
+                 type_k: T = T.F16, type_v: T = T.F16, pool: KVPool | None = None, index: int = 0):
         """k, v uint8[n_layers, n_kv_heads, capacity, row_bytes] (see the module docstring); `capacity` in
-        tokens (--ctx); `keep`: tokens at the start never discarded; type_k/type_v: F16, Q8_0 or Q4_0.
-        Raises QcpuError for a capacity below 2 or an unsupported type."""
+        tokens (--ctx); `keep`: tokens at the start never discarded; type_k/type_v: F16, Q8_0 or Q4_0;
+        `pool`: keep them in cache `index` of a KVPool of the same shape and types instead of own arrays.
+        Raises QcpuError for a capacity below 2 or an unsupported type, ValueError for a pool that does not
+        match."""
         if capacity < 2:
             raise QcpuError(f"context size {capacity} is too small")
         for t in (type_k, type_v):
             if t not in CACHE_TYPES.values():
                 raise QcpuError(f"unsupported KV cache type {T(t).name}")
+        self.pool, self.index = pool, index
         self.capacity = capacity
         self.rope = rope
         self.keep = keep
         self.head_dim = head_dim
         self.type_k, self.type_v = T(type_k), T(type_v)
         self.rot_k, self.rot_v = rotation(self.type_k, head_dim, True), rotation(self.type_v, head_dim, False)
-        self.k = np.zeros((n_layers, n_kv_heads, capacity, row_bytes(self.type_k, head_dim)), dtype=np.uint8)
-        self.v = np.zeros((n_layers, n_kv_heads, capacity, row_bytes(self.type_v, head_dim)), dtype=np.uint8)
-        self.slot_seq = np.full(capacity, -1, dtype=np.int64)  # stream index of each slot's token; -1 = empty
+        if pool is None:
+            self.k = np.zeros((n_layers, n_kv_heads, capacity, row_bytes(self.type_k, head_dim)), dtype=np.uint8)
+            self.v = np.zeros((n_layers, n_kv_heads, capacity, row_bytes(self.type_v, head_dim)), dtype=np.uint8)
+            self.slot_seq = np.full(capacity, -1, dtype=np.int64)  # stream index of each slot's token; -1 = empty
+        else:
+            if ((pool.k.shape[0], pool.k.shape[2], pool.k.shape[3]) != (n_layers, n_kv_heads, capacity)
+                    or (pool.type_k, pool.type_v) != (self.type_k, self.type_v) or not 0 <= index < pool.n_caches):
+                raise ValueError("KVCache: the pool's shape or types do not match this cache's")
+            self.k, self.v, self.slot_seq = pool.k[:, index], pool.v[:, index], pool.slot_seq[index]
         # quantized keys are stored minus RoPE(block midpoint) of this pre-RoPE vector (`KeyCenters`)
         self.k_center = None
         if self.type_k != T.F16:

@@ -361,7 +361,6 @@ def serve(
     Point any OpenAI client at http://HOST:PORT/v1. The sampling options are the defaults a request's own
     fields override. Ctrl-C stops the server.
     """
-    from qcpu.generate import Engine
     from qcpu.memory import check_memory
     from qcpu.server import serve as run_server
 
@@ -380,10 +379,12 @@ def serve(
     cache_types = _cache_types(cache_type_k, cache_type_v)
     speculation = _speculation(draft, draft_max, draft_min, draft_p_min, lookup)
     first = _load_engine(model, ctx, threads, chat_template, check_tensors, rope, cache_types)
+    engines = [first]
     if parallel > 1:  # one KV cache per slot over the one model: check they all fit first
         check_memory(first.model.file.size, parallel * first.cache_bytes, ctx=first.capacity)
-    engines = [first] + [Engine(first.model, first.tokenizer, first.template, first.capacity, *cache_types)
-                         for _ in range(parallel - 1)]
+        # the slots' caches side by side in one pool: a step reads them in one attention call per layer
+        engines = first.slots(parallel)
+        first = engines[0]
     _attach_draft(first, speculation)
     if first.speculator is not None:  # every slot its own drafter and acceptance, one table of pass costs
         from qcpu.speculative import attach

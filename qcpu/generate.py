@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from qcpu.cache import cache_type
+from qcpu.cache import KVPool, cache_type
 from qcpu.chat_template import ChatTemplate
 from qcpu.config import RopeOverrides
 from qcpu.errors import QcpuError
@@ -82,12 +82,14 @@ class Engine:
     """
 
     def __init__(self, model: Qwen2Model, tokenizer: Tokenizer, template: ChatTemplate, ctx: int | None = None,
-                 cache_type_k: str = "f16", cache_type_v: str = "f16"):
+                 cache_type_k: str = "f16", cache_type_v: str = "f16", kv_pool: KVPool | None = None,
+                 pool_index: int = 0):
         """`ctx`: KV cache capacity in tokens; None: DEFAULT_CTX or the trained context if smaller. A ctx
         above the trained context needs rope scaling (linear or YaRN, from the file or the command line) and
         may reach the original context times its factor (config.max_context). cache_type_k/v: -ctk/-ctv
-        (f16, q8_0, q4_0). Raises QcpuError (one line) for a ctx beyond that, an unknown cache type, or a
-        cache that cannot fit memory."""
+        (f16, q8_0, q4_0). kv_pool: keep the cache as cache `pool_index` of this KVPool (`slots`). Raises
+        QcpuError (one line) for a ctx beyond that, an unknown cache type, or a cache that cannot fit
+        memory."""
         self.model, self.tokenizer, self.template = model, tokenizer, template
         cfg = model.config
         if ctx is None:
@@ -102,8 +104,9 @@ class Engine:
                             f"({model.rope.describe()}) reaches; raise --rope-scale")
         type_k, type_v = cache_type(cache_type_k), cache_type(cache_type_v)
         # Say so clearly, before allocating, instead of being killed by the OS halfway.
-        check_memory(model.file.size, kv_cache_bytes(model.config, ctx, type_k, type_v), ctx=ctx)
-        self._cache = model.new_cache(ctx, type_k=type_k, type_v=type_v)
+        if kv_pool is None:
+            check_memory(model.file.size, kv_cache_bytes(model.config, ctx, type_k, type_v), ctx=ctx)
+        self._cache = model.new_cache(ctx, type_k=type_k, type_v=type_v, pool=kv_pool, index=pool_index)
         self._tokens: list[int] = []  # the token stream the cache has seen (evicted ones included)
         self.speculator: Speculator | None = None  # drafts checked in one pass while decoding (speculative.py)
 
@@ -285,6 +288,18 @@ class Engine:
     def recent_tokens(self, n: int) -> list[int]:
         """The last n tokens of the stream (the sampler's penalty window)."""
         return self._tokens[-n:] if n > 0 else []
+
+    def slots(self, n: int) -> list["Engine"]:
+        """n engines over this one's model, tokenizer, template, context and cache types (a server's
+        slots), their caches side by side in one KVPool, so that step_together reads them all in one
+        attention call per layer; this engine's own cache is not among them. Raises QcpuError when n such
+        caches cannot fit memory (the caller may check first, with a better message)."""
+        c, ctx = self.model.config, self.capacity
+        type_k, type_v = (cache_type(t) for t in self.cache_types)
+        check_memory(self.model.file.size, n * kv_cache_bytes(c, ctx, type_k, type_v), ctx=ctx)
+        pool = self.model.new_pool(n, ctx, type_k, type_v)
+        return [Engine(self.model, self.tokenizer, self.template, ctx, *self.cache_types, kv_pool=pool, pool_index=i)
+                for i in range(n)]
 
     @staticmethod
     def step_together(engines: Sequence["Engine"], tokens: Sequence, all_logits=False, exact: bool = False):

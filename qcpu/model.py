@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from qcpu.attention import attention
-from qcpu.cache import KVCache
+from qcpu.attention import attention, attention_pooled
+from qcpu.cache import KVCache, KVPool
 from qcpu.config import ModelConfig
 from qcpu.gguf_file import GGUFFile
 from qcpu.ops import rms_norm, swiglu
@@ -38,11 +38,19 @@ class Qwen2Model:
     def load(cls, path: str | Path, repack: bool | None = None) -> "Qwen2Model":
         return cls(GGUFFile(path), repack)
 
-    def new_cache(self, capacity: int, keep: int = 0, type_k=None, type_v=None) -> KVCache:
-        """A KV cache of `capacity` tokens; type_k/type_v: GGML types (None: F16)."""
+    def new_cache(self, capacity: int, keep: int = 0, type_k=None, type_v=None, pool: KVPool | None = None,
+                  index: int = 0) -> KVCache:
+        """A KV cache of `capacity` tokens; type_k/type_v: GGML types (None: F16); `pool`: kept as cache
+        `index` of a KVPool from new_pool (the same capacity and types)."""
         c = self.config
         return KVCache(c.n_layers, capacity, c.n_kv_heads, c.head_dim, self.rope, keep=keep,
-                       type_k=type_k or T.F16, type_v=type_v or T.F16)
+                       type_k=type_k or T.F16, type_v=type_v or T.F16, pool=pool, index=index)
+
+    def new_pool(self, n_caches: int, capacity: int, type_k=None, type_v=None) -> KVPool:
+        """Storage for n_caches caches of `capacity` tokens side by side (a server's slots): forward_batch
+        then reads all of them in one attention call per layer."""
+        c = self.config
+        return KVPool(n_caches, c.n_layers, capacity, c.n_kv_heads, c.head_dim, type_k or T.F16, type_v or T.F16)
 
     def forward(self, tokens, cache: KVCache, all_logits: bool = False, exact: bool = False) -> np.ndarray:
         """Run tokens[n] after what the cache holds; logits float32[n or 1, vocab] (last position only
@@ -99,16 +107,23 @@ class Qwen2Model:
         cos, sin = self.rope.cos_sin(positions)
 
         x = w.token_embd.take_rows(tokens)  # [n, dim]
+        pool = segments[0][0].pool if len(segments) > 1 else None
+        if pool is not None and any(cache.pool is not pool for cache, _, _, _ in segments):
+            pool = None
         for layer, lw in enumerate(w.layers):
             h = rms_norm(x, lw.attn_norm, c.rms_eps)
             q, k, v = matmul_many((lw.wq, lw.wk, lw.wv), h, exact)
             q, k, v = rope_qkv(q, k, v, lw.bq, lw.bk, lw.bv, c.head_dim, cos, sin)  # + biases, q and k rotated
-            outs = []
             for cache, rows, slots, seqs in segments:  # rows in order: segment i holds the rows after i - 1's
                 cache.write(layer, slots, k[rows], v[rows])
-                outs.append(attention(q[rows], *cache.layer(layer), seqs, cache.type_k, cache.type_v,
-                                      cache.centers(layer), exact))
-            a = outs[0] if len(outs) == 1 else np.concatenate(outs)
+            if pool is not None:  # the slots of one KVPool: one call reads every segment's cache
+                a = attention_pooled(q, pool.k[layer], pool.v[layer], pool.slot_seq,
+                                     [(cache.index, rows, cache.n_held, seqs, cache.centers(layer))
+                                      for cache, rows, _, seqs in segments], pool.type_k, pool.type_v, exact)
+            else:
+                outs = [attention(q[rows], *cache.layer(layer), seqs, cache.type_k, cache.type_v,
+                                  cache.centers(layer), exact) for cache, rows, _, seqs in segments]
+                a = outs[0] if len(outs) == 1 else np.concatenate(outs)
             x = x + lw.wo.matmul(a.reshape(n, c.n_heads * c.head_dim), exact)
 
             h = rms_norm(x, lw.ffn_norm, c.rms_eps)

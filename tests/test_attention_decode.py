@@ -161,8 +161,9 @@ def run(kernel, type_k, n_kv, group, hd, n_slots, seed, poison=False, hidden="ev
         kernel(qf, qq, qd, qc, k, v, seq, query, scale, off, scores, refs, totals, partial)
         out = att._merge_blocks(partial, refs, totals)
     else:  # one query: the kernel's leading query axis of length 1
-        out = kernel(q[None], k, v, seq, np.array([query], np.int64), scale, off[None], scores[None], refs[None],
-                     totals[None], partial[None])[0]
+        out = kernel(q[None], k[None], v[None], seq[None], np.zeros(1, np.int64), np.array([n_slots], np.int64),
+                     np.array([query], np.int64), scale, off[None], scores[None], refs[None], totals[None],
+                     partial[None])[0]
     return scores, refs, totals, partial, out
 
 
@@ -239,9 +240,13 @@ def test_several_queries_in_one_call_are_each_query_alone(type_k):
     off = rng.standard_normal((nq, *off1.shape)).astype(np.float32)
     queries = np.sort(rng.choice(np.arange(-1, n_slots + 40), nq, replace=False)).astype(np.int64)
     scale = np.float32(1 / np.sqrt(hd))
-    together = att._decode(q, k, v, seq, queries, scale, type_k, type_k, None if type_k == T.F16 else off)
+    def decode(q, queries, off):
+        n = len(q)
+        return att._decode(q, k[None], v[None], seq[None], np.zeros(n, np.int64), np.full(n, n_slots, np.int64),
+                           queries, scale, type_k, type_k, None if type_k == T.F16 else off)
+
+    together = decode(q, queries, off)
     for i in range(nq):
-        alone = att._decode(q[i:i + 1], k, v, seq, queries[i:i + 1], scale, type_k, type_k,
-                            None if type_k == T.F16 else off[i:i + 1])
+        alone = decode(q[i:i + 1], queries[i:i + 1], off[i:i + 1])
         assert np.array_equal(bits(together[i]), bits(alone[0]))
     assert np.array_equal(together[queries < 0], np.zeros_like(together[queries < 0]))  # sees nothing: zeros

@@ -88,3 +88,23 @@ def test_a_prompt_longer_than_the_room_is_refused_unless_truncating(tiny_path):
     out = list(eng.generate_tokens(long, greedy, 2, truncate=True))
     assert eng.n_seen == 40 + len(out)  # every yielded token is fed when resumed
     assert 8 <= eng.n_held <= 16 and eng.n_evicted == eng.n_seen - eng.n_held  # context shifts: half at once
+
+
+def test_slots_share_one_pool_and_step_together_as_engines_alone(tiny_path):
+    """Engine.slots (a server's --parallel): engines with this one's context and cache types whose caches
+    sit in one KVPool; fed together they give each slot the logits it gets alone."""
+    lead = Engine.load(tiny_path, ctx=64)  # head_dim 16: f16 only (tests/test_model.py pools quantized caches)
+    slots = lead.slots(3)
+    assert len({id(e._cache.pool) for e in slots}) == 1 and slots[0]._cache.pool is not None
+    assert [e._cache.index for e in slots] == [0, 1, 2]
+    assert all(e.capacity == 64 and e.cache_types == ("f16", "f16") for e in slots)
+    texts = ["the quick brown fox", "a", "jumps over the lazy dog again"]
+    alone = [Engine(lead.model, lead.tokenizer, lead.template, 64) for _ in texts]
+    for e, a, t in zip(slots, alone, texts):
+        e.feed(ids(e, t))
+        a.feed(ids(a, t))
+    tokens = [7, [8, 9], 10]
+    got = Engine.step_together(slots, tokens, all_logits=True, exact=True)
+    for e, t, g in zip(alone, tokens, got):
+        want = e.decode([t] if np.ndim(t) == 0 else t)
+        assert np.array_equal(g.view(np.uint32), want.view(np.uint32))

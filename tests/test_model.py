@@ -104,3 +104,41 @@ def _refill(model, tokens):
     cache = model.new_cache(32)
     model.forward(tokens, cache)
     return cache
+
+
+@pytest.mark.parametrize("types", [(T.F16, T.F16), (T.Q8_0, T.Q8_0), (T.Q4_0, T.Q8_0)], ids=lambda t: f"{t[0].name}-{t[1].name}")
+def test_caches_in_one_pool_give_the_bits_of_separate_caches(tmp_path, types):
+    """A server's slots keep their caches side by side in one KVPool, read by one attention call per layer
+    (attention_pooled): every logit bit for bit what separate caches give, in exact steps with drafts, with
+    a prompt chunk riding along, and after a cache shifts (the evicted slots and the pool's other caches
+    untouched)."""
+    path = tmp_path / "tiny.gguf"
+    write_tiny_qwen2(path, seed=4, dim=128, n_heads=4, n_kv_heads=2)
+    model = Qwen2Model.load(path)
+    vocab = model.config.vocab_size
+    type_k, type_v = types
+    rng = np.random.default_rng(6)
+    pool = model.new_pool(3, 48, type_k, type_v)
+    pooled = [model.new_cache(48, keep=2, type_k=type_k, type_v=type_v, pool=pool, index=i) for i in range(3)]
+    alone = [model.new_cache(48, keep=2, type_k=type_k, type_v=type_v) for _ in range(3)]
+    for n, a, b in zip((5, 30, 1), alone, pooled):
+        p = rng.integers(0, vocab, n)
+        model.forward(p, a)
+        model.forward(p, b)
+    for step in range(12):  # the second cache fills up and shifts on the way
+        tokens = [[int(rng.integers(vocab))], [int(t) for t in rng.integers(0, vocab, 3)], [int(rng.integers(vocab))]]
+        exact = step % 3 != 2
+        if not exact:
+            tokens[2] = [int(t) for t in rng.integers(0, vocab, 4)]  # a prompt chunk: the batched products
+        want = model.forward_batch(tokens, alone, all_logits=True, exact=exact)
+        got = model.forward_batch(tokens, pooled, all_logits=True, exact=exact)
+        for w, g in zip(want, got):
+            assert np.array_equal(w.view(np.uint32), g.view(np.uint32))
+    assert pooled[1].n_evicted > 0
+    for a, b in zip(alone, pooled):
+        assert (a.n_held, a.n_seen, a.n_evicted) == (b.n_held, b.n_seen, b.n_evicted)
+        assert np.array_equal(a.k[:, :, :a.n_held], b.k[:, :, :b.n_held])
+        assert np.array_equal(a.slot_seq, b.slot_seq)
+    assert pooled[0].nbytes == alone[0].nbytes and pool.k.nbytes + pool.v.nbytes == 3 * alone[0].nbytes
+    with pytest.raises(ValueError):  # a pool of another shape
+        model.new_cache(40, pool=pool, index=0)
